@@ -1,0 +1,963 @@
+"""Volume input/output: open any supported source as a chunked dask array, convert to Zarr.
+
+Stages of :func:`convert` (each bounded in memory by a few blocks, never by the volume):
+
+1. resolve the source (numpy / dask / Zarr v2 or v3 / OME-Zarr / TIFF / TIFF slices / HDF5 / npy)
+   and validate it (exists, 2D or 3D, supported dtype), before any voxel is read;
+2. build a lazy dask array whose tasks open the file themselves (no open handle is pickled);
+3. create the destination Zarr v3 array under a temporary name, with compression and provenance
+   attributes (source, spacing, package version, date);
+4. stream blocks of whole destination chunks from source to destination;
+5. rename the temporary array to its final name.
+
+Supported sources for :func:`open_volume`:
+
+=======================  =====================================================================
+numpy ``ndarray``        wrapped with :func:`dask.array.from_array`
+dask ``Array``           used as is (rechunked if ``chunks`` is given)
+Zarr array, group, path  Zarr v2 and v3; an OME-Zarr multiscale image opens level 0 by default
+``.tif`` / ``.tiff``     one multi-page file, read lazily through tifffile's Zarr store
+folder / glob of TIFFs   2D slices sorted by name, stacked along axis 0
+``.h5`` ``.hdf5`` ``.nxs``  HDF5 / NeXus dataset (``dataset=`` path); opened inside each task
+``.npy``                 memory-mapped inside each task
+=======================  =====================================================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import glob as _glob
+import json
+import os
+import re
+import shutil
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import dask
+import dask.array as da
+import numpy as np
+
+from ._errors import GrapesInputError
+
+__all__ = [
+    "open_volume",
+    "read_spacing",
+    "volume_info",
+    "convert",
+    "write_zarr",
+    "atomic_output",
+    "VolumeInfo",
+    "SUPPORTED_DTYPES",
+]
+
+#: dtypes accepted for grey and label volumes.
+SUPPORTED_DTYPES = tuple(
+    np.dtype(t)
+    for t in (
+        "bool", "uint8", "uint16", "uint32", "uint64",
+        "int8", "int16", "int32", "int64", "float32", "float64",
+    )
+)
+
+_TIFF_SUFFIXES = {".tif", ".tiff"}
+_HDF5_SUFFIXES = {".h5", ".hdf5", ".hdf", ".he5", ".nxs", ".nx5", ".nx"}
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_DEFAULT_CHUNK = {2: 1024, 3: 128}
+_MiB = 1 << 20
+
+
+# --------------------------------------------------------------------------------------------
+# atomic outputs
+# --------------------------------------------------------------------------------------------
+
+
+def _check_can_write(dest: Path, overwrite: bool) -> None:
+    if dest.exists() and not overwrite:
+        raise GrapesInputError(
+            f"output {str(dest)!r} already exists: choose another path or pass overwrite=True "
+            "(--overwrite on the command line)"
+        )
+    if not dest.parent.exists():
+        raise GrapesInputError(
+            f"the folder of output {str(dest)!r} does not exist: create {str(dest.parent)!r} first"
+        )
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_output(dest: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Write a file or folder under a temporary name and rename it to `dest` when complete.
+
+    Parameters
+    ----------
+    dest : path
+        Final path of the output (file or folder, e.g. a ``.zarr`` store).
+    overwrite : bool
+        Replace an existing `dest`. Otherwise an existing `dest` raises
+        :class:`GrapesInputError` before anything is written.
+
+    Yields
+    ------
+    pathlib.Path
+        Temporary path in the same folder as `dest` to write to. If the block raises, the
+        temporary output is removed and `dest` is left untouched.
+    """
+    dest = Path(dest)
+    _check_can_write(dest, overwrite)
+    tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    if not tmp.exists():
+        raise RuntimeError(f"nothing was written to the temporary output {tmp}")
+    if dest.exists() or dest.is_symlink():
+        if not overwrite:  # appeared while we were writing
+            _remove(tmp)
+            _check_can_write(dest, overwrite)
+        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(dest, old)
+        os.replace(tmp, dest)
+        _remove(old)
+    else:
+        os.replace(tmp, dest)
+
+
+# --------------------------------------------------------------------------------------------
+# lazy file-backed sources (picklable; each process/thread opens its own handle)
+# --------------------------------------------------------------------------------------------
+
+_handles = threading.local()
+
+
+def _cached_handle(key: tuple, opener):
+    cache = getattr(_handles, "cache", None)
+    if cache is None:
+        cache = _handles.cache = {}
+    h = cache.get(key)
+    if h is None:
+        if len(cache) > 16:  # keep a handful of open files per thread
+            for old in list(cache.values()):
+                with contextlib.suppress(Exception):
+                    old[1]()
+            cache.clear()
+        h = cache[key] = opener()
+    return h[0]
+
+
+def _file_key(path: str) -> tuple:
+    st = os.stat(path)
+    return (path, st.st_mtime_ns, st.st_size)
+
+
+class _LazySource:
+    """Array-like opened inside the task that reads it; holds only paths and metadata."""
+
+    kind = "file"
+
+    def __init__(self, path: str, shape: tuple, dtype: np.dtype):
+        self.path = path
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+        self.ndim = len(self.shape)
+
+    def token(self) -> tuple:
+        return (type(self).__name__, _file_key(self.path), self.shape, str(self.dtype))
+
+    def __getitem__(self, key):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class _TiffSource(_LazySource):
+    kind = "tiff"
+
+    def __init__(self, path, shape, dtype, series: int = 0, level: int = 0, squeeze_axes=()):
+        super().__init__(path, shape, dtype)
+        self.series = series
+        self.level = level
+        self.squeeze_axes = tuple(squeeze_axes)
+
+    def token(self):
+        return super().token() + (self.series, self.level)
+
+    def _open(self):
+        import tifffile
+        import zarr
+
+        def opener():
+            store = tifffile.imread(self.path, aszarr=True, series=self.series, level=self.level)
+            return zarr.open(store, mode="r"), store.close
+
+        return _cached_handle(("tiff",) + self.token(), opener)
+
+    def __getitem__(self, key):
+        arr = self._open()
+        if self.squeeze_axes:  # re-insert the singleton axes dropped from `shape`
+            full = list(key if isinstance(key, tuple) else (key,))
+            for ax in self.squeeze_axes:
+                full.insert(ax, 0)
+            return np.asarray(arr[tuple(full)])
+        return np.asarray(arr[key])
+
+
+class _TiffSequenceSource(_LazySource):
+    kind = "tiff-sequence"
+
+    def __init__(self, files: Sequence[str], shape, dtype):
+        super().__init__(files[0], shape, dtype)
+        self.files = list(files)
+
+    def token(self):
+        return (type(self).__name__, tuple(_file_key(f) for f in self.files), self.shape)
+
+    def __getitem__(self, key):
+        import tifffile
+
+        zkey, rest = key[0], tuple(key[1:])
+        idx = range(*zkey.indices(self.shape[0]))
+        out = np.empty((len(idx),) + tuple(len(range(*s.indices(n))) for s, n in zip(rest, self.shape[1:])),
+                       dtype=self.dtype)
+        for i, z in enumerate(idx):
+            page = tifffile.imread(self.files[z])
+            if page.shape != self.shape[1:] or page.dtype != self.dtype:
+                raise GrapesInputError(
+                    f"slice {self.files[z]!r} has shape {page.shape} and dtype {page.dtype}, but the "
+                    f"first slice has {self.shape[1:]} and {self.dtype}: all slices of a stack must match"
+                )
+            out[i] = page[rest]
+        return out
+
+
+class _Hdf5Source(_LazySource):
+    kind = "hdf5"
+
+    def __init__(self, path, dataset: str, shape, dtype):
+        super().__init__(path, shape, dtype)
+        self.dataset = dataset
+
+    def token(self):
+        return super().token() + (self.dataset,)
+
+    def __getitem__(self, key):
+        import h5py
+
+        def opener():
+            f = h5py.File(self.path, "r")
+            return f, f.close
+
+        f = _cached_handle(("h5",) + self.token(), opener)
+        return np.asarray(f[self.dataset][key])
+
+
+class _NpySource(_LazySource):
+    kind = "npy"
+
+    def __getitem__(self, key):
+        mm = _cached_handle(("npy",) + self.token(), lambda: (np.load(self.path, mmap_mode="r"), lambda: None))
+        return np.array(mm[key])
+
+
+# --------------------------------------------------------------------------------------------
+# source resolution
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Resolved:
+    kind: str
+    name: str  # what the user passed, for messages and provenance
+    array: Any  # numpy, dask, zarr array or _LazySource
+    native_chunks: tuple | None = None
+    spacing: tuple | None = None
+    unit: str | None = None
+    attrs: dict = field(default_factory=dict)
+    dataset: str | None = None
+
+
+def _check_array_like(shape, dtype, name: str) -> None:
+    if len(shape) not in (2, 3):
+        raise GrapesInputError(
+            f"{name} has {len(shape)} dimensions (shape {tuple(shape)}): grapes_dask reads 2D images "
+            "and 3D volumes; select one channel/time point first (e.g. array[0])"
+        )
+    dt = np.dtype(dtype)
+    if dt not in SUPPORTED_DTYPES:
+        raise GrapesInputError(
+            f"{name} has unsupported dtype {dt}: use an integer or float32/float64 volume "
+            "(convert RGB or complex data to a single grey channel first)"
+        )
+    if 0 in tuple(shape):
+        raise GrapesInputError(f"{name} is empty (shape {tuple(shape)}): pass a volume with voxels")
+
+
+def _is_zarr_dir(p: Path) -> bool:
+    return p.is_dir() and any((p / m).exists() for m in ("zarr.json", ".zarray", ".zgroup", ".zattrs"))
+
+
+def _natural_key(s: str):
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", s)]
+
+
+def _resolve(source, dataset: str | None = None, level: int | None = None) -> _Resolved:
+    import zarr
+
+    if isinstance(source, da.Array):
+        return _Resolved("dask", f"dask array {source.shape}", source, native_chunks=source.chunksize)
+    if isinstance(source, np.ndarray):
+        return _Resolved("numpy", f"numpy array {source.shape}", source)
+    if isinstance(source, zarr.Array):
+        return _Resolved("zarr", f"zarr array {source.store}", source, native_chunks=source.chunks,
+                         attrs=dict(source.attrs), spacing=_spacing_from_attrs(dict(source.attrs), source.ndim)[0])
+    if isinstance(source, zarr.Group):
+        return _resolve_zarr_group(source, str(source.store), dataset, level)
+    if not isinstance(source, (str, os.PathLike)):
+        raise GrapesInputError(
+            f"cannot read a volume from {type(source).__name__}: pass a path (TIFF, HDF5, Zarr, .npy), "
+            "a numpy array or a dask array"
+        )
+    text = os.fspath(source)
+    if _GLOB_CHARS.search(text) and not Path(text).exists():
+        files = sorted(_glob.glob(text), key=_natural_key)
+        if not files:
+            raise GrapesInputError(f"no file matches the pattern {text!r}: check the folder and pattern")
+        return _resolve_tiff_sequence(files, text)
+    p = Path(text)
+    if not p.exists():
+        raise GrapesInputError(f"input {text!r} does not exist: check the path")
+    if p.is_dir():
+        if _is_zarr_dir(p):
+            return _resolve_zarr_path(p, dataset, level)
+        files = sorted((str(f) for f in p.iterdir() if f.suffix.lower() in _TIFF_SUFFIXES), key=_natural_key)
+        if not files:
+            raise GrapesInputError(
+                f"folder {text!r} is neither a Zarr store nor a folder of TIFF slices: "
+                "pass a .zarr store, a TIFF/HDF5/.npy file, or a folder of 2D .tif slices"
+            )
+        return _resolve_tiff_sequence(files, text)
+    suffix = p.suffix.lower()
+    if suffix in _TIFF_SUFFIXES:
+        return _resolve_tiff(p, level)
+    if suffix in _HDF5_SUFFIXES:
+        return _resolve_hdf5(p, dataset)
+    if suffix == ".npy":
+        return _resolve_npy(p)
+    if suffix == ".zarr":
+        return _resolve_zarr_path(p, dataset, level)
+    raise GrapesInputError(
+        f"unsupported file type {suffix or '(no suffix)'!r} for {text!r}: supported are .tif/.tiff, "
+        ".h5/.hdf5/.nxs (with --dataset), .npy, .zarr stores and folders or globs of TIFF slices"
+    )
+
+
+def _resolve_zarr_path(p: Path, dataset, level) -> _Resolved:
+    import zarr
+
+    try:
+        node = zarr.open(str(p), mode="r")
+    except Exception as exc:  # corrupt or unknown store
+        raise GrapesInputError(f"cannot open {str(p)!r} as Zarr ({exc}): check that it is a Zarr v2/v3 store") from exc
+    if isinstance(node, zarr.Group):
+        return _resolve_zarr_group(node, str(p), dataset, level)
+    if dataset:
+        raise GrapesInputError(f"{str(p)!r} is a Zarr array, not a group: drop dataset={dataset!r}")
+    attrs = dict(node.attrs)
+    spacing, unit = _spacing_from_attrs(attrs, node.ndim)
+    return _Resolved("zarr", str(p), node, native_chunks=tuple(node.chunks), spacing=spacing, unit=unit, attrs=attrs)
+
+
+def _ome_multiscales(attrs: dict):
+    ms = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
+    return ms[0] if ms else None
+
+
+def _resolve_zarr_group(group, name: str, dataset, level) -> _Resolved:
+    import zarr
+
+    attrs = dict(group.attrs)
+    ms = _ome_multiscales(attrs)
+    spacing = unit = None
+    if dataset is None and ms is not None:
+        datasets = ms.get("datasets", [])
+        lvl = 0 if level is None else int(level)
+        if not 0 <= lvl < len(datasets):
+            raise GrapesInputError(
+                f"OME-Zarr {name!r} has {len(datasets)} resolution levels: choose level 0..{len(datasets) - 1}"
+            )
+        dataset = datasets[lvl]["path"]
+        spacing, unit = _ome_scale(ms, datasets[lvl])
+    if dataset is None:
+        arrays = [k for k, _ in group.arrays()]
+        if len(arrays) != 1:
+            raise GrapesInputError(
+                f"Zarr group {name!r} holds {len(arrays)} arrays {sorted(arrays)}: choose one with "
+                "dataset=NAME (--dataset NAME)"
+            )
+        dataset = arrays[0]
+    try:
+        node = group[dataset]
+    except KeyError:
+        arrays = sorted(k for k, _ in group.arrays())
+        raise GrapesInputError(
+            f"Zarr group {name!r} has no array {dataset!r}: available arrays are {arrays}"
+        ) from None
+    if not isinstance(node, zarr.Array):
+        return _resolve_zarr_group(node, f"{name}/{dataset}", None, level)
+    a_attrs = dict(node.attrs)
+    if spacing is None:
+        spacing, unit = _spacing_from_attrs(a_attrs, node.ndim)
+    merged = {**attrs, **a_attrs}
+    return _Resolved("ome-zarr" if ms else "zarr", f"{name}/{dataset}", node, native_chunks=tuple(node.chunks),
+                     spacing=spacing, unit=unit, attrs=merged, dataset=dataset)
+
+
+def _ome_scale(ms: dict, ds: dict):
+    axes = ms.get("axes") or []
+    scale = None
+    for t in ds.get("coordinateTransformations", []) + ms.get("coordinateTransformations", []):
+        if t.get("type") == "scale":
+            s = np.asarray(t["scale"], dtype=float)
+            scale = s if scale is None else scale * s
+    if scale is None:
+        return None, None
+    if axes and isinstance(axes[0], dict):
+        keep = [i for i, a in enumerate(axes) if a.get("type", "space") == "space"]
+        units = {axes[i].get("unit") for i in keep}
+        unit = units.pop() if len(units) == 1 else None
+    else:
+        keep, unit = list(range(len(scale)))[-3:], None
+    return tuple(float(scale[i]) for i in keep), unit
+
+
+def _spacing_from_attrs(attrs: dict, ndim: int):
+    sp = attrs.get("spacing")
+    if sp is not None and len(sp) == ndim:
+        return tuple(float(s) for s in sp), attrs.get("unit")
+    return None, None
+
+
+def _resolve_tiff(p: Path, level) -> _Resolved:
+    import tifffile
+
+    try:
+        tf = tifffile.TiffFile(str(p))
+    except Exception as exc:
+        raise GrapesInputError(f"cannot read {str(p)!r} as TIFF ({exc}): check that the file is a complete TIFF") from exc
+    with tf:
+        series = tf.series[0]
+        lvl = 0 if level is None else int(level)
+        if lvl >= len(series.levels):
+            raise GrapesInputError(f"TIFF {str(p)!r} has {len(series.levels)} levels: choose 0..{len(series.levels) - 1}")
+        s = series.levels[lvl]
+        shape, axes, dtype = tuple(s.shape), s.axes, s.dtype
+        if "S" in axes and shape[axes.index("S")] > 1:
+            raise GrapesInputError(
+                f"TIFF {str(p)!r} has {shape[axes.index('S')]} samples per pixel (RGB): convert it to one grey channel first"
+            )
+        squeeze = tuple(i for i, n in enumerate(shape) if n == 1 and len(shape) > 2)
+        squeeze = squeeze[: max(0, len(shape) - 2)]
+        kept = tuple(n for i, n in enumerate(shape) if i not in squeeze)
+        _check_array_like(kept, dtype, f"TIFF {str(p)!r}")
+        spacing, unit = _tiff_spacing(tf, len(kept))
+        page = tf.pages.first
+        native = (1,) * (len(kept) - 2) + tuple(page.shape[-2:]) if len(kept) >= 2 else None
+    src = _TiffSource(str(p), kept, dtype, series=0, level=lvl, squeeze_axes=squeeze)
+    return _Resolved("tiff", str(p), src, native_chunks=native, spacing=spacing, unit=unit)
+
+
+_UNIT_TO_UM = {
+    "um": 1.0, "µm": 1.0, "\\u00B5m": 1.0, "micron": 1.0, "microns": 1.0, "micrometer": 1.0,
+    "micrometre": 1.0, "nm": 1e-3, "nanometer": 1e-3, "mm": 1e3, "millimeter": 1e3,
+    "cm": 1e4, "centimeter": 1e4, "m": 1e6, "meter": 1e6, "inch": 25400.0,
+}
+
+
+def _tiff_spacing(tf, ndim: int):
+    """Voxel size (z, y, x) in micrometres from OME or ImageJ metadata or the resolution tags."""
+    if tf.is_ome and tf.ome_metadata:
+        m = {k: float(v) for k, v in re.findall(r'PhysicalSize([XYZ])="([0-9.eE+-]+)"', tf.ome_metadata)}
+        u = dict(re.findall(r'PhysicalSize([XYZ])Unit="([^"]+)"', tf.ome_metadata))
+        if "X" in m and "Y" in m:
+            f = {ax: _UNIT_TO_UM.get(u.get(ax, "µm"), 1.0) for ax in "XYZ"}
+            yx = (m["Y"] * f["Y"], m["X"] * f["X"])
+            if ndim == 2:
+                return yx, "micrometer"
+            if "Z" in m:
+                return (m["Z"] * f["Z"],) + yx, "micrometer"
+    page = tf.pages.first
+    tags = page.tags
+    xr, yr = tags.get("XResolution"), tags.get("YResolution")
+    if xr is None or yr is None:
+        return None, None
+    xres = xr.value[0] / xr.value[1] if xr.value[1] else 0
+    yres = yr.value[0] / yr.value[1] if yr.value[1] else 0
+    if not xres or not yres:
+        return None, None
+    ij = tf.imagej_metadata or {}
+    if ij:
+        unit = str(ij.get("unit", "")).strip()
+        factor = _UNIT_TO_UM.get(unit.lower() if unit != "µm" else unit)
+        if factor is None:
+            if xres == 1 and yres == 1:
+                return None, None
+            factor, unit_out = 1.0, unit or None
+        else:
+            unit_out = "micrometer"
+        yx = (factor / yres, factor / xres)
+        if ndim == 2:
+            return yx, unit_out
+        z = ij.get("spacing")
+        return ((float(z) * factor) if z else yx[0],) + yx, unit_out
+    runit = tags.get("ResolutionUnit")
+    runit = int(runit.value) if runit is not None else 2
+    factor = {2: 25400.0, 3: 10000.0}.get(runit)
+    if factor is None or (xres == 1 and yres == 1):
+        return None, None
+    yx = (factor / yres, factor / xres)
+    return (yx if ndim == 2 else (yx[0],) + yx), "micrometer"
+
+
+def _resolve_tiff_sequence(files: list[str], name: str) -> _Resolved:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(files[0]) as tf:
+            s = tf.series[0]
+            shape, dtype = tuple(s.shape), s.dtype
+            spacing, unit = _tiff_spacing(tf, 2)
+    except Exception as exc:
+        raise GrapesInputError(f"cannot read the first slice {files[0]!r} as TIFF ({exc})") from exc
+    shape = tuple(n for n in shape if n != 1) if len(shape) > 2 else shape
+    if len(shape) != 2:
+        raise GrapesInputError(
+            f"the slices of {name!r} are not 2D (first slice {files[0]!r} has shape {shape}): "
+            "a folder or glob must hold one 2D image per file"
+        )
+    full = (len(files),) + shape
+    _check_array_like(full, dtype, f"TIFF stack {name!r}")
+    src = _TiffSequenceSource(files, full, dtype)
+    if spacing is not None:
+        spacing = (spacing[0],) + tuple(spacing)  # assume isotropic z when only yx is known
+    return _Resolved("tiff-sequence", name, src, native_chunks=(1,) + shape, spacing=spacing, unit=unit)
+
+
+def _h5_candidates(f) -> list[str]:
+    import h5py
+
+    out = []
+
+    def visit(name, obj):
+        if isinstance(obj, h5py.Dataset) and obj.ndim in (2, 3) and obj.size > 1:
+            out.append("/" + name)
+
+    f.visititems(visit)
+    return out
+
+
+def _nexus_default(f) -> str | None:
+    """Follow NeXus ``default`` / ``signal`` attributes to the plottable dataset, if any."""
+    node, path = f, ""
+    for _ in range(4):
+        d = node.attrs.get("default")
+        if d is None:
+            break
+        d = d.decode() if isinstance(d, bytes) else str(d)
+        path = f"{path}/{d}"
+        if path not in f:
+            return None
+        node = f[path]
+    sig = node.attrs.get("signal") if hasattr(node, "attrs") else None
+    if sig is not None:
+        sig = sig.decode() if isinstance(sig, bytes) else str(sig)
+        full = f"{path}/{sig}"
+        return full if full in f else None
+    return None
+
+
+def _resolve_hdf5(p: Path, dataset) -> _Resolved:
+    import h5py
+
+    try:
+        f = h5py.File(str(p), "r")
+    except Exception as exc:
+        raise GrapesInputError(f"cannot open {str(p)!r} as HDF5 ({exc}): check that the file is complete") from exc
+    with f:
+        if dataset is None:
+            dataset = _nexus_default(f)
+        if dataset is None:
+            cands = _h5_candidates(f)
+            if len(cands) != 1:
+                raise GrapesInputError(
+                    f"HDF5 file {str(p)!r} holds {len(cands)} 2D/3D datasets {cands[:20]}: choose one with "
+                    "dataset=PATH (--dataset PATH)"
+                )
+            dataset = cands[0]
+        if dataset not in f or not isinstance(f[dataset], h5py.Dataset):
+            raise GrapesInputError(
+                f"HDF5 file {str(p)!r} has no dataset {dataset!r}: available 2D/3D datasets are {_h5_candidates(f)[:20]}"
+            )
+        ds = f[dataset]
+        _check_array_like(ds.shape, ds.dtype, f"dataset {dataset!r} of {str(p)!r}")
+        attrs = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in ds.attrs.items()}
+        sp = attrs.get("spacing", attrs.get("element_size_um"))
+        spacing = tuple(float(s) for s in np.ravel(sp)) if sp is not None and np.size(sp) == ds.ndim else None
+        native = ds.chunks
+        src = _Hdf5Source(str(p), dataset, ds.shape, ds.dtype)
+    return _Resolved("hdf5", f"{p}:{dataset}", src, native_chunks=native, spacing=spacing,
+                     unit="micrometer" if "element_size_um" in attrs else attrs.get("unit"), dataset=dataset)
+
+
+def _resolve_npy(p: Path) -> _Resolved:
+    try:
+        mm = np.load(str(p), mmap_mode="r")
+    except Exception as exc:
+        raise GrapesInputError(f"cannot read {str(p)!r} as .npy ({exc}): save it with numpy.save") from exc
+    _check_array_like(mm.shape, mm.dtype, f".npy file {str(p)!r}")
+    return _Resolved("npy", str(p), _NpySource(str(p), mm.shape, mm.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# public readers
+# --------------------------------------------------------------------------------------------
+
+
+def _normalize_chunks(chunks, shape: tuple, default=None) -> tuple:
+    """Per-axis chunk sizes (ints) clipped to the shape; an int applies to every axis."""
+    if chunks is None:
+        chunks = default if default is not None else _DEFAULT_CHUNK[len(shape)]
+    if np.isscalar(chunks):
+        chunks = (int(chunks),) * len(shape)
+    chunks = tuple(int(c) if c not in (None, -1) else n for c, n in zip(chunks, shape))
+    if len(chunks) != len(shape) or any(c <= 0 for c in chunks):
+        raise GrapesInputError(
+            f"chunks={chunks!r} does not fit a volume of shape {shape}: give one positive size or one per axis"
+        )
+    return tuple(min(c, n) for c, n in zip(chunks, shape))
+
+
+def _as_dask(r: _Resolved, chunks) -> da.Array:
+    arr = r.array
+    if isinstance(arr, da.Array):
+        return arr if chunks is None else arr.rechunk(_normalize_chunks(chunks, arr.shape))
+    import zarr
+
+    if isinstance(arr, zarr.Array):
+        c = _normalize_chunks(chunks, arr.shape, default=r.native_chunks)
+        return da.from_zarr(arr, chunks=c)
+    c = _normalize_chunks(chunks, arr.shape)
+    if isinstance(arr, np.ndarray):
+        return da.from_array(arr, chunks=c)
+    name = "open-" + dask.base.tokenize(arr.token(), c)
+    return da.from_array(arr, chunks=c, name=name, asarray=False, fancy=False, lock=False,
+                         meta=np.empty((0,) * arr.ndim, dtype=arr.dtype))
+
+
+def open_volume(source, *, dataset: str | None = None, chunks=None, level: int | None = None) -> da.Array:
+    """Open a 2D image or 3D volume lazily as a chunked dask array.
+
+    Parameters
+    ----------
+    source : str, path, numpy.ndarray, dask.array.Array, zarr.Array or zarr.Group
+        A path to a ``.tif``/``.tiff`` file, a folder or glob of 2D TIFF slices, an HDF5/NeXus
+        file (``.h5``, ``.hdf5``, ``.nxs``), a ``.npy`` file or a Zarr (v2/v3, OME-Zarr) store;
+        or an in-memory array.
+    dataset : str, optional
+        Dataset path inside an HDF5 file or array name inside a Zarr group. Needed when the file
+        holds more than one 2D/3D dataset (NeXus files follow their ``default``/``signal``).
+    chunks : int or tuple of int, optional
+        Chunk shape in voxels (one int for every axis). Default: the Zarr store's own chunks,
+        otherwise 128 per axis for 3D and 1024 for 2D.
+    level : int, optional
+        Resolution level of an OME-Zarr multiscale image or a pyramidal TIFF (default 0, the full
+        resolution).
+
+    Returns
+    -------
+    dask.array.Array
+        Shape ``(Z, Y, X)`` or ``(Y, X)``, the file's dtype. File-backed tasks open the file
+        themselves, so the array can be sent to distributed workers.
+
+    Raises
+    ------
+    GrapesInputError
+        Missing file, unsupported format/dtype/dimensionality, unknown or ambiguous dataset.
+    """
+    r = _resolve(source, dataset, level)
+    _check_array_like(r.array.shape, r.array.dtype, r.name)
+    return _as_dask(r, chunks)
+
+
+def read_spacing(source, *, dataset: str | None = None) -> tuple[float, ...] | None:
+    """Voxel size of a source, per axis (z, y, x), from its metadata, or None if it has none.
+
+    Read from OME-TIFF ``PhysicalSize*``, ImageJ TIFF (``spacing`` and resolution), TIFF
+    resolution tags, OME-Zarr ``scale`` transformations, the ``spacing`` attribute written by
+    :func:`convert`, or HDF5 ``spacing``/``element_size_um`` attributes. TIFF values are in
+    micrometres.
+    """
+    return _resolve(source, dataset).spacing
+
+
+@dataclass
+class VolumeInfo:
+    """What :func:`volume_info` reports about a source (no voxel is read)."""
+
+    name: str
+    kind: str
+    shape: tuple
+    dtype: str
+    chunks: tuple | None
+    spacing: tuple | None
+    unit: str | None
+    nbytes: int
+    nbytes_on_disk: int | None
+    dataset: str | None = None
+    attrs: dict = field(default_factory=dict)
+
+    def to_text(self) -> str:
+        """Human-readable multi-line summary (as printed by ``grapes-dask info``)."""
+        def size(n):
+            if n is None:
+                return "-"
+            for u in ("B", "KiB", "MiB", "GiB", "TiB"):
+                if n < 1024 or u == "TiB":
+                    return f"{n:.1f} {u}" if u != "B" else f"{n} B"
+                n /= 1024
+
+        lines = [
+            f"path:      {self.name}",
+            f"format:    {self.kind}" + (f" (dataset {self.dataset})" if self.dataset else ""),
+            f"shape:     {self.shape}",
+            f"dtype:     {self.dtype}",
+            f"chunks:    {self.chunks}",
+            f"spacing:   {self.spacing if self.spacing else 'not recorded (1 per axis assumed)'}"
+            + (f" {self.unit}" if self.spacing and self.unit else ""),
+            f"size:      {size(self.nbytes)} uncompressed, {size(self.nbytes_on_disk)} on disk",
+        ]
+        prov = self.attrs.get("grapes_dask")
+        if prov:
+            lines.append("provenance:")
+            lines += [f"  {k}: {v}" for k, v in prov.items()]
+        return "\n".join(lines)
+
+
+def _du(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, f)).st_size
+    return total
+
+
+def volume_info(source, *, dataset: str | None = None) -> VolumeInfo:
+    """Describe a source without reading its voxels.
+
+    Returns
+    -------
+    VolumeInfo
+        shape, dtype, native chunks, spacing and unit (if recorded), uncompressed size in bytes,
+        size on disk in bytes (files only) and the provenance attributes of a converted Zarr.
+    """
+    r = _resolve(source, dataset)
+    shape, dtype = tuple(r.array.shape), np.dtype(r.array.dtype)
+    on_disk = None
+    if isinstance(source, (str, os.PathLike)):
+        if isinstance(r.array, _TiffSequenceSource):
+            on_disk = sum(os.path.getsize(f) for f in r.array.files)
+        elif Path(source).exists():
+            on_disk = _du(Path(source))
+    return VolumeInfo(
+        name=r.name, kind=r.kind, shape=shape, dtype=str(dtype), chunks=r.native_chunks,
+        spacing=r.spacing, unit=r.unit, nbytes=int(np.prod(shape)) * dtype.itemsize,
+        nbytes_on_disk=on_disk, dataset=r.dataset, attrs=r.attrs,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# writers
+# --------------------------------------------------------------------------------------------
+
+
+def _default_compressor(dtype: np.dtype):
+    from zarr.codecs import BloscCodec
+
+    shuffle = "bitshuffle" if dtype.itemsize == 1 else "shuffle"
+    return BloscCodec(cname="zstd", clevel=3, shuffle=shuffle)
+
+
+def provenance(**extra) -> dict:
+    """Provenance record stored with every output: package version, UTC date and `extra`."""
+    from . import __version__
+
+    rec = {"version": __version__, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    rec.update({k: v for k, v in extra.items() if v is not None})
+    return json.loads(json.dumps(rec, default=str))
+
+
+def _progress_ctx(progress: bool, desc: str):
+    if not progress:
+        return contextlib.nullcontext()
+    from tqdm.dask import TqdmCallback
+
+    return TqdmCallback(desc=desc, unit="block", dynamic_ncols=True)
+
+
+def write_zarr(
+    array: da.Array,
+    dest: str | os.PathLike,
+    *,
+    chunks=None,
+    attrs: dict | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+    scheduler=None,
+) -> Path:
+    """Store a dask array as a compressed Zarr v3 array, atomically.
+
+    Parameters
+    ----------
+    array : dask.array.Array
+        Data to write. Each dask block should cover whole destination chunks (otherwise it is
+        rechunked so that it does); memory is then a few blocks per worker.
+    dest : path
+        Destination store (conventionally ``*.zarr``). Written under a temporary name in the
+        same folder and renamed when every chunk is written.
+    chunks : int or tuple of int, optional
+        Zarr chunk shape (default: the array's chunk size).
+    attrs : dict, optional
+        JSON-serialisable attributes (spacing, provenance, ...).
+    overwrite : bool
+        Replace an existing `dest`.
+    progress : bool
+        Show a progress bar.
+    scheduler : optional
+        Dask scheduler for the write (default: the current one).
+
+    Returns
+    -------
+    pathlib.Path
+        `dest`.
+    """
+    import zarr
+
+    zchunks = _normalize_chunks(chunks, array.shape, default=array.chunksize)
+    # every dask block must cover whole zarr chunks so that no two tasks write one chunk
+    aligned = all(
+        all(b % c == 0 for b in bc[:-1]) for bc, c in zip(array.chunks, zchunks)
+    )
+    if not aligned:
+        array = array.rechunk(zchunks)
+    dest = Path(dest)
+    with atomic_output(dest, overwrite=overwrite) as tmp:
+        z = zarr.create_array(
+            store=str(tmp), shape=array.shape, chunks=zchunks, dtype=array.dtype,
+            compressors=_default_compressor(np.dtype(array.dtype)), fill_value=0,
+            attributes=attrs or {}, zarr_format=3,
+        )
+        with _progress_ctx(progress, f"writing {dest.name}"):
+            da.store(array, z, lock=False, compute=True, scheduler=scheduler)
+    return dest
+
+
+def _read_blocks(shape: tuple, zchunks: tuple, itemsize: int, budget: int) -> tuple:
+    """Read-block shape: whole zarr chunks along the first axes, the full last axis, within budget.
+
+    Rows spanning the whole last axis keep TIFF pages and strips from being decoded once per
+    chunk column; the row height grows in whole chunks while a block stays under `budget`.
+    """
+    blk = list(zchunks)
+    blk[-1] = shape[-1]
+    if len(shape) >= 2:
+        row = int(np.prod(blk[:-2])) * blk[-1] * itemsize  # bytes per unit of axis -2
+        k = max(1, budget // max(1, row * zchunks[-2]))
+        blk[-2] = min(shape[-2], zchunks[-2] * k)
+    return tuple(blk)
+
+
+def convert(
+    source,
+    dest: str | os.PathLike,
+    *,
+    chunks=128,
+    dataset: str | None = None,
+    spacing: Sequence[float] | None = None,
+    unit: str | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+    memory_budget: int = 256 * _MiB,
+    scheduler=None,
+) -> Path:
+    """Convert a volume to a compressed Zarr v3 array out of core.
+
+    Parameters
+    ----------
+    source : path or array
+        Anything :func:`open_volume` accepts.
+    dest : path
+        Destination Zarr store (e.g. ``grey.zarr``); written under a temporary name and renamed
+        when complete.
+    chunks : int or tuple of int
+        Chunk shape of the Zarr array in voxels (default 128 per axis).
+    dataset : str, optional
+        HDF5 dataset path or Zarr array name, as for :func:`open_volume`.
+    spacing : sequence of float, optional
+        Voxel size per axis (z, y, x); overrides what the source's metadata says.
+    unit : str, optional
+        Unit of `spacing` (default: the source's, or ``"micrometer"`` for TIFF metadata).
+    overwrite : bool
+        Replace an existing `dest`.
+    progress : bool
+        Show a progress bar.
+    memory_budget : int
+        Target size in bytes of one read block (whole destination chunks along the first axes,
+        the full last axis). Peak memory is about ``workers x 2 x memory_budget``.
+    scheduler : optional
+        Dask scheduler (default: the threaded scheduler).
+
+    Returns
+    -------
+    pathlib.Path
+        `dest`. Its attributes hold ``spacing``, ``unit`` and a ``grapes_dask`` provenance record
+        (source, dataset, source kind, package version, date).
+    """
+    r = _resolve(source, dataset)
+    shape, dtype = tuple(r.array.shape), np.dtype(r.array.dtype)
+    _check_array_like(shape, dtype, r.name)
+    dest = Path(dest)
+    _check_can_write(dest, overwrite)
+    zchunks = _normalize_chunks(chunks, shape)
+    if spacing is not None:
+        spacing = tuple(float(s) for s in spacing)
+        if len(spacing) != len(shape) or any(not np.isfinite(s) or s <= 0 for s in spacing):
+            raise GrapesInputError(
+                f"spacing={spacing} does not fit a {len(shape)}D volume: give {len(shape)} positive voxel sizes (z y x)"
+            )
+        unit = unit or r.unit
+    else:
+        spacing, unit = r.spacing, unit or r.unit
+    blocks = _read_blocks(shape, zchunks, dtype.itemsize, memory_budget)
+    arr = _as_dask(r, blocks)
+    attrs = {
+        "spacing": list(spacing) if spacing else None,
+        "unit": unit,
+        "grapes_dask": provenance(
+            command="convert", source=r.name, source_kind=r.kind, dataset=r.dataset,
+        ),
+    }
+    attrs = {k: v for k, v in attrs.items() if v is not None}
+    return write_zarr(arr, dest, chunks=zchunks, attrs=attrs, overwrite=overwrite, progress=progress,
+                      scheduler=scheduler)
