@@ -111,10 +111,10 @@ def synth(output_dir, size, mean_radius, states, seed, chunks, overwrite, quiet)
     """Generate a synthetic electrode phantom (grey + labels Zarr per state, ground truth)."""
     from pathlib import Path
 
-    from . import synthetic
-
     if states < 1:
         raise GrapesInputError(f"--states {states}: give at least 1 state")
+    from . import synthetic
+
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     kw = {} if mean_radius is None else {"mean_radius": mean_radius}
     t0 = time.perf_counter()

@@ -1,0 +1,5 @@
+"""``python -m grapes_dask`` runs the ``grapes-dask`` command."""
+
+from .cli import main
+
+main()
