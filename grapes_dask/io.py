@@ -29,6 +29,7 @@ import contextlib
 import datetime as _dt
 import glob as _glob
 import json
+import numbers
 import os
 import re
 import shutil
@@ -632,18 +633,31 @@ def _resolve_npy(p: Path) -> _Resolved:
 # --------------------------------------------------------------------------------------------
 
 
+def _is_whole(c) -> bool:
+    return isinstance(c, numbers.Real) and not isinstance(c, bool) and float(c).is_integer()
+
+
 def _normalize_chunks(chunks, shape: tuple, default=None) -> tuple:
-    """Per-axis chunk sizes (ints) clipped to the shape; an int applies to every axis."""
+    """Per-axis chunk sizes (ints) clipped to the shape; an int applies to every axis.
+
+    ``None`` or ``-1`` for an axis means the whole axis. A tuple of the wrong length or a
+    fractional, zero or negative size is an error (never truncated or rounded silently).
+    """
     if chunks is None:
         chunks = default if default is not None else _DEFAULT_CHUNK[len(shape)]
+    given = chunks
     if np.isscalar(chunks):
-        chunks = (int(chunks),) * len(shape)
-    chunks = tuple(int(c) if c not in (None, -1) else n for c, n in zip(chunks, shape))
-    if len(chunks) != len(shape) or any(c <= 0 for c in chunks):
+        chunks = (chunks,) * len(shape)
+    try:
+        chunks = tuple(chunks)
+    except TypeError:
+        chunks = ()
+    ok = len(chunks) == len(shape) and all(c is None or (_is_whole(c) and (c > 0 or c == -1)) for c in chunks)
+    if not ok:
         raise GrapesInputError(
-            f"chunks={chunks!r} does not fit a volume of shape {shape}: give one positive size or one per axis"
+            f"chunks={given!r} does not fit a volume of shape {shape}: give one positive size or one per axis"
         )
-    return tuple(min(c, n) for c, n in zip(chunks, shape))
+    return tuple(n if c is None or c == -1 else min(int(c), n) for c, n in zip(chunks, shape))
 
 
 def _as_dask(r: _Resolved, chunks) -> da.Array:
@@ -941,12 +955,16 @@ def convert(
     _check_can_write(dest, overwrite)
     zchunks = _normalize_chunks(chunks, shape)
     if spacing is not None:
-        spacing = tuple(float(s) for s in spacing)
-        if len(spacing) != len(shape) or any(not np.isfinite(s) or s <= 0 for s in spacing):
+        try:
+            values = tuple(float(s) for s in spacing) if not isinstance(spacing, str) else ()
+        except (TypeError, ValueError):  # a single number, or not numbers
+            values = ()
+        if len(values) != len(shape) or any(not np.isfinite(s) or s <= 0 for s in values):
             raise GrapesInputError(
-                f"spacing={spacing} does not fit a {len(shape)}D volume: give {len(shape)} positive voxel sizes (z y x)"
+                f"spacing={spacing!r} does not fit a {len(shape)}D volume: give {len(shape)} positive voxel sizes "
+                f"({'z y x' if len(shape) == 3 else 'y x'})"
             )
-        unit = unit or r.unit
+        spacing, unit = values, unit or r.unit
     else:
         spacing, unit = r.spacing, unit or r.unit
     blocks = _read_blocks(shape, zchunks, dtype.itemsize, memory_budget)
