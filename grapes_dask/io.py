@@ -294,7 +294,7 @@ def _check_array_like(shape, dtype, name: str) -> None:
             "and 3D volumes; select one channel/time point first (e.g. array[0])"
         )
     dt = np.dtype(dtype)
-    if dt not in SUPPORTED_DTYPES:
+    if dt.newbyteorder("=") not in SUPPORTED_DTYPES:  # any byte order (converted on reading)
         raise GrapesInputError(
             f"{name} has unsupported dtype {dt}: use an integer or float32/float64 volume "
             "(convert RGB or complex data to a single grey channel first)"
@@ -661,6 +661,13 @@ def _normalize_chunks(chunks, shape: tuple, default=None) -> tuple:
 
 
 def _as_dask(r: _Resolved, chunks) -> da.Array:
+    out = _as_dask_raw(r, chunks)
+    if not out.dtype.isnative:  # big-endian HDF5/npy/Zarr: same values, native byte order
+        out = out.astype(out.dtype.newbyteorder("="))
+    return out
+
+
+def _as_dask_raw(r: _Resolved, chunks) -> da.Array:
     arr = r.array
     if isinstance(arr, da.Array):
         return arr if chunks is None else arr.rechunk(_normalize_chunks(chunks, arr.shape))
