@@ -254,12 +254,11 @@ class _Hdf5Source(_LazySource):
     def __getitem__(self, key):
         import h5py
 
-        def opener():
-            f = h5py.File(self.path, "r")
-            return f, f.close
-
-        f = _cached_handle(("h5",) + self.token(), opener)
-        return np.asarray(f[self.dataset][key])
+        # Opened and closed for every read (about a millisecond): a handle cached for the life
+        # of the thread would keep the file open, and HDF5 then refuses to rewrite or append to
+        # it anywhere in this process ("file is already open for read-only").
+        with h5py.File(self.path, "r") as f:
+            return np.asarray(f[self.dataset][key])
 
 
 class _NpySource(_LazySource):
