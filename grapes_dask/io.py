@@ -888,9 +888,52 @@ def write_zarr(
             compressors=_default_compressor(np.dtype(array.dtype)), fill_value=0,
             attributes=attrs or {}, zarr_format=3,
         )
-        with _progress_ctx(progress, f"writing {dest.name}"):
-            da.store(array, z, lock=False, compute=True, scheduler=scheduler)
+        target = _AbortableTarget(z, str(tmp / "zarr.json"))
+        try:
+            with _progress_ctx(progress, f"writing {dest.name}"):
+                da.store(array, target, lock=False, compute=True, scheduler=scheduler)
+        except BaseException:
+            # dask reports the first failed task while others may still be running; stop them
+            # from writing before atomic_output removes the temporary store, or they recreate it
+            target.abort()
+            raise
     return dest
+
+
+class _AbortableTarget:
+    """``da.store`` target that refuses writes once the output has been abandoned.
+
+    In this process, :meth:`abort` blocks new writes and waits for the ones in progress. A copy
+    sent to another process (processes scheduler, distributed worker) cannot see that flag, so
+    it writes only while `marker` (the temporary store's metadata file) still exists.
+    """
+
+    def __init__(self, array, marker: str):
+        self.array, self.marker = array, marker
+        self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
+        self._cond = threading.Condition()
+        self._active = 0
+        self._aborted = False
+
+    def __reduce__(self):
+        return (type(self), (self.array, self.marker))
+
+    def __setitem__(self, key, value):
+        with self._cond:
+            if self._aborted or not os.path.exists(self.marker):
+                raise RuntimeError(f"write to {os.path.dirname(self.marker)!r} skipped: the output was abandoned")
+            self._active += 1
+        try:
+            self.array[key] = value
+        finally:
+            with self._cond:
+                self._active -= 1
+                self._cond.notify_all()
+
+    def abort(self, timeout: float = 300.0) -> None:
+        with self._cond:
+            self._aborted = True
+            self._cond.wait_for(lambda: self._active == 0, timeout)
 
 
 def _read_blocks(shape: tuple, zchunks: tuple, itemsize: int, budget: int) -> tuple:
