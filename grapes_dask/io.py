@@ -718,15 +718,15 @@ def open_volume(source, *, dataset: str | None = None, chunks=None, level: int |
     return _as_dask(r, chunks)
 
 
-def read_spacing(source, *, dataset: str | None = None) -> tuple[float, ...] | None:
+def read_spacing(source, *, dataset: str | None = None, level: int | None = None) -> tuple[float, ...] | None:
     """Voxel size of a source, per axis (z, y, x), from its metadata, or None if it has none.
 
     Read from OME-TIFF ``PhysicalSize*``, ImageJ TIFF (``spacing`` and resolution), TIFF
     resolution tags, OME-Zarr ``scale`` transformations, the ``spacing`` attribute written by
     :func:`convert`, or HDF5 ``spacing``/``element_size_um`` attributes. TIFF values are in
-    micrometres.
+    micrometres. `level` selects the resolution level of an OME-Zarr image (default 0).
     """
-    return _resolve(source, dataset).spacing
+    return _resolve(source, dataset, level).spacing
 
 
 @dataclass
@@ -783,7 +783,7 @@ def _du(path: Path) -> int:
     return total
 
 
-def volume_info(source, *, dataset: str | None = None) -> VolumeInfo:
+def volume_info(source, *, dataset: str | None = None, level: int | None = None) -> VolumeInfo:
     """Describe a source without reading its voxels.
 
     Returns
@@ -791,8 +791,9 @@ def volume_info(source, *, dataset: str | None = None) -> VolumeInfo:
     VolumeInfo
         shape, dtype, native chunks, spacing and unit (if recorded), uncompressed size in bytes,
         size on disk in bytes (files only) and the provenance attributes of a converted Zarr.
+        `level` selects a resolution level as for :func:`open_volume`.
     """
-    r = _resolve(source, dataset)
+    r = _resolve(source, dataset, level)
     shape, dtype = tuple(r.array.shape), np.dtype(r.array.dtype)
     on_disk = None
     if isinstance(source, (str, os.PathLike)):
@@ -957,6 +958,7 @@ def convert(
     *,
     chunks=128,
     dataset: str | None = None,
+    level: int | None = None,
     spacing: Sequence[float] | None = None,
     unit: str | None = None,
     overwrite: bool = False,
@@ -977,6 +979,9 @@ def convert(
         Chunk shape of the Zarr array in voxels (default 128 per axis).
     dataset : str, optional
         HDF5 dataset path or Zarr array name, as for :func:`open_volume`.
+    level : int, optional
+        Resolution level of an OME-Zarr image or pyramidal TIFF, as for :func:`open_volume`
+        (default 0); the level's own voxel size is recorded.
     spacing : sequence of float, optional
         Voxel size per axis (z, y, x); overrides what the source's metadata says.
     unit : str, optional
@@ -997,7 +1002,7 @@ def convert(
         `dest`. Its attributes hold ``spacing``, ``unit`` and a ``grapes_dask`` provenance record
         (source, dataset, source kind, package version, date).
     """
-    r = _resolve(source, dataset)
+    r = _resolve(source, dataset, level)
     shape, dtype = tuple(r.array.shape), np.dtype(r.array.dtype)
     _check_array_like(shape, dtype, r.name)
     dest = Path(dest)
@@ -1022,7 +1027,7 @@ def convert(
         "spacing": list(spacing) if spacing else None,
         "unit": unit,
         "grapes_dask": provenance(
-            command="convert", source=r.name, source_kind=r.kind, dataset=r.dataset,
+            command="convert", source=r.name, source_kind=r.kind, dataset=r.dataset, level=level,
         ),
     }
     attrs = {k: v for k, v in attrs.items() if v is not None}
