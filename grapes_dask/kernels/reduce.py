@@ -1,0 +1,643 @@
+"""Pass 1: per-chunk label statistics, their exact combination and the per-label table.
+
+The graph layer calls :func:`chunk_stats` once per chunk, merges the partial results with
+:func:`combine_stats` (any grouping, any order: all integer columns are exact and associative)
+and turns the final merge into the particle table with :func:`finalize_stats` (and the contact
+list with :func:`contacts_table`), like flox's chunk / combine / finalize.
+
+Ownership (what makes every number counted exactly once)
+--------------------------------------------------------
+A chunk owns the voxels ``[origin, origin + core_shape)``. It receives them plus one extra
+voxel on the high side of each axis where the volume continues.
+
+- Voxel statistics (count, moments, bbox, grey, border contact) are taken over owned voxels.
+- A face between voxel ``p`` and ``p + e_axis`` is counted by the chunk owning ``p`` (it sees
+  ``p + e_axis`` in its extra voxel).
+- A 2x2x2 marching-cubes window (2x2 in 2D) is counted by the chunk owning its low corner.
+  The surface of a particle is taken on its mask padded with zeros outside the volume, so the
+  windows whose low corner is at index -1 along some axis are owned by the chunk at the low
+  end of that axis; corners outside the volume read as background.
+
+Partial table format (:class:`StatsPartial`)
+--------------------------------------------
+``labels`` : pandas.DataFrame, one row per label met by the chunk, sorted by ``label``:
+
+=========================  =========  ==========  =============================================
+column                     dtype      combine     meaning
+=========================  =========  ==========  =============================================
+label                      uint64     key         label id (any input integer dtype, as uint64)
+count                      int64      sum         owned voxels (may be 0: label seen only in
+                                                  windows whose low corner is owned)
+sum_{a}                    int64      sum         sum of global index coordinate ``a``
+sum_{a}{b} (a <= b)        int64      sum         sum of products of coordinates ``a`` and
+                                                  ``b``; 3D: 00 11 22 01 02 12, 2D: 00 11 01
+bbox_min_{a}               int64      min         min coordinate (inclusive); 2**62 if count=0
+bbox_max_{a}               int64      max         max coordinate + 1 (exclusive); -1 if count=0
+grey_sum_hi, grey_sum_lo   int64,u64  128-bit sum exact sum of grey (integer grey only)
+grey_sq_hi, grey_sq_lo     u64, u64   128-bit sum exact sum of grey**2 (integer grey only)
+grey_mean, grey_m2         float64    Chan merge  mean, sum of squared deviations (float grey)
+grey_min, grey_max         int64 or   min / max   int64 for integer grey, float64 for float
+                           float64                grey; dtype extremes if count = 0
+area_hi, area_lo           uint64     128-bit sum fixed-point surface area (units of
+                                                  ``fixed_point_lut(spacing)[1] / 2**52``)
+touches_border             bool       or          an owned voxel lies on the volume boundary
+=========================  =========  ==========  =============================================
+
+Axis ``a`` runs over ``0 .. ndim-1`` (z, y, x in 3D; y, x in 2D). Moments with int64 sums are
+exact; :func:`combine_stats` raises :class:`OverflowError` rather than wrapping (a label would
+need ~2**63 / coordinate**2 voxels, e.g. a 4096**3 volume full of one label).
+
+``pairs`` : pandas.DataFrame ``label_a`` uint64, ``label_b`` uint64 (``label_a < label_b``,
+both nonzero), ``n_faces`` int64 (6-connected faces between them, each face counted once
+globally); sorted, unique.
+
+``spacing`` : tuple of float, the spacing the surface-area table was built with.
+
+Integer grey: 8, 16 and 32 bit (signed or unsigned) are exact through 128-bit sums; 64-bit
+integer grey is rejected (convert to float64, or to 32 bit if the values fit). Float grey is
+accumulated in float64 (results within ~1e-12 relative across chunkings).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+from numba import njit
+
+from . import _accum as acc
+from .surface import _spacing_tuple, fixed_point_lut, fixed_to_area
+
+U64 = np.uint64
+_BIG = np.int64(2**62)
+
+_MOMENTS3 = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))
+_MOMENTS2 = ((0, 0), (1, 1), (0, 1))
+
+
+class StatsPartial(NamedTuple):
+    """Label-keyed partial result of :func:`chunk_stats` (see the module docstring)."""
+
+    labels: pd.DataFrame
+    pairs: pd.DataFrame
+    spacing: tuple
+
+
+# --------------------------------------------------------------------------------------
+# column layout
+# --------------------------------------------------------------------------------------
+
+
+def _moment_pairs(ndim):
+    return _MOMENTS3 if ndim == 3 else _MOMENTS2
+
+
+def _label_dtypes(ndim, kind):
+    cols = {"label": np.uint64, "count": np.int64}
+    cols.update({f"sum_{a}": np.int64 for a in range(ndim)})
+    cols.update({f"sum_{a}{b}": np.int64 for a, b in _moment_pairs(ndim)})
+    cols.update({f"bbox_min_{a}": np.int64 for a in range(ndim)})
+    cols.update({f"bbox_max_{a}": np.int64 for a in range(ndim)})
+    cols.update(acc.grey_dtypes(kind))
+    g = np.int64 if kind == "int" else np.float64
+    cols.update({"grey_min": g, "grey_max": g})
+    cols.update({"area_hi": np.uint64, "area_lo": np.uint64, "touches_border": bool})
+    return cols
+
+
+def _label_rules(ndim, kind):
+    rules = {"count": "sum"}
+    rules.update({f"sum_{a}": "sum" for a in range(ndim)})
+    rules.update({f"sum_{a}{b}": "sum" for a, b in _moment_pairs(ndim)})
+    rules.update({f"bbox_min_{a}": "min" for a in range(ndim)})
+    rules.update({f"bbox_max_{a}": "max" for a in range(ndim)})
+    rules.update(acc.grey_rules(kind))
+    rules.update({"grey_min": "min", "grey_max": "max"})
+    rules.update({"area_hi": "u128", "area_lo": "implied", "touches_border": "any"})
+    return rules
+
+
+_PAIR_DTYPES = {"label_a": np.uint64, "label_b": np.uint64, "n_faces": np.int64}
+
+
+# --------------------------------------------------------------------------------------
+# numba kernels
+# --------------------------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _row(lab, zrow, z, y):
+    if 0 <= z < lab.shape[0] and 0 <= y < lab.shape[1]:
+        return lab[z, y]
+    return zrow
+
+
+@njit(cache=True, nogil=True)
+def _window(corner, keys, vals, lut, area_hi, area_lo):
+    """Add the table area of each nonzero label among the 8 window corners."""
+    for i in range(8):
+        v = corner[i]
+        if v == 0:
+            continue
+        seen = False
+        for j in range(i):
+            if corner[j] == v:
+                seen = True
+                break
+        if seen:
+            continue
+        config = 0
+        for j in range(i, 8):
+            if corner[j] == v:
+                config |= 1 << j
+        idx = acc.lookup(keys, vals, v)
+        area_hi[idx], area_lo[idx] = acc.add_u128(area_hi[idx], area_lo[idx], lut[config])
+
+
+@njit(cache=True, nogil=True)
+def _add_pairs(pkeys, pvals, npairs, keys, vals, ev_a, ev_b, nev):
+    """Count the face events (label index ``ev_a[i]``, neighbour label ``ev_b[i]``)."""
+    for i in range(nev):
+        ia = ev_a[i]
+        ib = acc.lookup(keys, vals, ev_b[i])
+        lo, hi = (ia, ib) if ia < ib else (ib, ia)
+        key = (U64(lo) << U64(32)) | U64(hi)
+        pkeys, pvals, npairs = acc.table_add(pkeys, pvals, npairs, key, 1)
+    return pkeys, pvals, npairs
+
+
+@njit(cache=True, nogil=True)
+def _flush_run(idx, gz, gy, gx0, gx1, shape, is2d, cnt, mom, bmin, bmax, border):
+    """Add a run of one label at global row (gz, gy), columns [gx0, gx1), to its sums."""
+    m = gx1 - gx0
+    sx = (gx0 + gx1 - 1) * m // 2
+    sxx = ((gx1 - 1) * gx1 * (2 * gx1 - 1) - (gx0 - 1) * gx0 * (2 * gx0 - 1)) // 6
+    cnt[idx] += m
+    mom[idx, 0] += gz * m
+    mom[idx, 1] += gy * m
+    mom[idx, 2] += sx
+    mom[idx, 3] += gz * gz * m
+    mom[idx, 4] += gy * gy * m
+    mom[idx, 5] += sxx
+    mom[idx, 6] += gz * gy * m
+    mom[idx, 7] += gz * sx
+    mom[idx, 8] += gy * sx
+    bmin[idx, 0] = min(bmin[idx, 0], gz)
+    bmax[idx, 0] = max(bmax[idx, 0], gz + 1)
+    bmin[idx, 1] = min(bmin[idx, 1], gy)
+    bmax[idx, 1] = max(bmax[idx, 1], gy + 1)
+    bmin[idx, 2] = min(bmin[idx, 2], gx0)
+    bmax[idx, 2] = max(bmax[idx, 2], gx1)
+    on_z = (not is2d) and (gz == 0 or gz == shape[0] - 1)
+    if on_z or gy == 0 or gy == shape[1] - 1 or gx0 == 0 or gx1 == shape[2]:
+        border[idx] = True
+
+
+@njit(cache=True, nogil=True)
+def _stats_kernel(
+    lab, grey, core, origin, shape, is2d, grey_float, lut, keys, vals,
+    cnt, mom, bmin, bmax, border, isum, iacc, imin, imax, fsum, fmin, fmax, fseen,
+    area_hi, area_lo, pkeys, pvals,
+):
+    """One streaming pass over the extended block; see :func:`chunk_stats`.
+
+    ``isum[i] = (grey_sum_hi)``, ``iacc[i] = (grey_sum_lo, grey_sq_hi, grey_sq_lo)``;
+    float grey: ``fsum[i] = (shift, sum(g - shift), sum((g - shift)**2))``.
+    """
+    ex = lab.shape[2]
+    cz, cy, cx = core[0], core[1], core[2]
+    oz, oy, ox = origin[0], origin[1], origin[2]
+    zrow = np.zeros_like(lab[0, 0])
+    corner = np.zeros(8, dtype=np.uint64)
+    ev_a = np.zeros(3 * ex + 3, dtype=np.int64)
+    ev_b = np.zeros(3 * ex + 3, dtype=np.uint64)
+    nev = 0
+    npairs = 0
+    zlo = 0 if (is2d or oz > 0) else -1
+    ylo = -1 if oy == 0 else 0
+    xlo = -1 if ox == 0 else 0
+    for z in range(zlo, cz):
+        for y in range(ylo, cy):
+            r00 = _row(lab, zrow, z, y)
+            r01 = _row(lab, zrow, z, y + 1)
+            r10 = zrow if is2d else _row(lab, zrow, z + 1, y)
+            r11 = zrow if is2d else _row(lab, zrow, z + 1, y + 1)
+            own = z >= 0 and y >= 0
+            if xlo < 0:
+                a0 = a1 = a2 = a3 = U64(0)
+            else:
+                a0, a1, a2, a3 = U64(r00[0]), U64(r01[0]), U64(r10[0]), U64(r11[0])
+            run = U64(0)
+            run_idx = np.int64(-1)
+            run_x0 = 0
+            s_hi = np.int64(0)
+            s_lo = q_hi = q_lo = U64(0)
+            f_s = f_q = 0.0
+            g_min = np.int64(0)
+            g_max = np.int64(0)
+            h_min = h_max = 0.0
+            for x in range(xlo, cx):
+                if x + 1 < ex:
+                    b0, b1 = U64(r00[x + 1]), U64(r01[x + 1])
+                    b2, b3 = U64(r10[x + 1]), U64(r11[x + 1])
+                else:
+                    b0 = b1 = b2 = b3 = U64(0)
+                if not (a0 == b0 and a0 == a1 and a0 == b1 and a0 == a2
+                        and a0 == b2 and a0 == a3 and a0 == b3):
+                    corner[0], corner[1], corner[2], corner[3] = a0, b0, a1, b1
+                    corner[4], corner[5], corner[6], corner[7] = a2, b2, a3, b3
+                    _window(corner, keys, vals, lut, area_hi, area_lo)
+                if own and x >= 0:
+                    if a0 != run:
+                        if run != 0:
+                            _flush_run(run_idx, oz + z, oy + y, ox + run_x0, ox + x, shape, is2d,
+                                       cnt, mom, bmin, bmax, border)
+                            _flush_grey(run_idx, grey_float, s_hi, s_lo, q_hi, q_lo, f_s, f_q,
+                                        g_min, g_max, h_min, h_max, isum, iacc, imin, imax,
+                                        fsum, fmin, fmax)
+                        run = a0
+                        run_x0 = x
+                        if a0 != 0:
+                            run_idx = acc.lookup(keys, vals, a0)
+                            s_hi = np.int64(0)
+                            s_lo = q_hi = q_lo = U64(0)
+                            f_s = f_q = 0.0
+                            g_min = np.int64(2**62)
+                            g_max = np.int64(-(2**62))
+                            h_min = np.inf
+                            h_max = -np.inf
+                            if grey_float and not fseen[run_idx]:
+                                fseen[run_idx] = True
+                                fsum[run_idx, 0] = np.float64(grey[z, y, x])
+                    if a0 != 0:
+                        if grey_float:
+                            g = np.float64(grey[z, y, x])
+                            d = g - fsum[run_idx, 0]
+                            f_s += d
+                            f_q += d * d
+                            h_min = min(h_min, g)
+                            h_max = max(h_max, g)
+                        else:
+                            gi = np.int64(grey[z, y, x])
+                            s_hi, s_lo, q_hi, q_lo = acc.add_grey(s_hi, s_lo, q_hi, q_lo, gi)
+                            g_min = min(g_min, gi)
+                            g_max = max(g_max, gi)
+                        # faces to +x, +y, +z: buffered, hashed once per row
+                        if b0 != 0 and b0 != a0:
+                            ev_a[nev] = run_idx
+                            ev_b[nev] = b0
+                            nev += 1
+                        if a1 != 0 and a1 != a0:
+                            ev_a[nev] = run_idx
+                            ev_b[nev] = a1
+                            nev += 1
+                        if a2 != 0 and a2 != a0:
+                            ev_a[nev] = run_idx
+                            ev_b[nev] = a2
+                            nev += 1
+                a0, a1, a2, a3 = b0, b1, b2, b3
+            if own and run != 0:
+                _flush_run(run_idx, oz + z, oy + y, ox + run_x0, ox + cx, shape, is2d,
+                           cnt, mom, bmin, bmax, border)
+                _flush_grey(run_idx, grey_float, s_hi, s_lo, q_hi, q_lo, f_s, f_q,
+                            g_min, g_max, h_min, h_max, isum, iacc, imin, imax,
+                            fsum, fmin, fmax)
+            if nev:
+                pkeys, pvals, npairs = _add_pairs(pkeys, pvals, npairs, keys, vals, ev_a, ev_b, nev)
+                nev = 0
+    return pkeys, pvals
+
+
+@njit(cache=True, nogil=True)
+def _flush_grey(idx, grey_float, s_hi, s_lo, q_hi, q_lo, f_s, f_q, g_min, g_max, h_min, h_max,
+                isum, iacc, imin, imax, fsum, fmin, fmax):
+    """Add a run's grey accumulators (integer or float, see :func:`_stats_kernel`)."""
+    if grey_float:
+        fsum[idx, 1] += f_s
+        fsum[idx, 2] += f_q
+        fmin[idx] = min(fmin[idx], h_min)
+        fmax[idx] = max(fmax[idx], h_max)
+        return
+    hi, lo = acc.add_u128(U64(0), iacc[idx, 0], s_lo)
+    isum[idx] += np.int64(hi) + s_hi
+    iacc[idx, 0] = lo
+    hi2, lo2 = acc.add_u128(iacc[idx, 1], iacc[idx, 2], q_lo)
+    iacc[idx, 1] = hi2 + q_hi
+    iacc[idx, 2] = lo2
+    imin[idx] = min(imin[idx], g_min)
+    imax[idx] = max(imax[idx], g_max)
+
+
+# --------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------
+
+
+def _as3d(a):
+    return np.ascontiguousarray(a[None] if a.ndim == 2 else a)
+
+
+def chunk_stats(labels, grey, *, origin, core_shape, volume_shape, spacing):
+    """Per-label partial statistics of one chunk (pass 1).
+
+    Parameters
+    ----------
+    labels : ndarray of integer, shape (Z, Y, X) or (Y, X)
+        Labels of the chunk's owned voxels plus one extra voxel on the high side of every axis
+        along which the volume continues (``shape[a] == core_shape[a] + 1`` there, else
+        ``core_shape[a]``). 0 is background; any integer dtype (read as uint64).
+    grey : ndarray, same shape as ``labels``
+        Grey levels: integer of at most 32 bits (exact sums) or float (float64 sums).
+    origin : sequence of int, length ndim
+        Global index of ``labels[0, 0, 0]`` (voxels).
+    core_shape : sequence of int, length ndim
+        Shape of the owned part (voxels): the chunk owns ``[origin, origin + core_shape)``.
+    volume_shape : sequence of int, length ndim
+        Shape of the whole volume (voxels); decides the border windows and ``touches_border``.
+    spacing : sequence of float, length ndim
+        Voxel size per axis (length unit); selects the surface-area table.
+
+    Returns
+    -------
+    StatsPartial
+        ``(labels, pairs, spacing)``; tables as described in the module docstring, empty
+        (typed, zero rows) when the block holds only background.
+    """
+    ndim = labels.ndim
+    if ndim not in (2, 3) or grey.shape != labels.shape:
+        raise ValueError(
+            f"labels and grey must be 2D or 3D arrays of the same shape, got {labels.shape} "
+            f"and {grey.shape}"
+        )
+    sp = _spacing_tuple(spacing, ndim)
+    origin = tuple(int(o) for o in origin)
+    core = tuple(int(c) for c in core_shape)
+    vshape = tuple(int(s) for s in volume_shape)
+    for a in range(ndim):
+        extra = 1 if origin[a] + core[a] < vshape[a] else 0
+        if labels.shape[a] != core[a] + extra or origin[a] < 0 or core[a] < 1:
+            raise ValueError(
+                f"block shape {labels.shape} does not match core_shape {core} + the high-side "
+                f"overlap voxel at origin {origin} in a volume of shape {vshape} (axis {a})"
+            )
+    kind = acc.grey_kind_of(grey.dtype)
+    lab3 = _as3d(acc.as_unsigned(labels))
+    grey3 = _as3d(acc.grey_array(grey))
+    is2d = ndim == 2
+    pad = (0,) if is2d else ()
+    origin3 = np.array(pad + origin, dtype=np.int64)
+    core3 = np.array((1,) * is2d + core, dtype=np.int64)
+    shape3 = np.array((1,) * is2d + vshape, dtype=np.int64)
+
+    keys, vals = acc.new_table(1024)
+    keys, vals = acc.collect_keys(lab3, np.zeros((1, 1, 1), bool), False, keys, vals)
+    uniq = acc.table_keys(keys)
+    dtypes = _label_dtypes(ndim, kind)
+    if uniq.size == 0:
+        return StatsPartial(acc.empty_frame(dtypes), acc.empty_frame(_PAIR_DTYPES), sp)
+    acc.table_index(keys, vals, uniq)
+    n = uniq.size
+    lut, _ = fixed_point_lut(sp)
+
+    cnt = np.zeros(n, np.int64)
+    mom = np.zeros((n, 9), np.int64)
+    bmin = np.full((n, 3), _BIG, np.int64)
+    bmax = np.full((n, 3), -1, np.int64)
+    border = np.zeros(n, bool)
+    isum = np.zeros(n, np.int64)
+    iacc = np.zeros((n, 3), np.uint64)
+    imin = np.full(n, np.iinfo(np.int64).max, np.int64)
+    imax = np.full(n, np.iinfo(np.int64).min, np.int64)
+    fsum = np.zeros((n, 3), np.float64)
+    fmin = np.full(n, np.inf)
+    fmax = np.full(n, -np.inf)
+    fseen = np.zeros(n, bool)
+    area_hi = np.zeros(n, np.uint64)
+    area_lo = np.zeros(n, np.uint64)
+    pkeys, pvals = acc.new_table(256)
+    pkeys, pvals = _stats_kernel(
+        lab3, grey3, core3, origin3, shape3, is2d, kind == "float", lut, keys, vals,
+        cnt, mom, bmin, bmax, border, isum, iacc, imin, imax, fsum, fmin, fmax, fseen,
+        area_hi, area_lo, pkeys, pvals,
+    )
+
+    axes = list(range(3))[-ndim:]
+    out = {"label": uniq, "count": cnt}
+    for a, ax in enumerate(axes):
+        out[f"sum_{a}"] = mom[:, ax]
+    col3 = {(0, 0): 3, (1, 1): 4, (2, 2): 5, (0, 1): 6, (0, 2): 7, (1, 2): 8}
+    for a, b in _moment_pairs(ndim):
+        out[f"sum_{a}{b}"] = mom[:, col3[(axes[a], axes[b])]]
+    for a, ax in enumerate(axes):
+        out[f"bbox_min_{a}"] = bmin[:, ax]
+    for a, ax in enumerate(axes):
+        out[f"bbox_max_{a}"] = bmax[:, ax]
+    if kind == "int":
+        out.update(grey_sum_hi=isum, grey_sum_lo=iacc[:, 0], grey_sq_hi=iacc[:, 1],
+                   grey_sq_lo=iacc[:, 2], grey_min=imin, grey_max=imax)
+    else:
+        out["grey_mean"], out["grey_m2"] = acc.shifted_to_mean_m2(cnt, fsum)
+        out.update(grey_min=fmin, grey_max=fmax)
+    out.update(area_hi=area_hi, area_lo=area_lo, touches_border=border)
+    frame = pd.DataFrame({c: np.asarray(out[c], dtype=d) for c, d in dtypes.items()})
+    keep = (cnt > 0) | (area_hi > 0) | (area_lo > 0)
+    if not keep.all():
+        frame = frame[keep].reset_index(drop=True)
+
+    pk = acc.table_keys(pkeys)
+    pairs = pd.DataFrame(
+        {
+            "label_a": uniq[(pk >> U64(32)).astype(np.int64)],
+            "label_b": uniq[(pk & U64(0xFFFFFFFF)).astype(np.int64)],
+            "n_faces": acc.table_values(pkeys, pvals, pk),
+        }
+    )
+    return StatsPartial(frame, pairs.astype(_PAIR_DTYPES), sp)
+
+
+def combine_stats(partials):
+    """Merge partial results of :func:`chunk_stats` (or of earlier merges) exactly.
+
+    Parameters
+    ----------
+    partials : sequence of StatsPartial
+        Partials of disjoint sets of chunks (never the same chunk twice), same spacing and
+        same grey kind (integer or float).
+
+    Returns
+    -------
+    StatsPartial
+        One row per label, one row per label pair; integer columns are exact, so the result
+        does not depend on how the partials were grouped or ordered.
+    """
+    partials = list(partials)
+    if not partials:
+        raise ValueError("combine_stats: no partials given")
+    sp = partials[0].spacing
+    for p in partials[1:]:
+        if p.spacing != sp:
+            raise ValueError(
+                f"combine_stats: partials with different spacings {sp} and {p.spacing}"
+            )
+    first = partials[0].labels
+    ndim = sum(c.startswith("bbox_min_") for c in first.columns)
+    kind = acc.grey_kind(first.columns)
+    labels = acc.combine_frames([p.labels for p in partials], ["label"],
+                                _label_rules(ndim, kind), "label statistics")
+    pairs = acc.combine_frames([p.pairs for p in partials], ["label_a", "label_b"],
+                               {"n_faces": "sum"}, "contact pairs")
+    return StatsPartial(labels, pairs, sp)
+
+
+def stats_columns(ndim):
+    """Columns and dtypes of the table :func:`finalize_stats` returns.
+
+    Parameters
+    ----------
+    ndim : {2, 3}
+
+    Returns
+    -------
+    dict of str to numpy dtype
+    """
+    cols = {"label": np.uint64, "voxel_count": np.int64, "volume": np.float64}
+    cols.update({f"centroid-{a}": np.float64 for a in range(ndim)})
+    cols.update({f"bbox-{a}": np.int64 for a in range(2 * ndim)})
+    for c in ("equivalent_diameter_volume", "intensity_min", "intensity_max",
+              "intensity_mean", "intensity_std", "surface_area"):
+        cols[c] = np.float64
+    if ndim == 3:
+        cols["sphericity"] = np.float64
+    cols.update({f"inertia_tensor_eigvals-{a}": np.float64 for a in range(ndim)})
+    cols.update({"axis_major_length": np.float64, "axis_minor_length": np.float64})
+    cols.update({"touches_border": bool, "n_neighbours": np.int64})
+    return cols
+
+
+def finalize_stats(combined, spacing=None):
+    """The per-label table from the fully combined partial.
+
+    Parameters
+    ----------
+    combined : StatsPartial
+        :func:`combine_stats` over the partials of all chunks of the volume.
+    spacing : sequence of float, optional
+        Voxel size per axis (length unit); defaults to, and must equal, ``combined.spacing``.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per label, sorted by label, columns of :func:`stats_columns`:
+
+        - ``label`` (uint64), ``voxel_count``, ``volume`` = count * prod(spacing);
+        - ``centroid-a``: mean voxel index along axis ``a`` (index units, like
+          ``regionprops(...).centroid`` without spacing; multiply by ``spacing[a]`` for the
+          physical centroid that ``regionprops(spacing=...)`` reports);
+        - ``bbox-0 .. bbox-(2 ndim - 1)``: min (inclusive) then max (exclusive) indices;
+        - ``equivalent_diameter_volume`` = (2 ndim volume / pi) ** (1 / ndim) (skimage
+          ``equivalent_diameter_area``);
+        - ``intensity_min/max/mean/std`` (std with ddof 0);
+        - ``surface_area``: marching-cubes area (3D, length unit**2) or marching-squares
+          perimeter (2D, length unit) of the 1-padded mask;
+        - ``sphericity`` (3D only) = pi**(1/3) (6 volume)**(2/3) / surface_area;
+        - ``inertia_tensor_eigvals-a``, ``axis_major_length``, ``axis_minor_length``: as
+          ``regionprops(..., spacing=spacing)`` (physical units);
+        - ``touches_border`` (bool), ``n_neighbours``: distinct labels sharing a face.
+
+        Zero rows (typed) when there are no labels.
+    """
+    sp = combined.spacing if spacing is None else _spacing_tuple(spacing)
+    if sp != combined.spacing:
+        raise ValueError(
+            f"finalize_stats: spacing {sp} differs from the spacing {combined.spacing} the "
+            "partials were computed with"
+        )
+    t = combined.labels
+    ndim = len(sp)
+    cols = stats_columns(ndim)
+    if len(t) == 0:
+        return acc.empty_frame(cols)
+    n = t["count"].to_numpy()
+    if (n <= 0).any():
+        bad = t["label"].to_numpy()[n <= 0][:5].tolist()
+        raise ValueError(
+            f"finalize_stats: labels {bad} have no voxel: the partials do not cover the volume"
+        )
+    spacing_arr = np.asarray(sp)
+    out = {"label": t["label"].to_numpy(), "voxel_count": n}
+    out["volume"] = n * np.prod(spacing_arr)
+    n_obj = n.astype(object)
+    sums = [t[f"sum_{a}"].to_numpy().astype(object) for a in range(ndim)]
+    for a in range(ndim):
+        out[f"centroid-{a}"] = acc.exact_ratio(sums[a], n_obj)
+    for a in range(ndim):
+        out[f"bbox-{a}"] = t[f"bbox_min_{a}"].to_numpy()
+        out[f"bbox-{a + ndim}"] = t[f"bbox_max_{a}"].to_numpy()
+    out["equivalent_diameter_volume"] = (2 * ndim * out["volume"] / np.pi) ** (1 / ndim)
+    out["intensity_min"] = t["grey_min"].to_numpy().astype(np.float64)
+    out["intensity_max"] = t["grey_max"].to_numpy().astype(np.float64)
+    out["intensity_mean"], out["intensity_std"] = acc.grey_mean_std(t)
+    area = fixed_to_area(acc.words_to_int(t["area_hi"].to_numpy(), t["area_lo"].to_numpy()), sp)
+    out["surface_area"] = area
+    if ndim == 3:
+        with np.errstate(divide="ignore"):
+            out["sphericity"] = np.pi ** (1 / 3) * (6 * out["volume"]) ** (2 / 3) / area
+    eig = _inertia_eigvals(t, n_obj, sums, spacing_arr)
+    for a in range(ndim):
+        out[f"inertia_tensor_eigvals-{a}"] = eig[:, a]
+    if ndim == 3:
+        major = 10 * (eig[:, 0] + eig[:, 1] - eig[:, 2])
+        minor = 10 * (-eig[:, 0] + eig[:, 1] + eig[:, 2])
+        out["axis_major_length"] = np.sqrt(np.maximum(major, 0))
+        out["axis_minor_length"] = np.sqrt(np.maximum(minor, 0))
+    else:
+        out["axis_major_length"] = 4 * np.sqrt(eig[:, 0])
+        out["axis_minor_length"] = 4 * np.sqrt(eig[:, -1])
+    out["touches_border"] = t["touches_border"].to_numpy()
+    out["n_neighbours"] = _neighbour_counts(out["label"], combined.pairs)
+    return pd.DataFrame({c: np.asarray(out[c], dtype=d) for c, d in cols.items()})
+
+
+def _inertia_eigvals(t, n_obj, sums, spacing):
+    """Eigenvalues (descending, clipped at 0) of skimage's inertia tensor with spacing."""
+    ndim = spacing.size
+    nn = n_obj * n_obj
+    cov = np.zeros((len(t), ndim, ndim))
+    for a, b in _moment_pairs(ndim):
+        s_ab = t[f"sum_{a}{b}"].to_numpy().astype(object)
+        c = acc.exact_ratio(n_obj * s_ab - sums[a] * sums[b], nn) * spacing[a] * spacing[b]
+        cov[:, a, b] = c
+        cov[:, b, a] = c
+    diag = np.einsum("nii->ni", cov)
+    tensor = -cov
+    idx = np.arange(ndim)
+    tensor[:, idx, idx] = diag.sum(axis=1, keepdims=True) - diag
+    eig = np.linalg.eigvalsh(tensor)
+    return np.clip(eig, 0, None)[:, ::-1]
+
+
+def _neighbour_counts(labels, pairs):
+    both = np.concatenate([pairs["label_a"].to_numpy(), pairs["label_b"].to_numpy()])
+    uniq, counts = np.unique(both, return_counts=True)
+    out = np.zeros(labels.size, dtype=np.int64)
+    pos = np.searchsorted(labels, uniq)
+    out[pos] = counts
+    return out
+
+
+def contacts_table(combined):
+    """The contact list: one row per pair of labels sharing at least one voxel face.
+
+    Parameters
+    ----------
+    combined : StatsPartial
+        :func:`combine_stats` over all chunks.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``label_a`` < ``label_b`` (uint64), ``n_faces`` (int64): number of 6-connected
+        (4-connected in 2D) voxel faces between them. Sorted by (label_a, label_b).
+    """
+    return combined.pairs.reset_index(drop=True).astype(_PAIR_DTYPES)
