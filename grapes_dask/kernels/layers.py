@@ -1,0 +1,235 @@
+"""Pass 2: per (label, radial layer) grey-level sums from a precomputed distance map.
+
+Reference semantics (DESIGN.md): the radial layer of a voxel of particle L at Euclidean
+distance ``d`` from the nearest voxel not in L is ``k = max(1, round_half_even(d /
+layer_width))``; per layer we report voxel count, mean and std (ddof 0) of grey.
+
+The division ``d / layer_width`` is done in float64 (``dist`` is promoted first) and rounded
+half to even (``numpy.rint``), so ``d / w == 2.5`` gives layer 2 and ``3.5`` gives 4.
+
+Partial table format (returned by :func:`layer_sums` and :func:`combine_layers`)
+------------------------------------------------------------------------------
+pandas.DataFrame, one row per (label, layer) met, sorted by (label, layer):
+
+=========================  =========  ==========  =======================================
+column                     dtype      combine     meaning
+=========================  =========  ==========  =======================================
+label                      uint64     key         label id
+layer                      int64      key         1 .. K, from the surface inward
+count                      int64      sum         voxels
+grey_sum_hi, grey_sum_lo   int64,u64  128-bit     exact sum of grey (integer grey)
+grey_sq_hi, grey_sq_lo     u64, u64   128-bit     exact sum of grey**2 (integer grey)
+grey_mean, grey_m2         float64    Chan merge  (float grey) mean, sum of squared deviations
+=========================  =========  ==========  =======================================
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from numba import njit
+
+from . import _accum as acc
+
+U64 = np.uint64
+
+
+def _layer_dtypes(kind):
+    cols = {"label": np.uint64, "layer": np.int64, "count": np.int64}
+    cols.update(acc.grey_dtypes(kind))
+    return cols
+
+
+#: Columns and dtypes of the table :func:`finalize_layers` returns.
+LAYER_COLUMNS = {
+    "label": np.uint64,
+    "layer": np.int64,
+    "count": np.int64,
+    "mean": np.float64,
+    "std": np.float64,
+}
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _layer(d, width):
+    k = np.int64(np.rint(np.float64(d) / width))
+    return k if k > 1 else np.int64(1)
+
+
+@njit(cache=True, nogil=True)
+def _layer_pass(lab, grey, dist, mask, use_mask, width, grey_float, keys, vals, kmax,
+                first, offset, cnt, s_hi, s_acc, fsum, fseen):
+    """One pass over the selected voxels.
+
+    ``first``: only record the deepest layer of each label in ``kmax``. Otherwise accumulate
+    into row ``offset[label index] + layer - 1``: ``cnt``, ``s_hi`` / ``s_acc[r] =
+    (grey_sum_lo, grey_sq_hi, grey_sq_lo)`` (integer grey) or ``fsum[r] = (shift, S, Q)``.
+    """
+    last = U64(0)
+    idx = np.int64(-1)
+    for z in range(lab.shape[0]):
+        for y in range(lab.shape[1]):
+            for x in range(lab.shape[2]):
+                v = U64(lab[z, y, x])
+                if v == 0 or (use_mask and not mask[z, y, x]):
+                    continue
+                if v != last:
+                    idx = acc.lookup(keys, vals, v)
+                    last = v
+                if idx < 0:
+                    continue
+                k = _layer(dist[z, y, x], width)
+                if first:
+                    kmax[idx] = max(kmax[idx], k)
+                    continue
+                r = offset[idx] + k - 1
+                cnt[r] += 1
+                if grey_float:
+                    g = np.float64(grey[z, y, x])
+                    if not fseen[r]:
+                        fseen[r] = True
+                        fsum[r, 0] = g
+                    d = g - fsum[r, 0]
+                    fsum[r, 1] += d
+                    fsum[r, 2] += d * d
+                else:
+                    gi = np.int64(grey[z, y, x])
+                    s_hi[r], s_acc[r, 0], s_acc[r, 1], s_acc[r, 2] = acc.add_grey(
+                        s_hi[r], s_acc[r, 0], s_acc[r, 1], s_acc[r, 2], gi
+                    )
+
+
+def _as3d(a):
+    return a[None] if a.ndim == 2 else a
+
+
+def layer_sums(labels, grey, dist, *, layer_width=1.0, owned=None, only_labels=None):
+    """Per (label, layer) voxel count and exact grey sums over the owned voxels (pass 2).
+
+    Parameters
+    ----------
+    labels : ndarray of integer, shape (Z, Y, X) or (Y, X)
+        Labels of the region (0 = background; any integer dtype, read as uint64).
+    grey : ndarray, same shape
+        Grey levels: integer of at most 32 bits (exact sums) or float (float64 sums).
+    dist : ndarray of float, same shape
+        Euclidean distance of each voxel to the nearest voxel not in its label, in the
+        length unit of ``layer_width`` (e.g. ``edt.edt(labels, anisotropy=spacing,
+        black_border=True)`` computed by the caller on a large enough region).
+    layer_width : float, optional
+        Width of one layer (length unit); layer ``k = max(1, rint(dist / layer_width))``.
+    owned : tuple of slice, or ndarray of bool, optional
+        The voxels this call accounts for: slices into the arrays (the chunk's own voxels
+        inside a haloed region) or a boolean mask of the arrays' shape. Default: all.
+    only_labels : array_like of int, optional
+        Count only these labels (e.g. the labels a region owns). Default: all nonzero.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The partial table described in the module docstring; typed and empty when no owned
+        voxel carries a (selected) label.
+    """
+    if not (labels.shape == grey.shape == dist.shape) or labels.ndim not in (2, 3):
+        raise ValueError(
+            f"labels, grey and dist must be 2D or 3D arrays of one shape, got {labels.shape}, "
+            f"{grey.shape} and {dist.shape}"
+        )
+    width = float(layer_width)
+    if not width > 0:
+        raise ValueError(f"layer_width must be > 0, got {layer_width}")
+    kind = acc.grey_kind_of(grey.dtype)
+    lab, grey, dist = acc.as_unsigned(labels), acc.grey_array(grey), dist
+    mask = np.zeros((1, 1, 1), dtype=bool)
+    use_mask = False
+    if isinstance(owned, tuple):
+        lab, grey, dist = lab[owned], grey[owned], dist[owned]
+    elif owned is not None:
+        owned = np.asarray(owned, dtype=bool)
+        if owned.shape != labels.shape:
+            raise ValueError(f"owned mask shape {owned.shape} != labels shape {labels.shape}")
+        mask, use_mask = _as3d(owned), True
+    lab, grey, dist = _as3d(lab), _as3d(grey), _as3d(dist)
+
+    keys, vals = acc.new_table(1024)
+    keys, vals = acc.collect_keys(lab, mask, use_mask, keys, vals)
+    uniq = acc.table_keys(keys)
+    if only_labels is not None:
+        uniq = np.intersect1d(uniq, np.asarray(only_labels).astype(np.uint64))
+    dtypes = _layer_dtypes(kind)
+    if uniq.size == 0:
+        return acc.empty_frame(dtypes)
+    keys, vals = acc.index_table(uniq)
+    kmax = np.zeros(uniq.size, dtype=np.int64)
+    args = (lab, grey, dist, mask, use_mask, width, kind == "float", keys, vals, kmax)
+    none = np.zeros(0, np.int64)
+    _layer_pass(*args, True, none, none, none, np.zeros((0, 3), np.uint64),
+                np.zeros((0, 3)), np.zeros(0, bool))
+    offset = np.concatenate([[0], np.cumsum(kmax)[:-1]]).astype(np.int64)
+    rows = int(kmax.sum())
+    cnt = np.zeros(rows, np.int64)
+    s_hi = np.zeros(rows, np.int64)
+    s_acc = np.zeros((rows, 3), np.uint64)
+    fsum = np.zeros((rows, 3), np.float64)
+    _layer_pass(*args, False, offset, cnt, s_hi, s_acc, fsum, np.zeros(rows, bool))
+    out = {
+        "label": np.repeat(uniq, kmax),
+        "layer": np.arange(rows, dtype=np.int64) - np.repeat(offset, kmax) + 1,
+        "count": cnt,
+    }
+    if kind == "int":
+        out.update(grey_sum_hi=s_hi, grey_sum_lo=s_acc[:, 0], grey_sq_hi=s_acc[:, 1],
+                   grey_sq_lo=s_acc[:, 2])
+    else:
+        out["grey_mean"], out["grey_m2"] = acc.shifted_to_mean_m2(cnt, fsum)
+    keep = cnt > 0
+    return pd.DataFrame({c: np.asarray(out[c], dtype=d)[keep] for c, d in dtypes.items()})
+
+
+def combine_layers(partials):
+    """Merge partial tables of :func:`layer_sums` exactly (sums by (label, layer)).
+
+    Parameters
+    ----------
+    partials : sequence of pandas.DataFrame
+        Partials over disjoint sets of voxels, same grey kind.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Same format, one row per (label, layer).
+    """
+    partials = list(partials)
+    if not partials:
+        raise ValueError("combine_layers: no partials given")
+    kind = acc.grey_kind(partials[0].columns)
+    rules = {"count": "sum", **acc.grey_rules(kind)}
+    return acc.combine_frames(partials, ["label", "layer"], rules, "layer sums")
+
+
+def finalize_layers(combined):
+    """The long layers table.
+
+    Parameters
+    ----------
+    combined : pandas.DataFrame
+        :func:`combine_layers` over all owned voxels of the volume.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``label`` (uint64), ``layer`` (int64), ``count`` (int64), ``mean``, ``std`` (float64,
+        ddof 0; for integer grey the correctly rounded values of the exact sums). Sorted by
+        (label, layer); layers with no voxel are absent. Typed and empty without rows.
+    """
+    if len(combined) == 0:
+        return acc.empty_frame(LAYER_COLUMNS)
+    mean, std = acc.grey_mean_std(combined)
+    out = {
+        "label": combined["label"].to_numpy(),
+        "layer": combined["layer"].to_numpy(),
+        "count": combined["count"].to_numpy(),
+        "mean": mean,
+        "std": std,
+    }
+    return pd.DataFrame({c: np.asarray(out[c], dtype=d) for c, d in LAYER_COLUMNS.items()})
