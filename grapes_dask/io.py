@@ -465,8 +465,10 @@ def _resolve_tiff(p: Path, level) -> _Resolved:
             raise GrapesInputError(
                 f"TIFF {str(p)!r} has {shape[axes.index('S')]} samples per pixel (RGB): convert it to one grey channel first"
             )
-        squeeze = tuple(i for i, n in enumerate(shape) if n == 1 and len(shape) > 2)
-        squeeze = squeeze[: max(0, len(shape) - 2)]
+        # drop singleton axes (time, channel, ...) only down to 3D: a TIFF that records a
+        # (1, Y, X) or (Z, 1, X) volume is still a 3D volume
+        squeeze = tuple(i for i, n in enumerate(shape) if n == 1 and len(shape) > 3)
+        squeeze = squeeze[: max(0, len(shape) - 3)]
         kept = tuple(n for i, n in enumerate(shape) if i not in squeeze)
         _check_array_like(kept, dtype, f"TIFF {str(p)!r}")
         spacing, unit = _tiff_spacing(tf, len(kept))
