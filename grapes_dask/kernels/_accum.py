@@ -86,8 +86,12 @@ def as_unsigned(labels):
 
 
 def grey_array(grey):
-    """Grey as a numeric array (bool read as uint8, no copy)."""
-    return grey.view(np.uint8) if grey.dtype == bool else grey
+    """Grey as an array Numba reads: bool viewed as uint8; float16 widened (exactly) to float32."""
+    if grey.dtype == bool:
+        return grey.view(np.uint8)
+    if grey.dtype == np.float16:
+        return grey.astype(np.float32)
+    return grey
 
 
 # --------------------------------------------------------------------------------------

@@ -7,6 +7,15 @@ layer_width))``; per layer we report voxel count, mean and std (ddof 0) of grey.
 The division ``d / layer_width`` is done in float64 (``dist`` is promoted first) and rounded
 half to even (``numpy.rint``), so ``d / w == 2.5`` gives layer 2 and ``3.5`` gives 4.
 
+Precision of ``dist`` matters at exact ties. With unit spacing and width 1 there are none
+(``sqrt(n)`` is never ``k + 1/2``), so ``edt.edt`` (float32) reproduces GRAPES exactly. With
+anisotropic spacing ties occur: 5 voxels of 0.7 is 3.5, which scipy's
+``distance_transform_edt`` returns exactly (it computes ``sqrt(sum((n_i * s_i)**2))``) and which
+rounds to layer 4; ``edt.edt`` gives 3.4999998 (float32) and a float64 ``s_i**2 * n_i**2``
+gives 3.4999999999999996, both layer 3 (in a test ellipsoid 12 of ~1000 voxels moved). This
+kernel uses ``dist`` as given; matching the scipy reference at ties needs the distances
+rounded the way scipy rounds them.
+
 Partial table format (returned by :func:`layer_sums` and :func:`combine_layers`)
 ------------------------------------------------------------------------------
 pandas.DataFrame, one row per (label, layer) met, sorted by (label, layer):

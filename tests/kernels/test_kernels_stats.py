@@ -206,3 +206,15 @@ def test_finalize_spacing_must_match():
                     volume_shape=lab.shape, spacing=SPACING3)
     with pytest.raises(ValueError, match="spacing"):
         finalize_stats(p, (1.0, 1.0, 1.0))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, bool])
+def test_float16_and_bool_grey(dtype):
+    lab = np.zeros((5, 6, 7), np.uint32)
+    lab[1:3, 1:4, 2:6] = 4
+    grey = (np.arange(lab.size).reshape(lab.shape) % 3).astype(dtype)
+    table = finalize_stats(chunk_stats(lab, grey, origin=(0, 0, 0), core_shape=lab.shape,
+                                       volume_shape=lab.shape, spacing=SPACING3))
+    vals = grey[lab == 4].astype(np.float64)
+    assert table["intensity_mean"].item() == pytest.approx(vals.mean(), rel=1e-12)
+    assert table["intensity_std"].item() == pytest.approx(vals.std(), rel=1e-12)
