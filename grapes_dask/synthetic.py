@@ -26,9 +26,10 @@ Stages of the pipeline
    averaged down (partial-volume effect), concentrated at the particle core, then a bright (or
    dark, with a negative contrast) phase-contrast rim on the voxels within ``rim_width`` of the
    pore (not at contact faces between particles).
-5. **Blur** (optional): :func:`scipy.ndimage.gaussian_filter` of every chunk with a halo of
-   ``ceil(truncate * sigma)`` voxels (dask ``map_overlap``, reflecting boundary), which equals
-   the filter of the whole volume.
+5. **Blur** (optional): each task renders its chunk grown by the kernel radius
+   ``int(truncate * sigma + 0.5)``, mirrors it where it leaves the volume and applies
+   :func:`scipy.ndimage.gaussian_filter`: the cropped result equals the filter of the whole
+   volume (``mode="reflect"``), bitwise, while memory stays bounded by the chunk.
 6. **Noise and quantisation**: additive Gaussian noise, rounding and clipping to the grey dtype
    (uint8 by default, as the paper's 8-bit data; uint16 or float32).
 7. **Output** (:func:`make_phantom`): the chunks are computed straight into compressed Zarr v3
@@ -1025,8 +1026,8 @@ def _render_labels(P, ids, origin, shape, label_dtype):
     return _labels_of(idx, ids, np.empty(shape, dtype=label_dtype))
 
 
-def _render_grey(P, salts, normals, origin, shape, halo, cfg, ss, ssz, shift, rim, noise, flat):
-    """Grey of one chunk: pure function of its particles, origin and parameters."""
+def _clean_grey(P, salts, normals, origin, shape, halo, cfg, ss, ssz, shift, rim, flat):
+    """Grey before blur and noise (float32) of the box `origin`, `shape`."""
     h = np.array(halo)
     eo = np.asarray(origin) - h
     es = np.asarray(shape) + 2 * h
@@ -1036,25 +1037,35 @@ def _render_grey(P, salts, normals, origin, shape, halo, cfg, ss, ssz, shift, ri
         d2 = _pore_dist2(idx, halo[0], halo[1], halo[2], R, 0 if flat else R)
     else:
         d2 = np.empty((0, 0, 0), dtype=np.int32)
-    g = _grey_kernel(idx, halo[0], halo[1], halo[2], origin[0], origin[1], origin[2], P, salts, normals,
-                     cfg, ss, ssz, shift, d2)
-    if noise is None:
-        return g
-    salt, sigma, lo, hi, dtype = noise
-    return _noise_quantize(g, origin[0], origin[1], origin[2], salt, sigma, lo, hi, dtype != "float32",
+    return _grey_kernel(idx, halo[0], halo[1], halo[2], origin[0], origin[1], origin[2], P, salts, normals,
+                        cfg, ss, ssz, shift, d2)
+
+
+def _render_grey(P, salts, normals, origin, shape, halo, cfg, ss, ssz, shift, rim, noise, flat, blur, shape3):
+    """Grey of one chunk: a pure function of its particles, origin and parameters.
+
+    With a blur, the chunk grown by the kernel radius is rendered, mirrored where it leaves the
+    volume (as scipy's ``mode="reflect"``), filtered and cropped: this equals the filter of the
+    whole volume, with memory bounded by the chunk.
+    """
+    if blur is None:
+        g = _clean_grey(P, salts, normals, origin, shape, halo, cfg, ss, ssz, shift, rim, flat)
+    else:
+        from scipy import ndimage
+
+        radius, sigma, truncate = blur
+        o, n, full = np.asarray(origin), np.asarray(shape), np.asarray(shape3)
+        lo = np.maximum(o - radius, 0)
+        hi = np.minimum(o + n + radius, full)
+        g = _clean_grey(P, salts, normals, tuple(lo), tuple(hi - lo), halo, cfg, ss, ssz, shift, rim, flat)
+        pad = [(int(a), int(b)) for a, b in zip(lo - (o - radius), (o + n + radius) - hi)]
+        if any(a or b for a, b in pad):
+            g = np.pad(g, pad, mode="symmetric")  # = scipy's "reflect" at the volume faces
+        g = ndimage.gaussian_filter(g, sigma, mode="reflect", truncate=truncate)
+        g = np.ascontiguousarray(g[tuple(slice(r, r + k) for r, k in zip(radius, shape))])
+    salt, sigma, lo_, hi_, dtype = noise
+    return _noise_quantize(g, origin[0], origin[1], origin[2], salt, sigma, lo_, hi_, dtype != "float32",
                            _normal_table(), np.empty(shape, dtype=dtype))
-
-
-def _noise_block(g, salt, sigma, lo, hi, dtype, block_info=None):
-    loc = block_info[0]["array-location"]
-    return _noise_quantize(g, loc[0][0], loc[1][0], loc[2][0], salt, sigma, lo, hi, dtype != "float32",
-                           _normal_table(), np.empty(g.shape, dtype=dtype))
-
-
-def _blur_block(g, sigma, truncate):
-    from scipy import ndimage
-
-    return ndimage.gaussian_filter(g, sigma, mode="reflect", truncate=truncate)
 
 
 def _smallest_label_dtype(max_id: int) -> str:
@@ -1157,10 +1168,10 @@ def phantom_arrays(
     ids = rows["label"].to_numpy().astype(np.uint64)
     if len(np.unique(ids)) != len(ids) or (len(ids) and ids.min() == 0):
         raise GrapesInputError("particles: label ids must be unique and >= 1")
-    if model.blur_radius > min(c3[1:] if flat else c3):
+    if model.blur_radius > min(shape):
         raise GrapesInputError(
-            f"blur_sigma={model.blur_sigma}: the blur radius {model.blur_radius} exceeds the chunk side; "
-            "use larger chunks or a smaller blur"
+            f"blur_sigma={model.blur_sigma}: the blur radius {model.blur_radius} exceeds the volume side; "
+            "use a smaller blur"
         )
     n = len(rows)
     axes, R = _geometry(rows, flat)
@@ -1209,10 +1220,16 @@ def phantom_arrays(
     noise_salt = np.uint64(_salts(_seed64(seed), _STREAM_NOISE, np.array([int(state)], dtype=np.uint64))[0])
     noise = (noise_salt, float(model.noise_sigma), lo, hi, model.dtype)
 
+    blur = None
+    if model.blur_sigma > 0:
+        r = model.blur_radius
+        blur = (np.array([0 if flat else r, r, r]),
+                (0.0, model.blur_sigma, model.blur_sigma) if flat else model.blur_sigma, model.blur_truncate)
+
     # spatial index: chunk -> particles whose boxes (grown by the halo) meet the chunk
     grid = [range(0, s, c) for s, c in zip(shape3, c3)]
     nb = [len(g) for g in grid]
-    pad = np.array(halo, dtype=float) + 1.0
+    pad = np.array(halo, dtype=float) + 1.0 + (0 if blur is None else blur[0])
     lo_b = np.floor(cen - ext - pad).astype(np.int64)
     hi_b = np.ceil(cen + ext + pad).astype(np.int64)
     c3a = np.array(c3)
@@ -1225,7 +1242,6 @@ def phantom_arrays(
             for by in range(b0[i, 1], b1[i, 1] + 1):
                 for bx in range(b0[i, 2], b1[i, 2] + 1):
                     members.setdefault((bz, by, bx), []).append(i)
-    blur = model.blur_sigma > 0
     lab_blocks = np.empty(nb, dtype=object)
     grey_blocks = np.empty(nb, dtype=object)
     ids_l = ids.astype(ldt)
@@ -1242,18 +1258,10 @@ def phantom_arrays(
                 lab = render_l(Ps, ids_l[sel], origin, bshape, ldt)
                 lab_blocks[bz, by, bx] = da.from_delayed(lab, bshape, dtype=ldt)
                 grey = render_g(Ps, salts[sel], np.ascontiguousarray(normals[sel]), origin, bshape, halo, cfg,
-                                ss, ssz, shift, rim, None if blur else noise, flat)
-                gdt = np.float32 if blur else model.dtype
-                grey_blocks[bz, by, bx] = da.from_delayed(grey, bshape, dtype=gdt)
+                                ss, ssz, shift, rim, noise, flat, blur, shape3)
+                grey_blocks[bz, by, bx] = da.from_delayed(grey, bshape, dtype=model.dtype)
     labels = da.block(lab_blocks.tolist())
     grey = da.block(grey_blocks.tolist())
-    if blur:
-        r = model.blur_radius
-        sig = (0.0, model.blur_sigma, model.blur_sigma) if flat else model.blur_sigma
-        grey = grey.map_overlap(_blur_block, depth=(0 if flat else r, r, r), boundary="reflect",
-                                sigma=sig, truncate=model.blur_truncate, dtype=np.float32)
-        salt, sigma, lo_, hi_, dt = noise
-        grey = grey.map_blocks(_noise_block, salt, sigma, lo_, hi_, dt, dtype=dt)
     if flat:
         grey, labels = grey[0], labels[0]
     return grey, labels
@@ -1410,8 +1418,9 @@ def make_phantom(
     particles : pandas.DataFrame, optional
         Particle table of :func:`make_particles` to use instead of placing new particles.
     overwrite : bool
-        Replace existing outputs; otherwise existing outputs raise :class:`GrapesInputError`
-        before anything is computed.
+        Replace existing outputs (and remove the grey and label stores of a previous phantom
+        with another number of states); otherwise existing outputs raise
+        :class:`GrapesInputError` before anything is computed.
     progress : bool
         Show a progress bar per store.
     scheduler : optional
@@ -1480,6 +1489,13 @@ def make_phantom(
     truth_path = out_dir / "truth.csv"
     with atomic_output(truth_path, overwrite=overwrite) as tmp:
         truth.to_csv(tmp, index=False)
+    if overwrite:  # a previous phantom with another number of states leaves no stale stores
+        import shutil
+
+        for stale in ("grey", "labels"):
+            for path in [out_dir / f"{stale}.zarr", *out_dir.glob(f"{stale}_s*.zarr")]:
+                if path.name not in names and path.is_dir() and (path / "zarr.json").exists():
+                    shutil.rmtree(path)
     params_path = out_dir / "phantom.json"
     record = provenance(command="synthetic", parameters=params, seed=int(seed),
                         outputs={"grey": grey_names, "labels": label_names, "truth": "truth.csv"})

@@ -253,8 +253,8 @@ def test_uint8_and_uint16_levels():
 def test_blur_equals_gaussian_filter_of_whole_volume(truth):
     opts = dict(grey_dtype="float32", noise_sigma=0.0)
     sharp = compute(S.phantom_arrays(SHAPE, truth, chunks=16, seed=2, **opts)[0])[0]
-    for sigma in (0.8, 1.5):
-        blurred = compute(S.phantom_arrays(SHAPE, truth, chunks=16, seed=2, blur_sigma=sigma, **opts)[0])[0]
+    for sigma, chunks in ((0.8, 16), (1.5, (40, 5, 24))):  # radius 3 and 6 (> chunk side 5)
+        blurred = compute(S.phantom_arrays(SHAPE, truth, chunks=chunks, seed=2, blur_sigma=sigma, **opts)[0])[0]
         ref = ndimage.gaussian_filter(sharp, sigma, mode="reflect", truncate=4.0)
         assert np.array_equal(blurred, ref)
 
@@ -317,6 +317,10 @@ def test_two_dimensional_phantom():
     assert set(t.label) == set(np.unique(lab)[1:].tolist())
     assert {"y", "x", "a", "b", "angle"} <= set(t.columns) and "z" not in t
     assert 0.4 < (lab > 0).mean() < 0.7
+    opts = dict(mean_radius=8, seed=1, chunks=(32, 40), grey_dtype="float32", noise_sigma=0.0)
+    sharp = S.phantom_numpy((96, 128), **opts)[0]
+    blurred = S.phantom_numpy((96, 128), blur_sigma=1.2, **opts)[0]
+    assert np.array_equal(blurred, ndimage.gaussian_filter(sharp, 1.2, mode="reflect", truncate=4.0))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -351,8 +355,9 @@ def test_make_phantom_round_trip(tmp_path):
         S.make_phantom(out, shape=(32, 40, 48), n_states=2, seed=4, chunks=16, mean_radius=6)
     ph2 = S.make_phantom(out, shape=(32, 40, 48), n_states=2, seed=5, chunks=16, mean_radius=6, overwrite=True)
     assert json.loads(ph2.params_path.read_text())["seed"] == 5
-    one = S.make_phantom(tmp_path / "one", shape=(24, 24, 24), mean_radius=4, chunks=12)
+    one = S.make_phantom(out, shape=(24, 24, 24), mean_radius=4, chunks=12, overwrite=True)
     assert sorted(p.name for p in one.paths()) == ["grey.zarr", "labels.zarr", "phantom.json", "truth.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["grey.zarr", "labels.zarr", "phantom.json", "truth.csv"]
 
 
 @pytest.mark.parametrize("kwargs, match", [
