@@ -36,11 +36,16 @@ __all__ = ["squared_edt_core", "edt_core"]
 
 _TILE = 16
 _INF = np.inf
+_NOFF = np.int32(2**31 - 1)  # "no feature reachable"
 
 
 @njit(cache=True, nogil=True)
-def _first_pass_line(lab, out, n, s2, lo_border, hi_border):
-    """Squared distance along one line to the ends of each run of equal non-zero labels."""
+def _first_pass_line(lab, f, off, n, s, lo_border, hi_border):
+    """Along one line: offset to the nearest end of the voxel's run of equal non-zero labels.
+
+    Writes ``off[q]`` (signed voxel offset to the nearest voxel of another label, or
+    ``_NOFF`` when none is reachable) and ``f[q] = (s * off)^2``.
+    """
     i = 0
     while i < n:
         lv = lab[i]
@@ -49,27 +54,33 @@ def _first_pass_line(lab, out, n, s2, lo_border, hi_border):
             j += 1
         if lv == 0:
             for q in range(i, j):
-                out[q] = 0.0
+                f[q] = 0.0
+                off[q] = 0
         else:
             lb = i > 0 or lo_border
             rb = j < n or hi_border
             for q in range(i, j):
-                d = _INF
-                if lb:
-                    k = q - i + 1
-                    d = s2 * (k * k)
-                if rb:
-                    k = j - q
-                    d2 = s2 * (k * k)
-                    if d2 < d:
-                        d = d2
-                out[q] = d
+                kl = q - i + 1
+                kr = j - q
+                if lb and (not rb or kl <= kr):
+                    off[q] = -kl
+                    f[q] = (s * kl) * (s * kl)
+                elif rb:
+                    off[q] = kr
+                    f[q] = (s * kr) * (s * kr)
+                else:
+                    off[q] = _NOFF
+                    f[q] = _INF
         i = j
 
 
 @njit(cache=True, nogil=True)
-def _envelope_line(lab, f, out, n, s2, lo_border, hi_border, v, z, fv):
-    """Lower envelope of ``s2 (q - p)^2 + f[p]`` within each run of equal labels (in place ok)."""
+def _envelope_line(lab, f, arg, n, s2, lo_border, hi_border, v, z, fv):
+    """Lower envelope of ``s2 (q - p)^2 + f[p]`` within each run of equal labels.
+
+    Writes the minimising position ``arg[q]`` (``i - 1`` or ``j`` for the zero-height parabolas
+    just outside the run ``[i, j)``, ``-2`` on background, ``_NOFF`` when nothing is reachable).
+    """
     i = 0
     while i < n:
         lv = lab[i]
@@ -78,7 +89,7 @@ def _envelope_line(lab, f, out, n, s2, lo_border, hi_border, v, z, fv):
             j += 1
         if lv == 0:
             for q in range(i, j):
-                out[q] = 0.0
+                arg[q] = -2
             i = j
             continue
         lb = i > 0 or lo_border
@@ -108,21 +119,26 @@ def _envelope_line(lab, f, out, n, s2, lo_border, hi_border, v, z, fv):
             z[k] = -_INF if k == 0 else s
         if k < 0:
             for q in range(i, j):
-                out[q] = _INF
+                arg[q] = _NOFF
         else:
             z[k + 1] = _INF
             m = 0
             for q in range(i, j):
                 while z[m + 1] < q:
                     m += 1
-                d = q - v[m]
-                out[q] = s2 * (d * d) + fv[m]
+                arg[q] = v[m]
         i = j
 
 
 @njit(cache=True, nogil=True)
 def _sq_edt3(lab, c0, c1, sz, sy, sx, border):
-    """Squared EDT on the core ``lab[c0[0]:c1[0], c0[1]:c1[1], c0[2]:c1[2]]`` of a 3D region."""
+    """Squared EDT on the core ``lab[c0[0]:c1[0], c0[1]:c1[1], c0[2]:c1[2]]`` of a 3D region.
+
+    Besides the squared distance used for comparisons, every pass carries the voxel offsets
+    to the nearest feature found so far, and the final value is summed from them in axis
+    order, ``((s_z dz)^2 + (s_y dy)^2) + (s_x dx)^2``, exactly as scipy's
+    ``distance_transform_edt`` does, so that distances (and layer ties) agree bitwise.
+    """
     Z, Y, X = lab.shape
     cz, cy, cx = c1[0] - c0[0], c1[1] - c0[1], c1[2] - c0[2]
     n = max(Z, max(Y, X))
@@ -131,16 +147,22 @@ def _sq_edt3(lab, c0, c1, sz, sy, sx, border):
     fv = np.empty(n + 2)
     # pass 1 along x on every (z, y) row of the region, kept for the core's x columns
     f1 = np.empty((Z, Y, cx))
+    ox1 = np.empty((Z, Y, cx), np.int32)
     row = np.empty(X)
+    orow = np.empty(X, np.int32)
     for a in range(Z):
         for b in range(Y):
-            _first_pass_line(lab[a, b], row, X, sx * sx, border[4], border[5])
+            _first_pass_line(lab[a, b], row, orow, X, sx, border[4], border[5])
             for c in range(cx):
                 f1[a, b, c] = row[c0[2] + c]
+                ox1[a, b, c] = orow[c0[2] + c]
     # pass 2 along y for the core's x columns, kept for the core's y rows
     f2 = np.empty((Z, cy, cx))
+    oy2 = np.empty((Z, cy, cx), np.int32)
+    ox2 = np.empty((Z, cy, cx), np.int32)
     lt = np.empty((_TILE, Y), lab.dtype)
     ft = np.empty((_TILE, Y))
+    at = np.empty((_TILE, Y), np.int64)
     for a in range(Z):
         for t0 in range(0, cx, _TILE):
             w = min(_TILE, cx - t0)
@@ -149,14 +171,30 @@ def _sq_edt3(lab, c0, c1, sz, sy, sx, border):
                     lt[t, b] = lab[a, b, c0[2] + t0 + t]
                     ft[t, b] = f1[a, b, t0 + t]
             for t in range(w):
-                _envelope_line(lt[t], ft[t], ft[t], Y, sy * sy, border[2], border[3], v, zb, fv)
+                _envelope_line(lt[t], ft[t], at[t], Y, sy * sy, border[2], border[3], v, zb, fv)
             for b in range(cy):
+                q = c0[1] + b
                 for t in range(w):
-                    f2[a, b, t0 + t] = ft[t, c0[1] + b]
+                    p = at[t, q]
+                    if p == -2:
+                        dy, dx = 0, 0
+                    elif p == _NOFF:
+                        dy, dx = _NOFF, _NOFF
+                    elif p < 0 or p >= Y or lt[t, p] != lt[t, q]:
+                        dy, dx = p - q, 0
+                    else:
+                        dy, dx = p - q, ox1[a, p, t0 + t]
+                    oy2[a, b, t0 + t] = dy
+                    ox2[a, b, t0 + t] = dx
+                    if dy == _NOFF or dx == _NOFF:
+                        f2[a, b, t0 + t] = _INF
+                    else:
+                        f2[a, b, t0 + t] = (sy * dy) * (sy * dy) + (sx * dx) * (sx * dx)
     # pass 3 along z for the core's (y, x) columns
     out = np.empty((cz, cy, cx))
     lz = np.empty((_TILE, Z), lab.dtype)
     fz = np.empty((_TILE, Z))
+    az = np.empty((_TILE, Z), np.int64)
     for b in range(cy):
         for t0 in range(0, cx, _TILE):
             w = min(_TILE, cx - t0)
@@ -165,10 +203,26 @@ def _sq_edt3(lab, c0, c1, sz, sy, sx, border):
                     lz[t, a] = lab[a, c0[1] + b, c0[2] + t0 + t]
                     fz[t, a] = f2[a, b, t0 + t]
             for t in range(w):
-                _envelope_line(lz[t], fz[t], fz[t], Z, sz * sz, border[0], border[1], v, zb, fv)
+                _envelope_line(lz[t], fz[t], az[t], Z, sz * sz, border[0], border[1], v, zb, fv)
             for a in range(cz):
+                q = c0[0] + a
                 for t in range(w):
-                    out[a, b, t0 + t] = fz[t, c0[0] + a]
+                    p = az[t, q]
+                    if p == -2:
+                        out[a, b, t0 + t] = 0.0
+                        continue
+                    if p == _NOFF:
+                        out[a, b, t0 + t] = _INF
+                        continue
+                    dz = p - q
+                    if p < 0 or p >= Z or lz[t, p] != lz[t, q]:
+                        dy, dx = 0, 0
+                    else:
+                        dy, dx = oy2[p, b, t0 + t], ox2[p, b, t0 + t]
+                    if dy == _NOFF or dx == _NOFF:
+                        out[a, b, t0 + t] = _INF
+                    else:
+                        out[a, b, t0 + t] = ((sz * dz) * (sz * dz) + (sy * dy) * (sy * dy)) + (sx * dx) * (sx * dx)
     return out
 
 
