@@ -610,6 +610,12 @@ def make_truth(
     missing = [c for c in axes_names + ["label", "r_eq", "susceptibility"] if c not in particles]
     if missing:
         raise GrapesInputError(f"particles lacks columns {missing}: pass the table of make_particles")
+    c0 = particles[axes_names].to_numpy(float)
+    if len(c0) and (np.any(c0 < -0.5) or np.any(c0 >= np.array(shape) - 0.5)):
+        raise GrapesInputError(
+            f"particles: some centres lie outside a volume of shape {shape}: pass the shape the particles "
+            "were made for"
+        )
     pos = particles[axes_names[damage_axis]].to_numpy(float)
     side = shape[damage_axis]
     factor = 1.0 - damage_gradient * np.clip((pos + 0.5) / side, 0, 1)

@@ -392,3 +392,13 @@ def test_bad_parameters_raise(tmp_path, kwargs, match):
     with pytest.raises(GrapesInputError, match=match):
         S.make_phantom(tmp_path / "x", **kw)
     assert not (tmp_path / "x" / "truth.csv").exists()
+
+
+def test_particles_argument(tmp_path):
+    big = S.make_particles((48, 48, 48), mean_radius=5)
+    with pytest.raises(GrapesInputError, match="outside"):
+        S.make_phantom(tmp_path / "a", shape=(24, 24, 24), particles=big)
+    with pytest.raises(GrapesInputError, match="particles="):
+        S.make_phantom(tmp_path / "b", shape=(48, 48, 48), particles=big, mean_radius=4)
+    ph = S.make_phantom(tmp_path / "c", shape=(48, 48, 48), particles=big, chunks=24, damage=0.5)
+    assert np.array_equal(ph.truth["label"], big["label"])
