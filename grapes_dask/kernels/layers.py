@@ -60,13 +60,13 @@ LAYER_COLUMNS = {
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _layer(d, width):
-    k = np.int64(np.rint(np.float64(d) / width))
+def _layer(d, width, shift):
+    k = np.int64(np.rint(np.float64(d) / width)) + shift
     return k if k > 1 else np.int64(1)
 
 
 @njit(cache=True, nogil=True)
-def _layer_pass(lab, grey, dist, mask, use_mask, width, grey_float, keys, vals, kmax,
+def _layer_pass(lab, grey, dist, mask, use_mask, width, shift, grey_float, keys, vals, kmax,
                 first, offset, cnt, s_hi, s_acc, fsum, fseen):
     """One pass over the selected voxels.
 
@@ -87,7 +87,7 @@ def _layer_pass(lab, grey, dist, mask, use_mask, width, grey_float, keys, vals, 
                     last = v
                 if idx < 0:
                     continue
-                k = _layer(dist[z, y, x], width)
+                k = _layer(dist[z, y, x], width, shift)
                 if first:
                     kmax[idx] = max(kmax[idx], k)
                     continue
@@ -112,7 +112,7 @@ def _as3d(a):
     return a[None] if a.ndim == 2 else a
 
 
-def layer_sums(labels, grey, dist, *, layer_width=1.0, owned=None, only_labels=None):
+def layer_sums(labels, grey, dist, *, layer_width=1.0, owned=None, only_labels=None, from_center=False):
     """Per (label, layer) voxel count and exact grey sums over the owned voxels (pass 2).
 
     Parameters
@@ -132,6 +132,11 @@ def layer_sums(labels, grey, dist, *, layer_width=1.0, owned=None, only_labels=N
         inside a haloed region) or a boolean mask of the arrays' shape. Default: all.
     only_labels : array_like of int, optional
         Count only these labels (e.g. the labels a region owns). Default: all nonzero.
+    from_center : bool, optional
+        `dist` is the distance from the particle's centroid (``start_at="center"``): layer
+        ``k = 1 + rint(dist / layer_width)``, so layer 1 holds the voxels within half a layer
+        width of the centroid. Default: `dist` is the distance to the surface and
+        ``k = max(1, rint(dist / layer_width))``.
 
     Returns
     -------
@@ -170,7 +175,8 @@ def layer_sums(labels, grey, dist, *, layer_width=1.0, owned=None, only_labels=N
         return acc.empty_frame(dtypes)
     keys, vals = acc.index_table(uniq)
     kmax = np.zeros(uniq.size, dtype=np.int64)
-    args = (lab, grey, dist, mask, use_mask, width, kind == "float", keys, vals, kmax)
+    args = (lab, grey, dist, mask, use_mask, width, np.int64(1 if from_center else 0), kind == "float", keys,
+            vals, kmax)
     none = np.zeros(0, np.int64)
     _layer_pass(*args, True, none, none, none, np.zeros((0, 3), np.uint64),
                 np.zeros((0, 3)), np.zeros(0, bool))
