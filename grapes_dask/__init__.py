@@ -3,7 +3,8 @@
 Public API (see the README):
 
 - :func:`open_volume`, :func:`convert`, :func:`volume_info`, :func:`read_spacing` (``grapes_dask.io``)
-- :func:`make_phantom` (``grapes_dask.synthetic``)
+- :func:`analyze`, :func:`analyze_tables`, :func:`particle_table` (``grapes_dask.table``)
+- :func:`grapes_dask.synthetic.make_phantom` and friends
 """
 
 from importlib.metadata import PackageNotFoundError, version as _version
@@ -14,5 +15,18 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0+unknown"
 
 from ._errors import GrapesInputError  # noqa: E402
+from .io import convert, open_volume, read_spacing, volume_info  # noqa: E402
+from .table import ParticleTables, analyze, analyze_tables, particle_table  # noqa: E402
 
-__all__ = ["GrapesInputError", "__version__"]
+__all__ = [
+    "GrapesInputError",
+    "ParticleTables",
+    "__version__",
+    "analyze",
+    "analyze_tables",
+    "convert",
+    "open_volume",
+    "particle_table",
+    "read_spacing",
+    "volume_info",
+]

@@ -1,0 +1,186 @@
+"""Pass-2 plan: from pass-1 bounding boxes to regions (a core of whole chunks plus a halo).
+
+The EDT of a voxel never exceeds its particle's inscribed radius, and that radius is bounded
+by the particle's bounding box: along an axis ``a`` whose box ``[lo, hi)`` has voxels of other
+labels (or, with ``black_border``, the outside of the volume) just beyond both ends, every voxel
+is within ``s_a (hi - lo + 1) / 2`` of one of them. A region therefore needs a halo, on each
+axis ``b``, of ``ceil(r / s_b)`` voxels where ``r`` is the largest bound among the labels met by
+its core. The halo is per region: a single large particle widens only the regions it meets.
+
+Pure numpy; no dask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._errors import GrapesInputError
+
+__all__ = ["inscribed_bound", "Region", "plan_regions", "region_bytes"]
+
+
+def inscribed_bound(bbox_min, bbox_max, spacing, volume_shape, black_border=True):
+    """Upper bound of each label's largest EDT value (inscribed radius), length units.
+
+    Parameters
+    ----------
+    bbox_min, bbox_max : ndarray of int, shape (n_labels, ndim)
+        Bounding boxes, min inclusive and max exclusive (voxel indices).
+    spacing : sequence of float, length ndim
+        Voxel size per axis.
+    volume_shape : sequence of int
+        Shape of the volume (voxels).
+    black_border : bool
+        Whether the outside of the volume counts as not-in-label.
+
+    Returns
+    -------
+    ndarray of float64, shape (n_labels,)
+        ``inf`` for a label with no boundary reachable along any axis (it spans the volume and
+        the border is not black).
+    """
+    lo = np.asarray(bbox_min, np.int64)
+    hi = np.asarray(bbox_max, np.int64)
+    sp = np.asarray(spacing, float)
+    ext = (hi - lo).astype(float)
+    if black_border:
+        per_axis = sp * (ext + 1) / 2
+    else:
+        at_lo = lo == 0
+        at_hi = hi == np.asarray(volume_shape)
+        per_axis = np.where(at_lo & at_hi, np.inf, np.where(at_lo | at_hi, sp * ext, sp * (ext + 1) / 2))
+    return per_axis.min(axis=1) if len(lo) else np.zeros(0)
+
+
+@dataclass(frozen=True)
+class Region:
+    """One pass-2 task: a core of whole chunks and the halo around it.
+
+    Attributes
+    ----------
+    index : tuple of int
+        Position of the region in the grid of regions.
+    core : tuple of slice
+        Global voxel slices of the core (the voxels this region accounts for).
+    outer : tuple of slice
+        Global voxel slices of the core plus halo, clipped to the volume.
+    border : tuple of bool, length 2 * ndim
+        For each side (low, high per axis), whether it lies on the volume border.
+    """
+
+    index: tuple
+    core: tuple
+    outer: tuple
+    border: tuple
+
+    @property
+    def core_in_outer(self) -> tuple:
+        """The core as slices into the outer box."""
+        return tuple(slice(c.start - o.start, c.stop - o.start) for c, o in zip(self.core, self.outer))
+
+    @property
+    def outer_shape(self) -> tuple:
+        return tuple(s.stop - s.start for s in self.outer)
+
+    @property
+    def core_shape(self) -> tuple:
+        return tuple(s.stop - s.start for s in self.core)
+
+
+def region_bytes(outer_shape, core_shape, label_itemsize, grey_itemsize) -> int:
+    """Peak working memory of one pass-2 task in bytes (distance kernel buffers included)."""
+    o = np.asarray(outer_shape, np.int64)
+    c = np.asarray(core_shape, np.int64)
+    if len(o) == 2:
+        o, c = np.r_[1, o], np.r_[1, c]
+    n_outer = int(np.prod(o))
+    n_core = int(np.prod(c))
+    pass1 = int(o[0] * o[1] * c[2]) * 12  # float64 + int32 offsets
+    pass2 = int(o[0] * c[1] * c[2]) * 16
+    return n_outer * label_itemsize + pass1 + pass2 + n_core * (8 + 8 + grey_itemsize + label_itemsize)
+
+
+def _group(chunks_axis, k):
+    """Boundaries of groups of `k` consecutive chunks along one axis."""
+    edges = np.concatenate([[0], np.cumsum(chunks_axis)])
+    return edges[::k].tolist() + ([int(edges[-1])] if (len(edges) - 1) % k else [])
+
+
+def plan_regions(chunks, group, chunk_labels, labels, bounds, spacing, volume_shape, *, halo=True):
+    """Regions of pass 2 with their label-aware halos.
+
+    Parameters
+    ----------
+    chunks : tuple of tuple of int
+        The dask chunks of the label volume (pass 1's chunks).
+    group : tuple of int
+        Number of chunks per region along each axis.
+    chunk_labels : dict
+        Chunk grid index -> sorted uint64 array of the labels present in that chunk.
+    labels : ndarray of uint64, sorted
+        All labels of the table.
+    bounds : ndarray of float
+        :func:`inscribed_bound` of `labels` (length units); labels to skip carry 0.
+    spacing : sequence of float
+        Voxel size per axis.
+    volume_shape : tuple of int
+    halo : bool
+        False for ``start_at="center"`` (no distance transform, no halo).
+
+    Returns
+    -------
+    list of Region
+    """
+    nd = len(chunks)
+    edges = [np.concatenate([[0], np.cumsum(c)]) for c in chunks]
+    gedges = [_group(c, k) for c, k in zip(chunks, group)]
+    sp = np.asarray(spacing, float)
+    regions = []
+    for idx in np.ndindex(*[len(g) - 1 for g in gedges]):
+        core = tuple(slice(int(g[i]), int(g[i + 1])) for g, i in zip(gedges, idx))
+        h = np.zeros(nd, np.int64)
+        if halo:
+            # chunks inside this core
+            ranges = [range(int(np.searchsorted(e, s.start)), int(np.searchsorted(e, s.stop))) for e, s in zip(edges, core)]
+            r = 0.0
+            for cidx in np.ndindex(*[len(rg) for rg in ranges]):
+                key = tuple(rg[i] for rg, i in zip(ranges, cidx))
+                labs = chunk_labels.get(key)
+                if labs is None or len(labs) == 0:
+                    continue
+                pos = np.searchsorted(labels, labs)
+                r = max(r, float(bounds[pos].max()))
+            if np.isinf(r):
+                h = np.asarray(volume_shape, np.int64)
+            else:
+                h = np.ceil(r / sp - 1e-9).astype(np.int64)
+        outer = tuple(slice(max(0, s.start - int(hh)), min(n, s.stop + int(hh))) for s, hh, n in zip(core, h, volume_shape))
+        border = tuple(x for o, n in zip(outer, volume_shape) for x in (o.start == 0, o.stop == n))
+        regions.append(Region(tuple(idx), core, outer, border))
+    return regions
+
+
+def check_region_memory(regions, budget, label_itemsize, grey_itemsize, chunk_labels, chunks, labels, bounds):
+    """Raise :class:`GrapesInputError` naming the labels whose halo makes a region exceed `budget`."""
+    edges = [np.concatenate([[0], np.cumsum(c)]) for c in chunks]
+    for reg in regions:
+        need = region_bytes(reg.outer_shape, reg.core_shape, label_itemsize, grey_itemsize)
+        if need <= budget:
+            continue
+        ranges = [range(int(np.searchsorted(e, s.start)), int(np.searchsorted(e, s.stop))) for e, s in zip(edges, reg.core)]
+        found = []
+        for cidx in np.ndindex(*[len(rg) for rg in ranges]):
+            labs = chunk_labels.get(tuple(rg[i] for rg, i in zip(ranges, cidx)))
+            if labs is not None and len(labs):
+                found.append(labs)
+        labs = np.unique(np.concatenate(found)) if found else np.zeros(0, np.uint64)
+        b = bounds[np.searchsorted(labels, labs)]
+        worst = labs[np.argsort(-b)][:5]
+        raise GrapesInputError(
+            f"the region {reg.core} needs about {need / 2**30:.1f} GiB (budget {budget / 2**30:.1f} GiB) "
+            f"because of the large particle(s) {[int(x) for x in worst]} (inscribed-radius bound "
+            f"{float(b.max()):.4g}): if such a label is not a particle (binder, pore phase), skip it with "
+            f"exclude_labels=[{int(worst[0])}] (--exclude-labels), or raise memory_limit"
+        )
