@@ -27,6 +27,7 @@ sums ``(s d)^2`` per axis like scipy, so layer ties agree with the reference to 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -68,12 +69,16 @@ class ParticleTables:
         ``label_a < label_b, n_faces``: 6-connected faces between touching particles.
     parameters : dict
         Parameters and provenance (also in ``particles.attrs``).
+    timings : dict
+        Wall time in seconds of each stage: ``pass1`` (pass 1 and its reduction), ``plan``,
+        ``pass2`` (pass 2 and its reduction), ``finish`` (profiles and table).
     """
 
     particles: pd.DataFrame
     layers: pd.DataFrame
     contacts: pd.DataFrame
     parameters: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,8 +352,10 @@ def _run(grey, labels, *, spacing=None, chunks=None, layer_width=None, start_at=
     center = start_at == "center"
 
     # 2-3. pass 1 and its reduction
+    t0 = time.perf_counter()
     combined, infos, keys = _pass1(inp)
     combined, infos = _compute(combined, infos, client=client, progress=progress, desc="pass 1 (statistics)")
+    t1 = time.perf_counter()
     mins = [i["min_label"] for i in infos if "min_label" in i]
     if mins and min(mins) < 0:
         raise GrapesInputError(
@@ -391,15 +398,20 @@ def _run(grey, labels, *, spacing=None, chunks=None, layer_width=None, start_at=
             params["layer_width"], exclude, center, origin, centre_table,
         ))
     combined_layers = _tree_reduce(parts, kernels.combine_layers) if parts else _empty_layers_partial(inp.grey.dtype)
-    return inp, stats, contacts, combined_layers, params
+    timings = {"pass1": t1 - t0, "plan": time.perf_counter() - t1}
+    return inp, stats, contacts, combined_layers, params, timings
 
 
 def analyze_tables(grey, labels, **kwargs) -> ParticleTables:
     """Like :func:`analyze`, returning the particle, layers and contacts tables together."""
     client, progress = kwargs.get("client"), kwargs.get("progress", False)
-    inp, stats, contacts, combined_layers, params = _run(grey, labels, **kwargs)
+    inp, stats, contacts, combined_layers, params, timings = _run(grey, labels, **kwargs)
+    t0 = time.perf_counter()
     (combined_layers,) = _compute(combined_layers, client=client, progress=progress, desc="pass 2 (radial layers)")
-    return _finish(stats, combined_layers, contacts, params)
+    t1 = time.perf_counter()
+    res = _finish(stats, combined_layers, contacts, params)
+    res.timings = {**timings, "pass2": t1 - t0, "finish": time.perf_counter() - t1}
+    return res
 
 
 def analyze(
@@ -494,7 +506,7 @@ def particle_table(grey, labels, **kwargs):
     """
     import dask.dataframe as dd
 
-    inp, stats, contacts, combined_layers, params = _run(grey, labels, **kwargs)
+    inp, stats, contacts, combined_layers, params, _ = _run(grey, labels, **kwargs)
     final = dask.delayed(lambda cl: _finish(stats, cl, contacts, params).particles, pure=True)(combined_layers)
     meta = _finish(stats.iloc[:0], _empty_layers_partial(inp.grey.dtype), contacts.iloc[:0], params).particles
     return dd.from_delayed([final], meta=meta, verify_meta=False)
