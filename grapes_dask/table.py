@@ -93,6 +93,39 @@ class _Inputs:
     spacing: tuple
     params: dict
     names: dict
+    readers: dict = field(default_factory=dict)
+
+    def block(self, which: str, slices: tuple):
+        """What a task needs to read ``which[slices]``: ``(reader, slices)`` when the volume can be
+        read directly inside the task (Zarr, files, in-memory numpy), else a dask slice."""
+        rd = self.readers.get(which)
+        if rd is None:
+            return getattr(self, which)[slices], None
+        return rd, slices
+
+
+def _reader(src, arr):
+    """A picklable object the tasks read blocks from directly, or None (then dask slicing).
+
+    Direct reads avoid building each block from dask chunks (getitem + concatenate), which
+    cost several times the decompression itself.
+    """
+    import zarr
+
+    from .io import _LazySource, _resolve
+
+    if isinstance(src, np.ndarray):
+        return dask.delayed(src, pure=True) if src.shape == arr.shape else None
+    if isinstance(src, (str, os.PathLike, zarr.Array, zarr.Group)):
+        r = _resolve(src)
+        if isinstance(r.array, (zarr.Array, _LazySource)) and tuple(r.array.shape) == arr.shape:
+            return r.array
+    return None
+
+
+def _get(src, slices):
+    """Read a block inside a task (see :meth:`_Inputs.block`)."""
+    return np.asarray(src if slices is None else src[slices])
 
 
 def _name(src) -> str:
@@ -151,7 +184,8 @@ def _normalize_inputs(grey, labels, *, spacing, chunks, layer_width, start_at, b
         exclude_labels=[int(x) for x in excl], memory_limit=int(memory_limit), region_size=int(region_size),
         chunks=[int(c[0]) for c in lab.chunks],
     )
-    return _Inputs(g, lab, spacing, params, {"grey": gname, "labels": lname})
+    readers = {"grey": _reader(grey, g), "labels": _reader(labels, lab)}
+    return _Inputs(g, lab, spacing, params, {"grey": gname, "labels": lname}, readers)
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,7 +193,8 @@ def _normalize_inputs(grey, labels, *, spacing, chunks, layer_width, start_at, b
 # --------------------------------------------------------------------------------------------
 
 
-def _pass1_task(lab, grey, origin, core_shape, volume_shape, spacing):
+def _pass1_task(lab_src, lab_sl, grey_src, grey_sl, origin, core_shape, volume_shape, spacing):
+    lab, grey = _get(lab_src, lab_sl), _get(grey_src, grey_sl)
     part = kernels.chunk_stats(lab, grey, origin=origin, core_shape=core_shape, volume_shape=volume_shape,
                                spacing=spacing)
     core = tuple(slice(0, c) for c in core_shape)
@@ -203,7 +238,9 @@ def _centre_distance(lab, origin, spacing, sorted_labels, centroids):
     return d
 
 
-def _pass2_task(lab_outer, grey_core, core, border, spacing, width, exclude, center, origin, centre_table):
+def _pass2_task(lab_src, lab_sl, grey_src, grey_sl, core, border, spacing, width, exclude, center, origin,
+                centre_table):
+    lab_outer, grey_core = _get(lab_src, lab_sl), _get(grey_src, grey_sl)
     if len(exclude):
         lab_outer = np.where(np.isin(lab_outer, exclude), 0, lab_outer)
     lab_core = lab_outer[core]
@@ -329,7 +366,8 @@ def _pass1(inp: _Inputs):
         hi = [int(e[i + 1]) for e, i in zip(edges, idx)]
         ext = tuple(slice(a, min(b + 1, n)) for a, b, n in zip(lo, hi, shape))
         core = tuple(b - a for a, b in zip(lo, hi))
-        tasks.append(dask.delayed(_pass1_task, pure=True)(lab[ext], g[ext], tuple(lo), core, shape, inp.spacing))
+        tasks.append(dask.delayed(_pass1_task, pure=True)(*inp.block("labels", ext), *inp.block("grey", ext),
+                                                          tuple(lo), core, shape, inp.spacing))
         keys.append(idx)
     parts = [dask.delayed(_first, pure=True)(t) for t in tasks]
     infos = [dask.delayed(_second, pure=True)(t) for t in tasks]
@@ -394,7 +432,7 @@ def _run(grey, labels, *, spacing=None, chunks=None, layer_width=None, start_at=
     for reg in regions:
         origin = tuple(s.start for s in reg.core)
         parts.append(dask.delayed(_pass2_task, pure=True)(
-            inp.labels[reg.outer], inp.grey[reg.core], reg.core_in_outer, reg.border, inp.spacing,
+            *inp.block("labels", reg.outer), *inp.block("grey", reg.core), reg.core_in_outer, reg.border, inp.spacing,
             params["layer_width"], exclude, center, origin, centre_table,
         ))
     combined_layers = _tree_reduce(parts, kernels.combine_layers) if parts else _empty_layers_partial(inp.grey.dtype)
