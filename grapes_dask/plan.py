@@ -99,7 +99,9 @@ def region_bytes(outer_shape, core_shape, label_itemsize, grey_itemsize) -> int:
     n_core = int(np.prod(c))
     pass1 = int(o[0] * o[1] * c[2]) * 12  # float64 + int32 offsets
     pass2 = int(o[0] * c[1] * c[2]) * 16
-    return n_outer * label_itemsize + pass1 + pass2 + n_core * (8 + 8 + grey_itemsize + label_itemsize)
+    separable = pass1 + pass2
+    edt_lib = n_outer * (4 + label_itemsize)  # float32 output and a padded copy (isotropic route)
+    return n_outer * label_itemsize + max(separable, edt_lib) + n_core * (8 + 8 + 8 + grey_itemsize + label_itemsize)
 
 
 def _group(chunks_axis, k):

@@ -38,7 +38,7 @@ import pandas as pd
 from . import kernels
 from ._errors import GrapesInputError
 from .io import open_volume, provenance, read_spacing
-from .kernels.distance import squared_edt_core
+from .kernels.distance import distance_core
 from .plan import check_region_memory, inscribed_bound, plan_regions
 
 __all__ = ["particle_table", "analyze", "analyze_tables", "ParticleTables", "PROFILE_COLUMNS"]
@@ -251,7 +251,7 @@ def _pass2_task(lab_src, lab_sl, grey_src, grey_sl, core, border, spacing, width
         else:
             d = _centre_distance(lab_core, origin, spacing, sorted_labels, centroids)
     else:
-        d = np.sqrt(squared_edt_core(lab_outer, core=core, spacing=spacing, border=border))
+        d = distance_core(lab_outer, core=core, spacing=spacing, border=border)
     return kernels.layer_sums(lab_core, grey_core, d, layer_width=width, from_center=center)
 
 
@@ -431,8 +431,10 @@ def _run(grey, labels, *, spacing=None, chunks=None, layer_width=None, start_at=
     parts = []
     for reg in regions:
         origin = tuple(s.start for s in reg.core)
+        # a side on the volume border is a boundary of the EDT only with black_border
+        border = tuple(b and bool(black_border) for b in reg.border)
         parts.append(dask.delayed(_pass2_task, pure=True)(
-            *inp.block("labels", reg.outer), *inp.block("grey", reg.core), reg.core_in_outer, reg.border, inp.spacing,
+            *inp.block("labels", reg.outer), *inp.block("grey", reg.core), reg.core_in_outer, border, inp.spacing,
             params["layer_width"], exclude, center, origin, centre_table,
         ))
     combined_layers = _tree_reduce(parts, kernels.combine_layers) if parts else _empty_layers_partial(inp.grey.dtype)

@@ -272,3 +272,50 @@ def squared_edt_core(labels, core=None, spacing=None, border=True):
 def edt_core(labels, core=None, spacing=None, border=True):
     """Exact multi-label EDT on the core of a region (square root of :func:`squared_edt_core`)."""
     return np.sqrt(squared_edt_core(labels, core, spacing, border))
+
+
+_EDT_EXACT_MAX = 4_000_000  # float32(sqrt(k))**2 rounds back to k below this (d < 2000 voxels)
+
+
+def distance_core(labels, core=None, spacing=None, border=True):
+    """Exact multi-label EDT on the core of a region, by the fastest exact route.
+
+    With isotropic spacing ``s`` the distance is ``s * sqrt(k)`` for an integer ``k``; the
+    ``edt`` library (float32, multi-label, much faster per voxel) gives ``sqrt(k)`` to float32
+    precision, from which ``k = rint(d32**2)`` is recovered exactly (while ``k`` < 4e6, i.e.
+    distances under 2000 voxels) and ``s * sqrt(k)`` is evaluated in float64, which is what
+    scipy's ``distance_transform_edt`` computes for unit spacing. The price is that ``edt``
+    works on the whole region, halo included. With anisotropic spacing the float32 values
+    cannot be made exact, and :func:`squared_edt_core` (float64, offsets summed like scipy)
+    is used.
+
+    Parameters are those of :func:`squared_edt_core`.
+
+    Returns
+    -------
+    ndarray of float64, shape of the core
+        Distance in spacing units (0 on background, ``inf`` where no boundary is reachable).
+    """
+    lab = np.asarray(labels)
+    nd = lab.ndim
+    sp = (1.0,) * nd if spacing is None else tuple(float(s) for s in spacing)
+    if core is None:
+        core = tuple(slice(0, n) for n in lab.shape)
+    if len(set(sp)) != 1:
+        return np.sqrt(squared_edt_core(lab, core, sp, border))
+    import edt
+
+    b = [bool(border)] * (2 * nd) if np.isscalar(border) else [bool(x) for x in border]
+    # black sides: a ring of background on those sides, then no implicit border anywhere
+    pad = [(int(b[2 * a]), int(b[2 * a + 1])) for a in range(nd)]
+    if any(p != (0, 0) for ps in pad for p in ps):
+        lab = np.pad(lab, pad)
+    core = tuple(slice(s.indices(n)[0] + p[0], s.indices(n)[1] + p[0]) for s, n, p in zip(core, labels.shape, pad))
+    if lab.dtype == np.bool_:
+        lab = lab.view(np.uint8)
+    d32 = edt.edt(np.ascontiguousarray(lab), black_border=False, parallel=1)[core]
+    k = np.rint(np.square(d32, dtype=np.float64))
+    finite = np.isfinite(k)
+    if finite.any() and k[finite].max() >= _EDT_EXACT_MAX:
+        return np.sqrt(squared_edt_core(labels, tuple(slice(s.start - p[0], s.stop - p[0]) for s, p in zip(core, pad)), sp, border))
+    return np.sqrt(k) * sp[0]
