@@ -35,7 +35,7 @@ def tiff(tmp_path, volume):
 def test_help_lists_commands():
     r = run("--help")
     assert r.returncode == 0
-    for cmd in ("convert", "info", "synth"):
+    for cmd in ("convert", "info", "synth", "analyze", "demo"):
         assert cmd in r.stdout
 
 
@@ -113,3 +113,43 @@ def test_verbose_shows_traceback(tmp_path):
     r = run("--verbose", "info", "missing.zarr", cwd=tmp_path)
     assert r.returncode == 2
     assert "Traceback" in r.stderr and "error: input 'missing.zarr' does not exist" in r.stderr
+
+
+def test_demo_writes_tables_and_figure(tmp_path):
+    r = run("demo", "--out", tmp_path / "d", "--size", "64", "--workers", "1", "--quiet")
+    assert r.returncode == 0, r.stderr
+    for name in ("particles_s0.parquet", "particles_s1.parquet", "radial_profiles.png"):
+        assert (tmp_path / "d" / name).stat().st_size > 0
+    assert "particles" in r.stdout and "dashboard" in r.stdout
+    import pandas as pd
+
+    t0 = pd.read_parquet(tmp_path / "d" / "particles_s0.parquet")
+    t1 = pd.read_parquet(tmp_path / "d" / "particles_s1.parquet")
+    assert len(t0) == len(t1) > 0
+    assert (t0["label"].to_numpy() == t1["label"].to_numpy()).all()
+    # a second run without --overwrite refuses and keeps the first outputs
+    r = run("demo", "--out", tmp_path / "d", "--size", "64", "--workers", "1", "--quiet")
+    assert r.returncode == 2 and "already exists" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_analyze_command(tmp_path):
+    from grapes_dask import synthetic
+
+    ph = synthetic.make_phantom(tmp_path / "ph", shape=(40, 44, 36), seed=2, mean_radius=6.0, chunks=16)
+    out = tmp_path / "t.csv"
+    r = run("analyze", ph.grey[0], ph.labels[0], "--out", out, "--workers", "1", "--quiet",
+            "--exclude-outer-layers", "1", "--spacing", "1", "0.5", "0.5")
+    assert r.returncode == 0, r.stderr
+    assert "particles" in r.stdout and "Mvoxels/s" in r.stdout
+    import pandas as pd
+
+    labels = zarr.open(str(ph.labels[0]), mode="r")[...]
+    t = pd.read_csv(out)
+    assert sorted(t["label"]) == sorted(int(v) for v in np.unique(labels) if v)
+    r = run("analyze", ph.grey[0], ph.labels[0], "--out", out, "--workers", "1", "--quiet")
+    assert r.returncode == 2 and "already exists" in r.stderr
+    np.save(tmp_path / "small.npy", np.zeros((4, 4, 4), np.uint8))
+    r = run("analyze", tmp_path / "small.npy", ph.labels[0], "--out", tmp_path / "x.parquet", "--quiet")
+    assert r.returncode == 2 and "same shape" in r.stderr and "Traceback" not in r.stderr
+    r = run("analyze", ph.grey[0], ph.labels[0], "--out", tmp_path / "x.txt", "--quiet")
+    assert r.returncode == 2 and ".parquet, .csv or .xlsx" in r.stderr
