@@ -1,0 +1,975 @@
+"""Particle-table files, per-particle property images and single-particle views.
+
+Three jobs on the results of :func:`grapes_dask.analyze`:
+
+- :func:`write_table` / :func:`read_table`: the particle table as Parquet, CSV or Excel,
+  written atomically (temporary name, then rename);
+- :func:`prop_to_image`: paint one number per particle into a volume, label by label
+  (GRAPES' ``prop_2_image``), block by block, never the whole volume in memory;
+- :func:`particle`: one particle's crops (mask, grey, radial layer map), read by its bounding
+  box on demand.
+
+File formats
+------------
+
+``.parquet``
+    One file. List columns (the ``radial_layers*`` profiles) are Parquet ``list<item>`` columns
+    of their element type; NaN inside a list is stored as a floating-point NaN (not as a null),
+    a missing list as a null. Scalar dtypes (``label`` as ``uint64``) are Parquet's own. The
+    schema metadata holds ``grapes_dask``: the JSON of ``table.attrs["grapes_dask"]`` (analysis
+    parameters and input provenance), readable by any Parquet tool; other ``attrs`` keys, if
+    any, go to ``grapes_dask.attrs``. :func:`read_table` restores ``attrs`` and gives the list
+    cells back as numpy arrays.
+``.csv``
+    Comma-separated, one header row, no index column (unless the index is not the default
+    ``0..n-1``: then its levels come first and are restored). A list cell is a JSON array,
+    e.g. ``"[163.1, 153.2, NaN]"``; non-finite numbers are written ``NaN``, ``Infinity`` and
+    ``-Infinity`` as Python's :mod:`json` (and JSON5) read them; a missing list is an empty
+    cell. Floats are written with the shortest text that reads back to the same double.
+    The metadata goes to a sidecar ``<path>.json`` (e.g. ``particles.csv.json``): the
+    dtype of every column (``"uint64"``, ``"list[float64]"``, ...), the index columns and
+    ``attrs``. A sidecar rather than a comment header keeps the CSV readable by any program
+    (spreadsheets, R, ``pandas.read_csv`` without options). :func:`read_table` uses the sidecar
+    to restore dtypes, list columns and ``attrs``; without it the dtypes are guessed.
+``.xlsx``
+    An export for people (openpyxl), not read back by :func:`read_table`. Sheet ``particles``:
+    the table, list cells as the same JSON text as in CSV, NaN as an empty cell, infinities as
+    the text ``inf``/``-inf``; an integer column holding a value of 10**15 or more (Excel keeps
+    15 significant digits) is written as text in full. Sheet ``parameters``: one row per
+    entry of ``attrs["grapes_dask"]`` (lists as JSON text). Sheet ``columns``: each column's
+    dtype. Excel limits: 1,048,575 rows and 32,767 characters per cell; a table over them
+    raises :class:`GrapesInputError` (use Parquet or CSV).
+
+Every writer checks the destination before any work and writes to a temporary name in the
+same folder (:func:`grapes_dask.io.atomic_output`); a failure removes it and leaves an existing
+file untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import numbers
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numpy as np
+import pandas as pd
+
+from ._errors import GrapesInputError
+from .io import _check_can_write, atomic_output, open_volume, provenance, volume_info, write_zarr
+
+__all__ = ["write_table", "read_table", "prop_to_image", "particle", "Particle", "TABLE_FORMATS"]
+
+#: Table file suffixes :func:`write_table` writes.
+TABLE_FORMATS = (".parquet", ".csv", ".xlsx")
+_READ_FORMATS = (".parquet", ".csv")
+_META_KEY = b"grapes_dask"
+_ATTRS_KEY = b"grapes_dask.attrs"
+_CSV_FORMAT = "grapes_dask.csv/1"
+_XLSX_MAX_ROWS = 1_048_575  # one header row
+_XLSX_MAX_CELL = 32_767
+_XLSX_MAX_EXACT_INT = 10**15
+
+
+# --------------------------------------------------------------------------------------------
+# helpers shared by the writers
+# --------------------------------------------------------------------------------------------
+
+
+def _suffix(path: Path, allowed: tuple, what: str) -> str:
+    suffix = path.suffix.lower()
+    if suffix not in allowed:
+        raise GrapesInputError(
+            f"cannot {what} {str(path)!r}: unsupported suffix {suffix or '(none)'!r}; "
+            f"supported are {', '.join(allowed)}"
+        )
+    return suffix
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def _to_json(obj, what: str, **kwargs) -> str:
+    try:
+        return json.dumps(obj, default=_json_default, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise GrapesInputError(
+            f"{what} cannot be stored as JSON ({exc}): keep numbers, text, lists and dicts in table.attrs"
+        ) from exc
+
+
+def _as_pandas(table) -> pd.DataFrame:
+    """A pandas frame from a pandas or dask DataFrame (computed once), attrs kept."""
+    if isinstance(table, pd.DataFrame):
+        return table
+    try:
+        import dask.dataframe as dd
+    except ImportError:  # pragma: no cover - dask[dataframe] is a dependency
+        dd = None
+    if dd is not None and isinstance(table, dd.DataFrame):
+        meta_attrs = dict(getattr(table._meta, "attrs", {}) or {})
+        df = table.compute()
+        if not df.attrs and meta_attrs:
+            df.attrs.update(meta_attrs)
+        return df
+    raise GrapesInputError(
+        f"expected a particle table (pandas or dask DataFrame), got {type(table).__name__}"
+    )
+
+
+def _is_missing(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA
+
+
+def _list_columns(df: pd.DataFrame) -> dict[str, tuple[np.dtype, bool]]:
+    """Object columns whose non-missing cells are all sequences: ``{name: (dtype, uniform)}``.
+
+    ``dtype`` is the common element dtype; ``uniform`` says every non-missing cell is already
+    an ndarray of that dtype and no missing cell is a float NaN (no normalisation needed).
+    """
+    out = {}
+    for name in df.columns:
+        col = df[name]
+        if col.dtype != object:
+            continue
+        dt, uniform, seen = None, True, False
+        for v in col.to_numpy():
+            if _is_missing(v):
+                uniform = uniform and v is None
+                continue
+            if isinstance(v, np.ndarray):
+                vdt = v.dtype
+            elif isinstance(v, (list, tuple)):
+                uniform = False
+                if len(v) == 0:
+                    seen = True
+                    continue
+                vdt = np.asarray(v).dtype
+            else:
+                seen = False
+                break
+            seen = True
+            if dt is None:
+                dt = vdt
+            elif vdt != dt:
+                dt, uniform = np.result_type(dt, vdt), False
+        if seen:
+            out[name] = (np.dtype(np.float64) if dt is None else np.dtype(dt), uniform)
+    return out
+
+
+def _normalised_cells(col: pd.Series, dtype: np.dtype) -> np.ndarray:
+    cells = np.empty(len(col), dtype=object)
+    for i, v in enumerate(col.to_numpy()):
+        cells[i] = None if _is_missing(v) else np.asarray(v, dtype=dtype)
+    return cells
+
+
+def _default_index(df: pd.DataFrame) -> bool:
+    idx = df.index
+    return isinstance(idx, pd.RangeIndex) and idx.name is None and idx.start == 0 and idx.step == 1
+
+
+# --------------------------------------------------------------------------------------------
+# write_table
+# --------------------------------------------------------------------------------------------
+
+
+def write_table(table, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write a particle table to Parquet, CSV or Excel, atomically.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame or dask.dataframe.DataFrame
+        One row per particle, e.g. from :func:`grapes_dask.analyze`; list columns hold one 1D
+        numpy array (or list) per row. A dask DataFrame is computed once (a particle table is
+        small next to the volumes: about 1 kB per particle). Build dask frames that hold list
+        columns with ``dask.config.set({"dataframe.convert-string": False})``, otherwise
+        ``dask.dataframe.from_pandas`` turns the arrays into text.
+    path : path
+        Destination; the format follows the suffix: ``.parquet``, ``.csv`` (plus the sidecar
+        ``<path>.json``) or ``.xlsx``. See the module documentation for the layout of each.
+    overwrite : bool
+        Replace an existing file (and CSV sidecar). Otherwise an existing destination raises
+        :class:`GrapesInputError` before anything is computed or written.
+
+    Returns
+    -------
+    pathlib.Path
+        `path`.
+
+    Raises
+    ------
+    GrapesInputError
+        Unsupported suffix (the message lists the supported ones), existing destination
+        without `overwrite`, missing folder, attrs that are not JSON-serialisable, a table over
+        Excel's limits.
+    """
+    path = Path(path)
+    suffix = _suffix(path, TABLE_FORMATS, "write a table to")
+    _check_can_write(path, overwrite)
+    if suffix == ".csv":
+        _check_can_write(_sidecar(path), overwrite)
+    df = _as_pandas(table)
+    if suffix == ".parquet":
+        _write_parquet(df, path, overwrite)
+    elif suffix == ".csv":
+        _write_csv(df, path, overwrite)
+    else:
+        _write_xlsx(df, path, overwrite)
+    return path
+
+
+def _parquet_metadata(attrs: dict) -> dict[bytes, bytes]:
+    meta = {}
+    params = attrs.get("grapes_dask")
+    if params is not None:
+        meta[_META_KEY] = _to_json(params, 'table.attrs["grapes_dask"]').encode()
+    other = {k: v for k, v in attrs.items() if k != "grapes_dask"}
+    if other:
+        meta[_ATTRS_KEY] = _to_json(other, "table.attrs").encode()
+    return meta
+
+
+def _arrow_table(df: pd.DataFrame):
+    import pyarrow as pa
+
+    metadata = _parquet_metadata(df.attrs)
+    lists = _list_columns(df)
+    prepared = df.copy(deep=False)
+    prepared.attrs = {}  # stored under our own keys, not in pandas' metadata
+    for name, (dt, uniform) in lists.items():
+        if not uniform:
+            prepared[name] = _normalised_cells(df[name], dt)
+    try:
+        tbl = pa.Table.from_pandas(prepared, preserve_index=None)
+    except (pa.ArrowException, TypeError, ValueError) as exc:
+        raise GrapesInputError(f"the table cannot be converted to Parquet ({exc}): check its column types") from exc
+    # pandas' conversion turns NaN inside lists into nulls; store them as NaN
+    for name, (dt, _) in lists.items():
+        i = tbl.schema.get_field_index(str(name))
+        arr = pa.array(prepared[name].to_numpy(), type=pa.list_(pa.from_numpy_dtype(dt)), from_pandas=False)
+        tbl = tbl.set_column(i, tbl.schema.field(i).with_type(arr.type), arr)
+    meta = dict(tbl.schema.metadata or {})
+    meta.update(metadata)
+    return tbl.replace_schema_metadata(meta)
+
+
+def _write_parquet(df: pd.DataFrame, path: Path, overwrite: bool) -> None:
+    import pyarrow.parquet as pq
+
+    tbl = _arrow_table(df)
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        pq.write_table(tbl, tmp)
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def _json_cell(v) -> str | None:
+    if _is_missing(v):
+        return None
+    return json.dumps(np.asarray(v).tolist())
+
+
+def _text_frame(df: pd.DataFrame) -> tuple[pd.DataFrame, dict, list, list]:
+    """Frame with list cells as JSON text; column dtype names; index columns and names."""
+    index_cols, index_names = [], []
+    if not _default_index(df):
+        index_names = list(df.index.names)
+        index_cols = [n if n is not None else ("index" if len(index_names) == 1 else f"level_{i}")
+                      for i, n in enumerate(index_names)]
+        df = df.reset_index()
+        df.columns = index_cols + list(df.columns[len(index_cols):])
+    lists = _list_columns(df)
+    out = df.copy(deep=False)
+    dtypes = {}
+    for name in df.columns:
+        if name in lists:
+            out[name] = pd.Series([_json_cell(v) for v in df[name].to_numpy()], index=df.index, dtype=object)
+            dtypes[str(name)] = f"list[{lists[name][0]}]"
+        else:
+            dtypes[str(name)] = str(df[name].dtype)
+    return out, dtypes, index_cols, index_names
+
+
+def _write_csv(df: pd.DataFrame, path: Path, overwrite: bool) -> None:
+    text, dtypes, index_cols, index_names = _text_frame(df)
+    side = {
+        "format": _CSV_FORMAT,
+        "table": path.name,
+        "list_encoding": "json",
+        "columns": dtypes,
+        "index_columns": index_cols,
+        "index_names": index_names,
+        "attrs": df.attrs,
+    }
+    side_text = _to_json(side, "table.attrs", indent=1)
+    # the sidecar is renamed first, so that a complete CSV never lacks its metadata
+    with atomic_output(path, overwrite=overwrite) as tmp_csv:
+        with atomic_output(_sidecar(path), overwrite=overwrite) as tmp_json:
+            text.to_csv(tmp_csv, index=False)
+            tmp_json.write_text(side_text + "\n")
+
+
+def _xlsx_values(df: pd.DataFrame, lists: dict) -> list:
+    """Per column, a function turning a cell into what openpyxl writes."""
+    def number(v):
+        if _is_missing(v):
+            return None
+        f = float(v)
+        if math.isnan(f):
+            return None
+        if math.isinf(f):
+            return "inf" if f > 0 else "-inf"
+        return f
+
+    def integer_as_text(v):
+        return None if _is_missing(v) else str(int(v))
+
+    def integer(v):
+        return None if _is_missing(v) else int(v)
+
+    def boolean(v):
+        return None if _is_missing(v) else bool(v)
+
+    def other(v):
+        if _is_missing(v):
+            return None
+        if isinstance(v, (str, numbers.Number)):
+            return v.item() if isinstance(v, np.generic) else v
+        return str(v)
+
+    convs = []
+    for name in df.columns:
+        col = df[name]
+        if name in lists:
+            convs.append(_json_cell)
+        elif pd.api.types.is_bool_dtype(col.dtype):
+            convs.append(boolean)
+        elif pd.api.types.is_integer_dtype(col.dtype):
+            vals = col.dropna().to_numpy()
+            big = len(vals) and (int(vals.max()) >= _XLSX_MAX_EXACT_INT or int(vals.min()) <= -_XLSX_MAX_EXACT_INT)
+            convs.append(integer_as_text if big else integer)
+        elif pd.api.types.is_float_dtype(col.dtype):
+            convs.append(number)
+        else:
+            convs.append(other)
+    return convs
+
+
+def _write_xlsx(df: pd.DataFrame, path: Path, overwrite: bool) -> None:
+    from openpyxl import Workbook
+
+    if not _default_index(df):
+        df = df.reset_index()
+    if len(df) > _XLSX_MAX_ROWS:
+        raise GrapesInputError(
+            f"the table has {len(df)} rows but an Excel sheet holds at most {_XLSX_MAX_ROWS}: "
+            "write .parquet or .csv instead"
+        )
+    lists = _list_columns(df)
+    convs = _xlsx_values(df, lists)
+    names = [str(c) for c in df.columns]
+    params = df.attrs.get("grapes_dask", {}) or {}
+    columns = [df[c].to_numpy() for c in df.columns]
+    for name, conv, col in zip(names, convs, columns):  # Excel's cell limit, checked before writing
+        if col.dtype == object:
+            for i, v in enumerate(col):
+                text = conv(v)
+                if isinstance(text, str) and len(text) > _XLSX_MAX_CELL:
+                    raise GrapesInputError(
+                        f"column {name!r} of row {i} needs {len(text)} characters, over Excel's "
+                        f"{_XLSX_MAX_CELL} per cell: write .parquet or .csv instead"
+                    )
+    param_rows = []
+    for k, v in params.items():
+        if not (v is None or isinstance(v, (str, bool, int, float))):
+            v = _to_json(v, f'table.attrs["grapes_dask"][{k!r}]')
+        elif isinstance(v, float) and not math.isfinite(v):
+            v = str(v)
+        param_rows.append([str(k), v])
+    param_rows += [[str(k), _to_json(v, f"table.attrs[{k!r}]")] for k, v in df.attrs.items() if k != "grapes_dask"]
+    column_rows = [[str(c), f"list[{lists[c][0]}]" if c in lists else str(df[c].dtype)] for c in df.columns]
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        wb = Workbook(write_only=True)
+        try:
+            ws = wb.create_sheet("particles")
+            ws.append(names)
+            for i in range(len(df)):
+                ws.append([conv(col[i]) for conv, col in zip(convs, columns)])
+            for title, header, rows in (("parameters", ["parameter", "value"], param_rows),
+                                        ("columns", ["column", "dtype"], column_rows)):
+                sheet = wb.create_sheet(title)
+                for r in [header] + rows:
+                    sheet.append(r)
+            wb.save(tmp)
+        except BaseException:
+            _discard_workbook(wb)
+            raise
+
+
+def _discard_workbook(wb) -> None:
+    """Close an unsaved write-only workbook's sheet streams and remove their temporary files."""
+    for sheet in wb.worksheets:
+        with contextlib.suppress(Exception):
+            sheet.close()
+        with contextlib.suppress(Exception):
+            sheet._writer.cleanup()
+
+
+# --------------------------------------------------------------------------------------------
+# read_table
+# --------------------------------------------------------------------------------------------
+
+
+def read_table(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a particle table written by :func:`write_table` (Parquet or CSV).
+
+    Parameters
+    ----------
+    path : path
+        A ``.parquet`` file (or folder of Parquet files) or a ``.csv`` file; for CSV the
+        sidecar ``<path>.json`` restores dtypes, list columns and attrs. A CSV without a
+        sidecar is read with guessed dtypes: cells that are all JSON arrays become list
+        columns, a ``label`` column of non-negative integers becomes uint64.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The table, list cells as 1D numpy arrays of their element dtype (None where missing),
+        ``attrs`` as written.
+
+    Raises
+    ------
+    GrapesInputError
+        Missing file, unsupported suffix (``.xlsx`` is an export only), unreadable file.
+    """
+    path = Path(path)
+    suffix = _suffix(path, _READ_FORMATS, "read a table from")
+    if not path.exists():
+        raise GrapesInputError(f"table {str(path)!r} does not exist: check the path")
+    if suffix == ".parquet":
+        return _read_parquet(path)
+    return _read_csv(path)
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        tbl = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise GrapesInputError(f"cannot read {str(path)!r} as Parquet ({exc})") from exc
+    df = tbl.to_pandas()
+    meta = tbl.schema.metadata or {}
+    attrs = {}
+    if _ATTRS_KEY in meta:
+        attrs.update(json.loads(meta[_ATTRS_KEY]))
+    if _META_KEY in meta:
+        attrs["grapes_dask"] = json.loads(meta[_META_KEY])
+    df.attrs = attrs
+    return df
+
+
+def _parse_list(text, dtype) -> np.ndarray | None:
+    if _is_missing(text):
+        return None
+    return np.asarray(json.loads(text), dtype=dtype)
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    side_path = _sidecar(path)
+    if not side_path.exists():
+        return _read_csv_guessing(path)
+    try:
+        side = json.loads(side_path.read_text())
+        columns = side["columns"]
+    except (ValueError, KeyError) as exc:
+        raise GrapesInputError(f"sidecar {str(side_path)!r} is not a grapes_dask CSV sidecar ({exc})") from exc
+    scalar, lists, later = {}, {}, {}
+    for name, dt in columns.items():
+        if dt.startswith("list[") and dt.endswith("]"):
+            lists[name] = np.dtype(dt[5:-1])
+            continue
+        try:
+            kind = pd.api.types.pandas_dtype(dt).kind
+        except TypeError:
+            kind = "O"
+        if kind in "biuf":  # numpy and nullable numbers, parsed by read_csv itself
+            scalar[name] = dt
+        else:  # text, dates, categories...: read as text, converted after
+            scalar[name] = object
+            later[name] = dt
+    try:
+        df = pd.read_csv(path, dtype={**scalar, **{n: object for n in lists}},
+                         keep_default_na=False, na_values=[""])
+    except (ValueError, OSError) as exc:
+        raise GrapesInputError(f"cannot read {str(path)!r} as CSV with its sidecar ({exc})") from exc
+    for name, dt in lists.items():
+        df[name] = pd.Series([_parse_list(v, dt) for v in df[name].to_numpy()], index=df.index, dtype=object)
+    for name, dt in later.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                df[name] = df[name].astype(dt)
+            except (TypeError, ValueError):
+                pass  # kept as text
+    index_cols = side.get("index_columns") or []
+    if index_cols:
+        df = df.set_index(index_cols)
+        df.index.names = side.get("index_names") or df.index.names
+    df.attrs = side.get("attrs") or {}
+    return df
+
+
+def _read_csv_guessing(path: Path) -> pd.DataFrame:
+    try:
+        df = pd.read_csv(path)
+    except (ValueError, OSError) as exc:
+        raise GrapesInputError(f"cannot read {str(path)!r} as CSV ({exc})") from exc
+    for name in df.columns:
+        col = df[name]
+        if col.dtype.kind in "biuf" or col.isna().all():
+            continue
+        vals = col.dropna().astype(str)
+        if vals.str.startswith("[").all() and vals.str.endswith("]").all():
+            try:
+                df[name] = pd.Series([_parse_list(v, None) for v in col.to_numpy()], index=df.index, dtype=object)
+            except ValueError:
+                pass
+    if "label" in df.columns and df["label"].dtype.kind == "i" and (df["label"] >= 0).all():
+        df["label"] = df["label"].astype(np.uint64)
+    return df
+
+
+# --------------------------------------------------------------------------------------------
+# label lookup
+# --------------------------------------------------------------------------------------------
+
+
+def _table_frame(table, columns=None) -> pd.DataFrame:
+    if isinstance(table, (str, os.PathLike)):
+        return read_table(table)
+    if not isinstance(table, pd.DataFrame) and columns is not None and hasattr(table, "compute"):
+        missing = [c for c in columns if c not in table.columns]
+        if not missing:  # compute only what is needed
+            attrs = dict(getattr(table._meta, "attrs", {}) or {})
+            df = table[list(columns)].compute()
+            df.attrs = df.attrs or attrs
+            return df
+    return _as_pandas(table)
+
+
+def _table_labels(df: pd.DataFrame) -> np.ndarray:
+    """The ``label`` column as uint64, checked (integers >= 0, no missing value)."""
+    if "label" not in df.columns:
+        raise GrapesInputError(
+            f"the table has no 'label' column (columns: {', '.join(map(str, df.columns))}): "
+            "pass a particle table from grapes_dask.analyze or read_table"
+        )
+    col = df["label"]
+    if col.isna().any() or not (pd.api.types.is_integer_dtype(col.dtype) or pd.api.types.is_bool_dtype(col.dtype)):
+        raise GrapesInputError(
+            f"the table's 'label' column has dtype {col.dtype} or missing values: labels must be integers >= 0"
+        )
+    vals = col.to_numpy()
+    if vals.dtype.kind == "i" and len(vals) and vals.min() < 0:
+        raise GrapesInputError(f"the table's 'label' column holds negative ids (min {vals.min()}): labels are >= 0")
+    return vals.astype(np.uint64)
+
+
+def _label_key(label) -> np.uint64:
+    if isinstance(label, (bool, np.bool_)) or not isinstance(label, (numbers.Integral, np.integer)):
+        raise GrapesInputError(f"label={label!r}: give one particle id, an integer >= 1")
+    value = int(label)
+    if not 0 <= value < 2**64:
+        raise GrapesInputError(f"label={label!r}: particle ids are integers from 1 to 2**64 - 1")
+    return np.uint64(value)
+
+
+# --------------------------------------------------------------------------------------------
+# prop_to_image
+# --------------------------------------------------------------------------------------------
+
+
+def _paint_block(block: np.ndarray, lookup, fill, dtype) -> np.ndarray:
+    """Map every voxel's label to its value; background and unknown labels get `fill`."""
+    keys, values = lookup
+    out = np.full(block.shape, fill, dtype=dtype)
+    if len(keys) == 0 or block.size == 0:
+        return out
+    b = block.view(np.uint8) if block.dtype == np.bool_ else block
+    u = b.astype(np.uint64, copy=False)
+    pos = np.searchsorted(keys, u)
+    np.minimum(pos, len(keys) - 1, out=pos)
+    hit = keys[pos] == u
+    hit &= u != 0
+    if b.dtype.kind == "i":
+        hit &= b > 0  # negative ids wrap around in uint64: never a table label
+    out[hit] = values[pos[hit]]
+    return out
+
+
+def _scalar_values(df: pd.DataFrame, column: str) -> np.ndarray:
+    scalar_cols = [str(c) for c in df.columns if c != "label" and getattr(df[c].dtype, "kind", "O") in "biuf"]
+    if column not in df.columns:
+        raise GrapesInputError(
+            f"the table has no column {column!r}: choose one of {', '.join(scalar_cols) or '(none)'}"
+        )
+    col = df[column]
+    lists = _list_columns(df[[column]])
+    if column in lists:
+        raise GrapesInputError(
+            f"column {column!r} holds a list (one value per radial layer) for each particle, but "
+            "prop_to_image paints one number per particle: choose a scalar column "
+            f"({', '.join(scalar_cols)}) or derive one, "
+            f"e.g. table.assign(first=[p[0] if len(p) else float('nan') for p in table[{column!r}]])"
+        )
+    if isinstance(col.dtype, pd.api.extensions.ExtensionDtype) and not isinstance(col.dtype, np.dtype):
+        kind = getattr(col.dtype, "kind", "O")
+        if kind in "biuf":
+            if col.isna().any():
+                return col.to_numpy(dtype=np.float64, na_value=np.nan)
+            return col.to_numpy(dtype=col.dtype.numpy_dtype)
+    vals = col.to_numpy()
+    if vals.dtype.kind not in "biuf":
+        raise GrapesInputError(
+            f"column {column!r} has dtype {col.dtype}: prop_to_image paints numbers; choose one of "
+            f"{', '.join(scalar_cols)}"
+        )
+    return vals
+
+
+def _holds(dtype: np.dtype, value) -> bool:
+    """Whether `value` (NaN included) is exactly representable in `dtype`."""
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        try:
+            cast = np.asarray(value).astype(dtype)
+        except (TypeError, ValueError, OverflowError):
+            return False
+        both_nan = dtype.kind in "fc" and bool(np.isnan(cast)) and bool(np.isnan(value))
+        return both_nan or bool(cast == value)
+
+
+def _paint_dtype(values: np.ndarray, fill, dtype) -> np.dtype:
+    if not np.isscalar(fill) or isinstance(fill, (str, bytes)):
+        raise GrapesInputError(f"fill={fill!r}: give one number (the value of background and unknown labels)")
+    if dtype is None:
+        return values.dtype if _holds(values.dtype, fill) else np.result_type(values.dtype, fill)
+    dtype = np.dtype(dtype)
+    if not _holds(dtype, fill):
+        raise GrapesInputError(f"fill={fill!r} cannot be stored exactly as {dtype}: choose another fill or dtype")
+    if dtype.kind in "biu" and values.dtype.kind in "fc" and np.isnan(values).any():
+        raise GrapesInputError(
+            f"the column holds NaN, which {dtype} cannot store: use a float dtype or fill the NaN first"
+        )
+    return dtype
+
+
+def prop_to_image(labels, table, column: str, out: str | os.PathLike | None = None, *, chunks=None,
+                  fill=0, dtype=None, overwrite: bool = False):
+    """Paint a per-particle value into a volume, label by label (GRAPES' ``prop_2_image``).
+
+    Each block of the label volume is mapped on its own (a sorted lookup of its labels in the
+    table's labels with :func:`numpy.searchsorted`), so memory is a few blocks, never the volume.
+
+    Parameters
+    ----------
+    labels : path or array
+        Label volume, 2D ``(Y, X)`` or 3D ``(Z, Y, X)``, integer ids (0 = background); anything
+        :func:`grapes_dask.io.open_volume` accepts.
+    table : pandas.DataFrame, dask.dataframe.DataFrame or path
+        Particle table with a ``label`` column (unique ids) and `column`; a path is read with
+        :func:`read_table`. For a dask DataFrame only ``label`` and `column` are computed.
+    column : str
+        Scalar column to paint (e.g. ``"intensity_mean"``, ``"sphericity"``, ``"roi_mean"``).
+        List columns (``radial_layers*``) are rejected.
+    out : path, optional
+        Zarr store to write (atomically, with :func:`grapes_dask.io.write_zarr`); its attributes
+        hold ``spacing`` and ``unit`` (from the labels' metadata, when recorded) and a ``grapes_dask``
+        provenance record naming the column, the labels and the fill value.
+    chunks : int or tuple of int, optional
+        Block shape, voxels (default: the stored chunks of `labels`, else 128 per axis).
+    fill : scalar
+        Value of background voxels (label 0) and of labels not in the table.
+    dtype : numpy dtype, optional
+        Output dtype. Default: the column's dtype if `fill` is exactly representable in it,
+        else the promotion of both (an integer column with ``fill=np.nan`` gives float64).
+    overwrite : bool
+        Replace an existing `out`.
+
+    Returns
+    -------
+    dask.array.Array or pathlib.Path
+        Lazy array of the labels' shape and chunks when `out` is None, else `out` once written.
+        Values are in the unit of `column`.
+
+    Raises
+    ------
+    GrapesInputError
+        Missing column (the message names the available ones), a list or non-numeric column,
+        duplicate or negative table labels, non-integer label volume, existing `out` without
+        `overwrite`.
+    """
+    if out is not None:
+        _check_can_write(Path(out), overwrite)
+    lab = open_volume(labels, chunks=chunks)
+    if not (np.issubdtype(lab.dtype, np.integer) or lab.dtype == np.bool_):
+        raise GrapesInputError(
+            f"labels have dtype {lab.dtype}: a label volume holds integer ids (0 = background); "
+            "convert it with astype(np.uint32)"
+        )
+    df = _table_frame(table, columns=["label", column])
+    values = _scalar_values(df, column)
+    keys = _table_labels(df)
+    order = np.argsort(keys, kind="stable")
+    keys, values = keys[order], values[order]
+    if len(keys) > 1 and (dup := keys[1:][keys[1:] == keys[:-1]]).size:
+        raise GrapesInputError(
+            f"the table lists label {int(dup[0])} more than once ({dup.size} duplicate ids): "
+            "one row per particle is needed to paint values"
+        )
+    out_dtype = _paint_dtype(values, fill, dtype)
+    values = values.astype(out_dtype)
+    lookup = dask.delayed((keys, values), pure=True)
+    img = da.map_blocks(_paint_block, lab, lookup, fill, out_dtype, dtype=out_dtype,
+                        meta=np.empty((0,) * lab.ndim, dtype=out_dtype))
+    if out is None:
+        return img
+    fill_rec = fill.item() if isinstance(fill, np.generic) else fill
+    if isinstance(fill_rec, float) and not math.isfinite(fill_rec):
+        fill_rec = str(fill_rec)
+    is_path = isinstance(labels, (str, os.PathLike))
+    attrs = {
+        "grapes_dask": provenance(
+            command="prop_to_image", column=column, fill=fill_rec, dtype=str(out_dtype),
+            labels=os.fspath(labels) if is_path else f"{type(labels).__name__} {lab.shape}",
+            table=os.fspath(table) if isinstance(table, (str, os.PathLike)) else None,
+            analysis=df.attrs.get("grapes_dask"),
+        ),
+    }
+    info = volume_info(labels) if is_path else None
+    if info is not None and info.spacing:
+        attrs["spacing"] = list(info.spacing)
+        if info.unit:
+            attrs["unit"] = info.unit
+    return write_zarr(img, out, attrs=attrs, overwrite=overwrite)
+
+
+# --------------------------------------------------------------------------------------------
+# particle
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Particle:
+    """One particle's crops, as returned by :func:`particle`.
+
+    All arrays have the crop's shape ``(z, y, x)`` (or ``(y, x)``): the particle's bounding box
+    grown by `pad` voxels per side and clipped to the volume.
+
+    Attributes
+    ----------
+    label : int
+        The particle's id.
+    origin : tuple of int
+        Volume index of the crop's first voxel; voxel ``i`` of the crop is voxel
+        ``origin + i`` of the volume.
+    mask : ndarray of bool
+        True on the particle's voxels.
+    grey : ndarray or None
+        Grey levels of the crop (the grey volume's dtype), None when no grey volume was given.
+    labels : ndarray
+        Label ids of the crop (neighbours included).
+    distance : ndarray of float64
+        The distance that defines the layers, in spacing units: the EDT (distance to the
+        nearest voxel not in the particle) for ``start_at="edge"``, the distance to the
+        particle's centroid for ``start_at="center"``; 0 outside the mask.
+    layers : ndarray of int64
+        Radial layer of each voxel of the particle, 0 outside: ``max(1, rint(distance /
+        layer_width))`` (edge) or ``1 + rint(distance / layer_width)`` (center), with rint
+        rounding half to even, as in :func:`grapes_dask.analyze`.
+    row : pandas.Series
+        The particle's row of the table.
+    spacing : tuple of float
+        Voxel size per axis used for `distance`.
+    layer_width : float
+        Layer width in spacing units.
+    start_at : str
+        ``"edge"`` or ``"center"``.
+    """
+
+    label: int
+    origin: tuple
+    mask: np.ndarray
+    grey: np.ndarray | None
+    labels: np.ndarray
+    distance: np.ndarray
+    layers: np.ndarray
+    row: pd.Series
+    spacing: tuple = ()
+    layer_width: float = 1.0
+    start_at: str = "edge"
+
+    @property
+    def slices(self) -> tuple:
+        """The crop's position in the volume, as a tuple of slices."""
+        return tuple(slice(o, o + n) for o, n in zip(self.origin, self.mask.shape))
+
+
+def _param(value, params: dict, key: str, default):
+    if value is not None:
+        return value
+    v = params.get(key)
+    return default if v is None else v
+
+
+def particle(grey, labels, table, label, *, pad: int = 1, spacing=None, layer_width: float | None = None,
+             start_at: str | None = None, black_border: bool | None = None) -> Particle:
+    """One particle's crops (mask, grey, radial layer map), read by its bounding box on demand.
+
+    Only the blocks of `grey` and `labels` that meet the particle's box are read; the volumes
+    are never loaded whole.
+
+    Parameters
+    ----------
+    grey : path, array or None
+        Grey-level volume (anything :func:`grapes_dask.io.open_volume` accepts), or None.
+    labels : path or array
+        Label volume of the same shape, 2D ``(Y, X)`` or 3D ``(Z, Y, X)``.
+    table : pandas.DataFrame, dask.dataframe.DataFrame or path
+        Particle table with ``label`` and ``bbox-*`` columns (min inclusive, then max
+        exclusive, voxel indices), e.g. from :func:`grapes_dask.analyze`.
+    label : int
+        The particle's id.
+    pad : int
+        Voxels added to each side of the bounding box (clipped to the volume), >= 0.
+    spacing : float or sequence of float, optional
+        Voxel size per axis (z, y, x). Default: the table's ``attrs["grapes_dask"]["spacing"]``,
+        else 1.
+    layer_width : float, optional
+        Radial layer width in spacing units. Default: the table's, else 1.
+    start_at : {"edge", "center"}, optional
+        Layer origin. Default: the table's, else ``"edge"``.
+    black_border : bool, optional
+        Whether voxels outside the volume count as outside the particle. Default: the
+        table's, else True (GRAPES).
+
+    Returns
+    -------
+    Particle
+        ``mask``, ``grey``, ``labels``, ``distance``, ``layers``, ``origin`` and the table
+        ``row``. The EDT on the crop is exact: a particle's EDT depends on its own mask only,
+        the nearest voxel outside the particle is never farther than the nearest voxel outside
+        its box, and crop sides inside the volume lie beyond the box, so only the sides on the
+        volume's border need `black_border`.
+
+    Raises
+    ------
+    GrapesInputError
+        Label not in the table, table without ``bbox-*`` columns or with a box outside the
+        volume, shape mismatch between `grey` and `labels`, bad parameters.
+    """
+    from .kernels.distance import edt_core
+
+    lab = open_volume(labels)
+    g = None if grey is None else open_volume(grey)
+    if g is not None and g.shape != lab.shape:
+        raise GrapesInputError(
+            f"grey has shape {g.shape} but labels have shape {lab.shape}: pass volumes of one shape"
+        )
+    nd = lab.ndim
+    if int(pad) != pad or pad < 0:
+        raise GrapesInputError(f"pad={pad}: give a whole number of voxels >= 0")
+    pad = int(pad)
+    key = _label_key(label)
+    bbox_cols = [f"bbox-{a}" for a in range(2 * nd)]
+    df = _table_frame(table)
+    missing = [c for c in bbox_cols if c not in df.columns]
+    if missing:
+        raise GrapesInputError(
+            f"the table has no {', '.join(missing)} column(s): particle() needs the bounding boxes of "
+            f"a {nd}D table from grapes_dask.analyze (is the table from a volume of another dimension?)"
+        )
+    keys = _table_labels(df)
+    where = np.flatnonzero(keys == key)
+    if where.size == 0:
+        raise GrapesInputError(
+            f"label {int(key)} is not in the table ({len(keys)} particles"
+            + (f", ids {int(keys.min())}..{int(keys.max())}" if len(keys) else "") + "): choose a label of the table"
+        )
+    row = df.iloc[int(where[0])]
+    params = df.attrs.get("grapes_dask", {}) or {}
+    sp = _param(spacing, params, "spacing", 1.0)
+    sp = (float(sp),) * nd if np.isscalar(sp) else tuple(float(s) for s in sp)
+    if len(sp) != nd or not all(np.isfinite(s) and s > 0 for s in sp):
+        raise GrapesInputError(f"spacing={sp} does not fit a {nd}D volume: give {nd} positive voxel sizes")
+    width = float(_param(layer_width, params, "layer_width", 1.0))
+    if not (np.isfinite(width) and width > 0):
+        raise GrapesInputError(f"layer_width={layer_width}: give a positive layer width in spacing units")
+    mode = _param(start_at, params, "start_at", "edge")
+    if mode not in ("edge", "center"):
+        raise GrapesInputError(f"start_at={start_at!r}: choose 'edge' or 'center'")
+    border = bool(_param(black_border, params, "black_border", True))
+
+    lo = [int(row[f"bbox-{a}"]) for a in range(nd)]
+    hi = [int(row[f"bbox-{a + nd}"]) for a in range(nd)]
+    if any(not 0 <= a < b <= n for a, b, n in zip(lo, hi, lab.shape)):
+        raise GrapesInputError(
+            f"the bounding box of label {int(key)} ({lo}..{hi}) does not fit the volume {lab.shape}: "
+            "is the table from another volume?"
+        )
+    start = [max(0, a - pad) for a in lo]
+    stop = [min(n, b + pad) for b, n in zip(hi, lab.shape)]
+    sl = tuple(slice(a, b) for a, b in zip(start, stop))
+    if g is None:
+        (lab_crop,) = dask.compute(lab[sl])
+        grey_crop = None
+    else:
+        lab_crop, grey_crop = dask.compute(lab[sl], g[sl])
+    lab_crop = np.asarray(lab_crop)
+    mask = (lab_crop.astype(np.uint64) == key) & (lab_crop != 0)
+    if lab_crop.dtype.kind == "i":
+        mask &= lab_crop > 0
+    if mode == "edge":
+        # a side inside the volume has non-particle voxels beyond the box: a boundary either way
+        sides = []
+        for a in range(nd):
+            sides += [start[a] > 0 or border, stop[a] < lab.shape[a] or border]
+        dist = edt_core(mask, spacing=sp, border=sides)
+        with np.errstate(invalid="ignore"):
+            layers = np.maximum(1, np.rint(dist / width)).astype(np.int64)
+    else:
+        cen = [float(row[f"centroid-{a}"]) for a in range(nd)]
+        d2 = np.zeros(mask.shape)
+        for a in range(nd):
+            shape = [1] * nd
+            shape[a] = mask.shape[a]
+            coord = (np.arange(mask.shape[a]) + start[a]).reshape(shape)
+            diff = (coord - cen[a]) * sp[a]
+            d2 = d2 + diff * diff
+        dist = np.sqrt(d2)
+        layers = 1 + np.rint(dist / width).astype(np.int64)
+    dist = np.where(mask, dist, 0.0)
+    layers = np.where(mask, layers, 0)
+    return Particle(
+        label=int(key), origin=tuple(start), mask=mask, grey=None if grey_crop is None else np.asarray(grey_crop),
+        labels=lab_crop, distance=dist, layers=layers, row=row, spacing=sp, layer_width=width, start_at=mode,
+    )
