@@ -549,4 +549,7 @@ def particle_table(grey, labels, **kwargs):
     inp, stats, contacts, combined_layers, params, _ = _run(grey, labels, **kwargs)
     final = dask.delayed(lambda cl: _finish(stats, cl, contacts, params).particles, pure=True)(combined_layers)
     meta = _finish(stats.iloc[:0], _empty_layers_partial(inp.grey.dtype), contacts.iloc[:0], params).particles
-    return dd.from_delayed([final], meta=meta, verify_meta=False)
+    # object columns hold numpy arrays (the profiles): without this, dask's default
+    # "convert-string" turns them into pyarrow strings ("[1 2 3]") in the computed frame
+    with dask.config.set({"dataframe.convert-string": False}):
+        return dd.from_delayed([final], meta=meta, verify_meta=False)
