@@ -125,7 +125,10 @@ def _reader(src, arr):
 
 def _get(src, slices):
     """Read a block inside a task (see :meth:`_Inputs.block`)."""
-    return np.asarray(src if slices is None else src[slices])
+    out = np.asarray(src if slices is None else src[slices])
+    if not out.dtype.isnative:  # as open_volume: big-endian sources read in native byte order
+        out = out.astype(out.dtype.newbyteorder("="))
+    return out
 
 
 def _name(src) -> str:
