@@ -818,8 +818,10 @@ def volume_info(source, *, dataset: str | None = None, level: int | None = None)
 def _default_compressor(dtype: np.dtype):
     from zarr.codecs import BloscCodec
 
+    # lz4hc: labels compress about as well as with zstd and decompress 3-5x faster, which is
+    # what an analysis that reads every chunk twice cares about
     shuffle = "bitshuffle" if dtype.itemsize == 1 else "shuffle"
-    return BloscCodec(cname="zstd", clevel=3, shuffle=shuffle)
+    return BloscCodec(cname="lz4hc", clevel=5, shuffle=shuffle)
 
 
 def provenance(**extra) -> dict:

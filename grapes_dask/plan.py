@@ -18,7 +18,7 @@ import numpy as np
 
 from ._errors import GrapesInputError
 
-__all__ = ["inscribed_bound", "Region", "plan_regions", "region_bytes"]
+__all__ = ["inscribed_bound", "Region", "block_edges", "plan_regions", "check_region_memory", "region_bytes"]
 
 
 def inscribed_bound(bbox_min, bbox_max, spacing, volume_shape, black_border=True):
@@ -104,23 +104,53 @@ def region_bytes(outer_shape, core_shape, label_itemsize, grey_itemsize) -> int:
     return n_outer * label_itemsize + max(separable, edt_lib) + n_core * (8 + 8 + 8 + grey_itemsize + label_itemsize)
 
 
-def _group(chunks_axis, k):
-    """Boundaries of groups of `k` consecutive chunks along one axis."""
-    edges = np.concatenate([[0], np.cumsum(chunks_axis)])
-    return edges[::k].tolist() + ([int(edges[-1])] if (len(edges) - 1) % k else [])
-
-
-def plan_regions(chunks, group, chunk_labels, labels, bounds, spacing, volume_shape, *, halo=True):
-    """Regions of pass 2 with their label-aware halos.
+def block_edges(chunks, target: int) -> list:
+    """Edges of blocks of whole chunks, about `target` voxels per side and balanced.
 
     Parameters
     ----------
     chunks : tuple of tuple of int
-        The dask chunks of the label volume (pass 1's chunks).
-    group : tuple of int
-        Number of chunks per region along each axis.
-    chunk_labels : dict
-        Chunk grid index -> sorted uint64 array of the labels present in that chunk.
+        Dask chunks of the volume, per axis.
+    target : int
+        Wanted block side in voxels.
+
+    Returns
+    -------
+    list of ndarray of int64
+        Per axis, the block edges ``0 = e0 < e1 < ... < en = size``, all on chunk edges; the
+        axis is cut into ``round(size / target)`` (at least 1) blocks of nearly equal size, so
+        no thin leftover block pays a full halo.
+    """
+    out = []
+    for c in chunks:
+        edges = np.concatenate([[0], np.cumsum(c)]).astype(np.int64)
+        size = int(edges[-1])
+        n = max(1, int(round(size / max(1, target))))
+        want = np.arange(1, n) * size / n
+        inner = np.unique(edges[np.abs(edges[None, :] - want[:, None]).argmin(axis=1)]) if n > 1 else []
+        inner = [int(e) for e in inner if 0 < e < size]
+        out.append(np.array([0, *inner, size], np.int64))
+    return out
+
+
+def _block_halo(labs, labels, bounds, sp, volume_shape):
+    if labs is None or len(labs) == 0:
+        return np.zeros(len(sp), np.int64)
+    r = float(bounds[np.searchsorted(labels, labs)].max())
+    if np.isinf(r):
+        return np.asarray(volume_shape, np.int64)
+    return np.ceil(r / sp - 1e-9).astype(np.int64)
+
+
+def plan_regions(edges, block_labels, labels, bounds, spacing, volume_shape, *, halo=True):
+    """Regions of pass 2 (one per block) with their label-aware halos.
+
+    Parameters
+    ----------
+    edges : list of ndarray of int
+        Block edges per axis (:func:`block_edges`); each block is one region's core.
+    block_labels : dict
+        Block grid index -> sorted uint64 array of the labels with voxels in that block.
     labels : ndarray of uint64, sorted
         All labels of the table.
     bounds : ndarray of float
@@ -135,49 +165,25 @@ def plan_regions(chunks, group, chunk_labels, labels, bounds, spacing, volume_sh
     -------
     list of Region
     """
-    nd = len(chunks)
-    edges = [np.concatenate([[0], np.cumsum(c)]) for c in chunks]
-    gedges = [_group(c, k) for c, k in zip(chunks, group)]
     sp = np.asarray(spacing, float)
     regions = []
-    for idx in np.ndindex(*[len(g) - 1 for g in gedges]):
-        core = tuple(slice(int(g[i]), int(g[i + 1])) for g, i in zip(gedges, idx))
-        h = np.zeros(nd, np.int64)
-        if halo:
-            # chunks inside this core
-            ranges = [range(int(np.searchsorted(e, s.start)), int(np.searchsorted(e, s.stop))) for e, s in zip(edges, core)]
-            r = 0.0
-            for cidx in np.ndindex(*[len(rg) for rg in ranges]):
-                key = tuple(rg[i] for rg, i in zip(ranges, cidx))
-                labs = chunk_labels.get(key)
-                if labs is None or len(labs) == 0:
-                    continue
-                pos = np.searchsorted(labels, labs)
-                r = max(r, float(bounds[pos].max()))
-            if np.isinf(r):
-                h = np.asarray(volume_shape, np.int64)
-            else:
-                h = np.ceil(r / sp - 1e-9).astype(np.int64)
+    for idx in np.ndindex(*[len(e) - 1 for e in edges]):
+        core = tuple(slice(int(e[i]), int(e[i + 1])) for e, i in zip(edges, idx))
+        h = _block_halo(block_labels.get(idx), labels, bounds, sp, volume_shape) if halo else np.zeros(len(sp), np.int64)
         outer = tuple(slice(max(0, s.start - int(hh)), min(n, s.stop + int(hh))) for s, hh, n in zip(core, h, volume_shape))
         border = tuple(x for o, n in zip(outer, volume_shape) for x in (o.start == 0, o.stop == n))
         regions.append(Region(tuple(idx), core, outer, border))
     return regions
 
 
-def check_region_memory(regions, budget, label_itemsize, grey_itemsize, chunk_labels, chunks, labels, bounds):
+def check_region_memory(regions, budget, label_itemsize, grey_itemsize, block_labels, labels, bounds):
     """Raise :class:`GrapesInputError` naming the labels whose halo makes a region exceed `budget`."""
-    edges = [np.concatenate([[0], np.cumsum(c)]) for c in chunks]
     for reg in regions:
         need = region_bytes(reg.outer_shape, reg.core_shape, label_itemsize, grey_itemsize)
         if need <= budget:
             continue
-        ranges = [range(int(np.searchsorted(e, s.start)), int(np.searchsorted(e, s.stop))) for e, s in zip(edges, reg.core)]
-        found = []
-        for cidx in np.ndindex(*[len(rg) for rg in ranges]):
-            labs = chunk_labels.get(tuple(rg[i] for rg, i in zip(ranges, cidx)))
-            if labs is not None and len(labs):
-                found.append(labs)
-        labs = np.unique(np.concatenate(found)) if found else np.zeros(0, np.uint64)
+        labs = block_labels.get(reg.index)
+        labs = np.zeros(0, np.uint64) if labs is None else labs
         b = bounds[np.searchsorted(labels, labs)]
         worst = labs[np.argsort(-b)][:5]
         raise GrapesInputError(

@@ -39,7 +39,7 @@ from . import kernels
 from ._errors import GrapesInputError
 from .io import open_volume, provenance, read_spacing
 from .kernels.distance import distance_core
-from .plan import check_region_memory, inscribed_bound, plan_regions
+from .plan import block_edges, check_region_memory, inscribed_bound, plan_regions
 
 __all__ = ["particle_table", "analyze", "analyze_tables", "ParticleTables", "PROFILE_COLUMNS"]
 
@@ -359,12 +359,11 @@ def _compute(*objs, client=None, progress=False, desc=""):
     return dask.compute(*objs)
 
 
-def _pass1(inp: _Inputs):
-    lab, g = inp.labels, inp.grey
-    shape = lab.shape
-    edges = [np.concatenate([[0], np.cumsum(c)]) for c in lab.chunks]
+def _pass1(inp: _Inputs, edges):
+    """One task per block of chunks (plus one voxel on the high side)."""
+    shape = inp.labels.shape
     tasks, keys = [], []
-    for idx in np.ndindex(*lab.numblocks):
+    for idx in np.ndindex(*[len(e) - 1 for e in edges]):
         lo = [int(e[i]) for e, i in zip(edges, idx)]
         hi = [int(e[i + 1]) for e, i in zip(edges, idx)]
         ext = tuple(slice(a, min(b + 1, n)) for a, b, n in zip(lo, hi, shape))
@@ -375,10 +374,6 @@ def _pass1(inp: _Inputs):
     parts = [dask.delayed(_first, pure=True)(t) for t in tasks]
     infos = [dask.delayed(_second, pure=True)(t) for t in tasks]
     return _tree_reduce(parts, kernels.combine_stats), infos, keys
-
-
-def _group_for(chunks, region_size):
-    return tuple(max(1, int(round(region_size / max(c[0], 1)))) for c in chunks)
 
 
 def _run(grey, labels, *, spacing=None, chunks=None, layer_width=None, start_at="edge", black_border=True,
@@ -394,7 +389,8 @@ def _run(grey, labels, *, spacing=None, chunks=None, layer_width=None, start_at=
 
     # 2-3. pass 1 and its reduction
     t0 = time.perf_counter()
-    combined, infos, keys = _pass1(inp)
+    edges = block_edges(inp.labels.chunks, region_size)
+    combined, infos, keys = _pass1(inp, edges)
     combined, infos = _compute(combined, infos, client=client, progress=progress, desc="pass 1 (statistics)")
     t1 = time.perf_counter()
     mins = [i["min_label"] for i in infos if "min_label" in i]
@@ -419,12 +415,10 @@ def _run(grey, labels, *, spacing=None, chunks=None, layer_width=None, start_at=
     bbox_max = stats[[f"bbox-{a + inp.labels.ndim}" for a in range(inp.labels.ndim)]].to_numpy()
     bounds = inscribed_bound(bbox_min, bbox_max, inp.spacing, inp.labels.shape, black_border)
     bounds[np.isin(all_labels, exclude)] = 0.0
-    chunk_labels = {k: i["labels"] for k, i in zip(keys, infos)}
-    group = _group_for(inp.labels.chunks, region_size)
-    regions = plan_regions(inp.labels.chunks, group, chunk_labels, all_labels, bounds, inp.spacing,
-                           inp.labels.shape, halo=not center)
+    block_labels = {k: i["labels"] for k, i in zip(keys, infos)}
+    regions = plan_regions(edges, block_labels, all_labels, bounds, inp.spacing, inp.labels.shape, halo=not center)
     check_region_memory(regions, memory_limit, inp.labels.dtype.itemsize, inp.grey.dtype.itemsize,
-                        chunk_labels, inp.labels.chunks, all_labels, bounds)
+                        block_labels, all_labels, bounds)
 
     # 5. pass 2
     centre_table = None

@@ -308,7 +308,7 @@ def distance_core(labels, core=None, spacing=None, border=True):
     b = [bool(border)] * (2 * nd) if np.isscalar(border) else [bool(x) for x in border]
     # black sides: a ring of background on those sides, then no implicit border anywhere
     pad = [(int(b[2 * a]), int(b[2 * a + 1])) for a in range(nd)]
-    if any(p != (0, 0) for ps in pad for p in ps):
+    if any(p != (0, 0) for p in pad):
         lab = np.pad(lab, pad)
     core = tuple(slice(s.indices(n)[0] + p[0], s.indices(n)[1] + p[0]) for s, n, p in zip(core, labels.shape, pad))
     if lab.dtype == np.bool_:
