@@ -304,17 +304,23 @@ def _runs_first(L, out, n, lob, hib):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _runs_env(L, f, out, n, lob, hib, v, z, fv):
-    """Integer lower envelope of ``(q - p)^2 + f[p]`` within runs of equal labels (unit spacing)."""
+def _runs_env(L, f, out, n, lob, hib, v, z, fv, lo, hi):
+    """Integer lower envelope of ``(q - p)^2 + f[p]`` within runs of equal labels (unit spacing).
+
+    Only positions ``lo <= q < hi`` are written, to ``out[q - lo]``.
+    """
     i = 0
     while i < n:
         lv = L[i]
         j = i + 1
         while j < n and L[j] == lv:
             j += 1
+        if j <= lo or i >= hi:
+            i = j
+            continue
         if lv == 0:
-            for q in range(i, j):
-                out[q] = 0
+            for q in range(max(i, lo), min(j, hi)):
+                out[q - lo] = 0
             i = j
             continue
         lb = i > 0 or lob
@@ -343,16 +349,16 @@ def _runs_env(L, f, out, n, lob, hib, v, z, fv):
             fv[k] = fp
             z[k] = -1e300 if k == 0 else s
         if k < 0:
-            for q in range(i, j):
-                out[q] = _IBIG
+            for q in range(max(i, lo), min(j, hi)):
+                out[q - lo] = _IBIG
         else:
             z[k + 1] = 1e300
             m = 0
-            for q in range(i, j):
+            for q in range(max(i, lo), min(j, hi)):
                 while z[m + 1] < q:
                     m += 1
                 d = q - v[m]
-                out[q] = d * d + fv[m]
+                out[q - lo] = d * d + fv[m]
         i = j
 
 
@@ -388,30 +394,26 @@ def _sq_edt3_iso(lab, c0, c1, border):
     # pass 2 along y -> T2[b, c, a] (z contiguous)
     T2 = np.empty((cy, cx, Z), np.int32)
     LT2 = np.empty((cy, cx, Z), lab.dtype)
-    line = np.empty(Y, np.int64)
     tile2 = np.empty((_TILE, cy), np.int64)
     for c in range(cx):
         for a0 in range(0, Z, _TILE):
             w = min(_TILE, Z - a0)
             for t in range(w):
-                _runs_env(LT1[a0 + t, c], T1[a0 + t, c], line, Y, border[2], border[3], v, zb, fv)
-                for b in range(cy):
-                    tile2[t, b] = line[c0[1] + b]
+                _runs_env(LT1[a0 + t, c], T1[a0 + t, c], tile2[t], Y, border[2], border[3], v, zb, fv,
+                          c0[1], c1[1])
             for b in range(cy):
                 for t in range(w):
                     T2[b, c, a0 + t] = tile2[t, b]
                     LT2[b, c, a0 + t] = LT1[a0 + t, c, c0[1] + b]
     # pass 3 along z -> out[a, b, c]
     out = np.empty((cz, cy, cx), np.int32)
-    linez = np.empty(Z, np.int64)
     tile3 = np.empty((_TILE, cz), np.int64)
     for b in range(cy):
         for cc0 in range(0, cx, _TILE):
             w = min(_TILE, cx - cc0)
             for t in range(w):
-                _runs_env(LT2[b, cc0 + t], T2[b, cc0 + t], linez, Z, border[0], border[1], v, zb, fv)
-                for a in range(cz):
-                    tile3[t, a] = linez[c0[0] + a]
+                _runs_env(LT2[b, cc0 + t], T2[b, cc0 + t], tile3[t], Z, border[0], border[1], v, zb, fv,
+                          c0[0], c1[0])
             for a in range(cz):
                 for t in range(w):
                     out[a, b, cc0 + t] = tile3[t, a]
