@@ -10,8 +10,8 @@ Measurements (same run, same data read from Zarr):
 
 - ``edt``: labels loaded into memory, one ``edt.edt(labels, parallel=cores)`` (timed call only);
 - ``table-default``: ``grapes_dask.analyze_tables`` on the default (threaded) scheduler;
-- ``table-client``: the same on a ``distributed.LocalCluster`` (one single-threaded worker per
-  core) passed as ``client=``, warm (cluster started and kernels compiled by a first run on a
+- ``table-client``: the same on the embedded ``distributed.LocalCluster`` of ``grapes-dask
+  analyze`` (one worker process, a thread per core) passed as ``client=``, warm (cluster started and kernels compiled by a first run on a
   small crop; the timed run is the second);
 
 and, for the table runs, where the time goes: wall time of each stage and the summed task
@@ -112,7 +112,7 @@ def child(kind: str, data: Path, workers: int, region_size: int) -> dict:
     else:
         from grapes_dask.cluster import cluster_client
 
-        with cluster_client(workers=workers) as client:
+        with cluster_client() as client:  # the embedded cluster of `grapes-dask analyze`
             g = open_volume(grey)[:96, :96, :96]
             lab = open_volume(labels)[:96, :96, :96]
             grapes_dask.analyze_tables(g, lab, client=client, region_size=region_size)  # warm up
@@ -126,7 +126,7 @@ def child(kind: str, data: Path, workers: int, region_size: int) -> dict:
             for t in ts.data:
                 dur = sum(s["stop"] - s["start"] for s in t["startstops"] if s["action"] == "compute")
                 tasks[_kind(t["key"])] = tasks.get(_kind(t["key"]), 0.0) + dur
-            n_workers = workers
+            n_workers = sum(w["nthreads"] for w in client.scheduler_info()["workers"].values())
     shape = open_volume(labels).shape
     return {"seconds": wall, "particles": len(res.particles), "voxels": int(np.prod(shape)),
             "stages": res.timings, "task_seconds": tasks, "workers": n_workers}

@@ -12,11 +12,11 @@ from typing import Iterator
 
 from ._errors import GrapesInputError
 
-__all__ = ["cluster_client", "default_workers"]
+__all__ = ["cluster_client", "cores"]
 
 
-def default_workers() -> int:
-    """One single-threaded worker process per core (the GIL-bound parts scale across processes)."""
+def cores() -> int:
+    """Cores this process may run on."""
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
@@ -31,7 +31,10 @@ def cluster_client(scheduler: str | None = None, *, workers: int | None = None,
         Address of a running scheduler (``tcp://host:8786``) or a scheduler file (``*.json``).
         Default: start a ``LocalCluster`` in this process and close it on exit.
     workers : int, optional
-        Worker processes of the local cluster (default: one per core), one thread each.
+        Worker processes of the local cluster (default 1). The cores are shared out as threads
+        between them: the engine's kernels are Numba functions that release the GIL, so one
+        process with a thread per core runs them in parallel and holds the data once, with
+        one interpreter's memory instead of one per core.
     memory_limit : str or int, optional
         Memory limit per local worker (dask's ``memory_limit``).
     dashboard : bool
@@ -58,10 +61,11 @@ def cluster_client(scheduler: str | None = None, *, workers: int | None = None,
         with client:
             yield client
         return
-    n = workers or default_workers()
+    n = 1 if workers is None else int(workers)
     if n < 1:
         raise GrapesInputError(f"--workers {n}: give at least one worker")
-    with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, memory_limit=memory_limit,
+    threads = max(1, cores() // n)
+    with LocalCluster(n_workers=n, threads_per_worker=threads, processes=True, memory_limit=memory_limit,
                       dashboard_address=":0" if dashboard else None, silence_logs=40) as cluster:
         with Client(cluster) as client:
             yield client
