@@ -238,8 +238,8 @@ def demo(out_dir, size, workers, seed, overwrite, quiet):
                                 progress=not quiet)
     tables = {}
     with cluster_client(workers=workers) as client:
-        click.echo(f"2/3 analysis on a local cluster of {len(client.scheduler_info()['workers'])} workers; "
-                   f"dashboard: {client.dashboard_link}")
+        threads = sum(w["nthreads"] for w in client.scheduler_info()["workers"].values())
+        click.echo(f"2/3 analysis on a local cluster ({threads} threads); dashboard: {client.dashboard_link}")
         for (name, s), path in zip(states.items(), tables_out):
             t1 = time.perf_counter()
             res = analyze_tables(ph.grey[s], ph.labels[s], exclude_outer_layers=2, client=client, progress=not quiet)
