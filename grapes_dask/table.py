@@ -183,7 +183,16 @@ def _normalize_inputs(grey, labels, *, spacing, chunks, layer_width, start_at, b
         raise GrapesInputError(f"normalise={normalise!r}: choose 'radial_max' or 'surface'")
     if int(exclude_outer_layers) != exclude_outer_layers or exclude_outer_layers < 0:
         raise GrapesInputError(f"exclude_outer_layers={exclude_outer_layers}: give a whole number >= 0")
-    excl = np.unique(np.asarray([] if exclude_labels is None else exclude_labels, dtype=np.int64).astype(np.uint64))
+    try:
+        excl = np.unique(np.asarray([] if exclude_labels is None else exclude_labels).astype(object))
+        excl = np.array([int(x) for x in excl], dtype=object)
+    except (TypeError, ValueError):
+        raise GrapesInputError(f"exclude_labels={exclude_labels!r}: give a list of label ids") from None
+    if any(x <= 0 or x >= 2**64 for x in excl):
+        raise GrapesInputError(f"exclude_labels={exclude_labels!r}: label ids are positive integers (0 is background)")
+    excl = excl.astype(np.uint64)
+    if int(region_size) < 1:
+        raise GrapesInputError(f"region_size={region_size}: give a positive block side in voxels (e.g. 256)")
     params = dict(
         spacing=list(spacing), layer_width=width, start_at=start_at, black_border=bool(black_border),
         normalise=normalise, exclude_outer_layers=int(exclude_outer_layers),
@@ -333,8 +342,7 @@ def _finish(stats: pd.DataFrame, combined_layers: pd.DataFrame, contacts: pd.Dat
         table[k] = v
     for k, v in _roi(combined_layers, labels, params["exclude_outer_layers"]).items():
         table[k] = v
-    if params["exclude_labels"]:
-        table["excluded"] = np.isin(labels, np.asarray(params["exclude_labels"], np.uint64))
+    table["excluded"] = np.isin(labels, np.asarray(params["exclude_labels"], np.uint64))
     table.attrs["grapes_dask"] = params
     return ParticleTables(table.reset_index(drop=True), layers, contacts, params)
 
@@ -418,6 +426,12 @@ def _run(grey, labels, *, spacing=None, chunks=None, layer_width=None, start_at=
     bbox_max = stats[[f"bbox-{a + inp.labels.ndim}" for a in range(inp.labels.ndim)]].to_numpy()
     bounds = inscribed_bound(bbox_min, bbox_max, inp.spacing, inp.labels.shape, black_border)
     bounds[np.isin(all_labels, exclude)] = 0.0
+    full = stats["voxel_count"].to_numpy() == int(np.prod(inp.labels.shape))
+    if not center and not black_border and full.any():
+        raise GrapesInputError(
+            f"label {int(all_labels[full][0])} fills the whole volume, so with black_border=False no voxel "
+            "outside it exists and its distance transform is undefined: use black_border=True"
+        )
     block_labels = {k: i["labels"] for k, i in zip(keys, infos)}
     regions = plan_regions(edges, block_labels, all_labels, bounds, inp.spacing, inp.labels.shape, halo=not center)
     check_region_memory(regions, memory_limit, inp.labels.dtype.itemsize, inp.grey.dtype.itemsize,

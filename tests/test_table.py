@@ -258,8 +258,7 @@ def reference(grey, labels, spacing, *, layer_width=1.0, start_at="edge", black_
         t[c] = col
     for c, v in roi.items():
         t[c] = np.asarray(v, np.int64 if c == "roi_voxels" else np.float64)
-    if excl:
-        t["excluded"] = np.isin(ids, np.asarray(sorted(excl), np.uint64))
+    t["excluded"] = np.isin(ids, np.asarray(sorted(excl or []), np.uint64))
     layers = pd.DataFrame(rows, columns=["label", "layer", "count", "mean", "std"])
     layers = layers.astype({"label": np.uint64, "layer": np.int64, "count": np.int64})
     return t, layers, contacts
@@ -722,11 +721,26 @@ def test_nan_grey():
     (dict(spacing=(1.0, 1.0, 1.0, 1.0)), "spacing"),
     (dict(spacing=(1.0, 0.0, 1.0)), "spacing"),
     (dict(exclude_outer_layers=-1), "exclude_outer_layers"),
+    (dict(exclude_labels=[-3]), "exclude_labels"),
+    (dict(exclude_labels=[0]), "exclude_labels"),
+    (dict(exclude_labels=["a"]), "exclude_labels"),
+    (dict(region_size=0), "region_size"),
 ])
 def test_bad_parameters(kw, match):
     grey, lab = _small()
     with pytest.raises(GrapesInputError, match=match):
         analyze(grey, lab, **kw)
+
+
+def test_label_filling_the_volume_needs_black_border():
+    lab = np.full((6, 7, 8), 5, np.uint16)
+    grey = np.arange(lab.size, dtype=np.uint16).reshape(lab.shape)
+    with pytest.raises(GrapesInputError, match="fills the whole volume.*black_border=True"):
+        analyze(grey, lab, black_border=False)
+    t = analyze(grey, lab)  # with a black border the distance is to the volume's outside
+    assert list(t["radial_layers_count"][0]) == [int(v) for v in np.bincount(
+        np.minimum.reduce(np.meshgrid(*[np.minimum(np.arange(n) + 1, n - np.arange(n)) for n in lab.shape],
+                                      indexing="ij")).ravel())[1:]]
 
 
 @pytest.mark.parametrize("shape", [(9, 10, 11), (9, 10)])
