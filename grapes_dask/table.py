@@ -275,11 +275,13 @@ def _pass2_task(lab_src, lab_sl, grey_src, grey_sl, core, border, spacing, width
 # --------------------------------------------------------------------------------------------
 
 
-def _normalised(means: np.ndarray, how: str) -> np.ndarray:
+def _normalised(means: np.ndarray, how: str, start_at: str = "edge") -> np.ndarray:
     g1 = means[0] if len(means) else np.nan
     if how == "surface":
+        # the surface layer: layer 1 from the edge, the outermost layer from the centre (as GRAPES)
+        surface = g1 if start_at == "edge" or not len(means) else means[-1]
         with np.errstate(divide="ignore", invalid="ignore"):
-            return means / g1
+            return means / surface
     rel = means - g1
     top = np.nanmax(rel) if np.isfinite(rel).any() else np.nan
     if not top > 0:
@@ -287,7 +289,7 @@ def _normalised(means: np.ndarray, how: str) -> np.ndarray:
     return rel / top
 
 
-def _profiles(layers: pd.DataFrame, labels: np.ndarray, how: str) -> dict:
+def _profiles(layers: pd.DataFrame, labels: np.ndarray, how: str, start_at: str = "edge") -> dict:
     """Radial profile list columns (layers 1..K, empty layers with count 0 and NaN)."""
     n = len(labels)
     out = {c: np.empty(n, dtype=object) for c in PROFILE_COLUMNS}
@@ -310,7 +312,7 @@ def _profiles(layers: pd.DataFrame, labels: np.ndarray, how: str) -> dict:
         out["radial_layers_count"][i] = c
         out["radial_layers_graylevel"][i] = m
         out["radial_layers_std"][i] = s
-        out["radial_layers_graylevelnormed"][i] = _normalised(m, how)
+        out["radial_layers_graylevelnormed"][i] = _normalised(m, how, start_at)
     return out
 
 
@@ -338,7 +340,7 @@ def _finish(stats: pd.DataFrame, combined_layers: pd.DataFrame, contacts: pd.Dat
     layers = kernels.finalize_layers(combined_layers)
     labels = stats["label"].to_numpy()
     table = stats.copy()
-    for k, v in _profiles(layers, labels, params["normalise"]).items():
+    for k, v in _profiles(layers, labels, params["normalise"], params["start_at"]).items():
         table[k] = v
     for k, v in _roi(combined_layers, labels, params["exclude_outer_layers"]).items():
         table[k] = v
@@ -507,7 +509,8 @@ def analyze(
         Voxels outside the volume count as outside every particle (GRAPES' default).
     normalise : {"radial_max", "surface"}
         ``radial_layers_graylevelnormed``: ``(g - g[1]) / max(g - g[1])`` (NaN when that max
-        is <= 0) or ``g / g[1]``.
+        is <= 0) or ``g / g[surface]`` with the surface layer 1 from the edge and the outermost
+        layer with ``start_at="center"`` (as GRAPES).
     exclude_outer_layers : int
         ``roi_*`` columns use the voxels of layers > this number (paper fig. 8b uses 5).
     exclude_labels : sequence of int, optional

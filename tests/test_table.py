@@ -155,10 +155,10 @@ def ref_contacts(labels):
     return pd.DataFrame({"label_a": uniq[:, 0], "label_b": uniq[:, 1], "n_faces": counts.astype(np.int64)})
 
 
-def _normed(g, how):
-    if how == "surface":
+def _normed(g, how, start_at="edge"):
+    if how == "surface":  # divide by the surface layer: the first from the edge, the last from the centre
         with np.errstate(divide="ignore", invalid="ignore"):
-            return g / g[0]
+            return g / (g[0] if start_at == "edge" else g[-1])
     rel = g - g[0]
     top = np.nanmax(rel) if np.isfinite(rel).any() else np.nan
     if not top > 0:
@@ -247,7 +247,7 @@ def reference(grey, labels, spacing, *, layer_width=1.0, start_at="edge", black_
         prof["radial_layers_count"].append(cnt)
         prof["radial_layers_graylevel"].append(mean)
         prof["radial_layers_std"].append(std)
-        prof["radial_layers_graylevelnormed"].append(_normed(mean, normalise))
+        prof["radial_layers_graylevelnormed"].append(_normed(mean, normalise, start_at))
         inner = g[k > exclude_outer_layers]
         roi["roi_voxels"].append(inner.size)
         roi["roi_mean"].append(inner.mean() if inner.size else np.nan)
