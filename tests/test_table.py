@@ -792,3 +792,31 @@ def test_memory_limit_names_the_label_and_exclude_labels_works():
     assert got["excluded"].sum() == 1
     # the limit is not hit without the binder: it is the binder that is named, not the size
     analyze(grey, np.where(labels == binder, 0, labels), memory_limit=limit, **kw)
+
+
+def test_graph_grows_with_blocks_not_labels(monkeypatch):
+    """Tasks are per block or region: 8 or 2,000 particles in the same volume, same graph size."""
+    import dask
+
+    import grapes_dask.table as table
+
+    sizes = []
+    real = table._compute
+
+    def counting(*objs, **kw):
+        sizes.append(len(dict(dask.delayed(list(objs)).__dask_graph__())))
+        return real(*objs, **kw)
+
+    monkeypatch.setattr(table, "_compute", counting)
+    shape = (48, 48, 48)
+    few = np.zeros(shape, np.uint32)
+    few[4:20, 4:20, 4:20] = 1
+    few[28:44, 28:44, 28:44] = 2
+    many = (np.arange(np.prod(shape)) // 50 + 1).reshape(shape).astype(np.uint32)  # ~2,200 labels
+    grey = np.ones(shape, np.uint8)
+    for lab in (few, many):
+        analyze(grey, lab, chunks=16, region_size=16)
+    n_few, n_many = sizes[:2], sizes[2:]
+    assert n_few == n_many, (n_few, n_many)
+    assert n_few[0] > 27  # the graph was counted (at least one task per block)
+    assert n_few[0] < 10 * 27  # a handful of tasks per block (27 blocks)
