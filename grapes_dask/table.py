@@ -254,10 +254,15 @@ def _centre_distance(lab, origin, spacing, sorted_labels, centroids):
 
 
 def _pass2_task(lab_src, lab_sl, grey_src, grey_sl, core, border, spacing, width, exclude, center, origin,
-                centre_table):
+                centre_table, keys, max_distance):
     lab_outer, grey_core = _get(lab_src, lab_sl), _get(grey_src, grey_sl)
     if len(exclude):
         lab_outer = np.where(np.isin(lab_outer, exclude), 0, lab_outer)
+    fused = (not center and lab_outer.ndim == 3 and len(set(spacing)) == 1
+             and grey_core.dtype.kind in "uib" and grey_core.dtype.itemsize <= 2 and np.isfinite(max_distance))
+    if fused:  # EDT and layer sums in one sweep, no float distance array
+        g = grey_core.view(np.uint8) if grey_core.dtype == bool else grey_core
+        return kernels.fused_layer_sums(lab_outer, g, core, border, spacing[0], width, keys, max_distance)
     lab_core = lab_outer[core]
     if center:
         sorted_labels, centroids = centre_table
@@ -449,9 +454,12 @@ def _run(grey, labels, *, spacing=None, chunks=None, layer_width=None, start_at=
         origin = tuple(s.start for s in reg.core)
         # a side on the volume border is a boundary of the EDT only with black_border
         border = tuple(b and bool(black_border) for b in reg.border)
+        # the core's labels and their largest distance bound size the fused kernel's accumulators
+        keys = np.setdiff1d(block_labels.get(reg.index, np.zeros(0, np.uint64)), exclude).astype(np.uint64)
+        max_distance = float(bounds[np.searchsorted(all_labels, keys)].max()) if len(keys) else 0.0
         parts.append(dask.delayed(_pass2_task, pure=True)(
             *inp.block("labels", reg.outer), *inp.block("grey", reg.core), reg.core_in_outer, border, inp.spacing,
-            params["layer_width"], exclude, center, origin, centre_table,
+            params["layer_width"], exclude, center, origin, centre_table, keys, max_distance,
         ))
     combined_layers = _tree_reduce(parts, kernels.combine_layers) if parts else _empty_layers_partial(inp.grey.dtype)
     timings = {"pass1": t1 - t0, "plan": time.perf_counter() - t1}

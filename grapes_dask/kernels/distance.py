@@ -363,18 +363,14 @@ def _runs_env(L, f, out, n, lob, hib, v, z, fv, lo, hi):
 
 
 @njit(cache=True, nogil=True)
-def _sq_edt3_iso(lab, c0, c1, border):
-    """Integer squared EDT (voxel units) on the core, for isotropic spacing.
+def _iso_passes12(lab, c0, c1, border, v, zb, fv):
+    """Passes along x and y of the integer route; returns ``T2[b, c, a]`` and its labels ``LT2``.
 
-    Same passes as :func:`_sq_edt3` but in integers, with every line contiguous: each pass
-    writes its output transposed (in tiles, so writes stay in cache lines) for the next one.
+    Each pass writes its output transposed (in tiles, so writes stay in cache lines), so that
+    the lines of the next pass are contiguous.
     """
     Z, Y, X = lab.shape
-    cz, cy, cx = c1[0] - c0[0], c1[1] - c0[1], c1[2] - c0[2]
-    n = max(Z, max(Y, X))
-    v = np.empty(n + 2, np.int64)
-    zb = np.empty(n + 3)
-    fv = np.empty(n + 2, np.int64)
+    cy, cx = c1[1] - c0[1], c1[2] - c0[2]
     row = np.empty(X, np.int64)
     # pass 1 along x -> T1[a, c, b] (y contiguous), LT1 likewise
     T1 = np.empty((Z, cx, Y), np.int32)
@@ -405,19 +401,40 @@ def _sq_edt3_iso(lab, c0, c1, border):
                 for t in range(w):
                     T2[b, c, a0 + t] = tile2[t, b]
                     LT2[b, c, a0 + t] = LT1[a0 + t, c, c0[1] + b]
-    # pass 3 along z -> out[a, b, c]
+    return T2, LT2
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _iso_pass3_tile(T2, LT2, b, cc0, w, Z, c0, c1, border, v, zb, fv, tile3):
+    """Pass along z for the columns ``(b, cc0 .. cc0 + w)``: ``tile3[t, a]`` = squared distance."""
+    for t in range(w):
+        _runs_env(LT2[b, cc0 + t], T2[b, cc0 + t], tile3[t], Z, border[0], border[1], v, zb, fv, c0[0], c1[0])
+
+
+@njit(cache=True, nogil=True)
+def _sq_edt3_iso(lab, c0, c1, border):
+    """Integer squared EDT (voxel units) on the core, for isotropic spacing.
+
+    Same passes as :func:`_sq_edt3` but in integers, with every line contiguous.
+    """
+    Z = lab.shape[0]
+    cz, cy, cx = c1[0] - c0[0], c1[1] - c0[1], c1[2] - c0[2]
+    n = max(Z, max(lab.shape[1], lab.shape[2]))
+    v = np.empty(n + 2, np.int64)
+    zb = np.empty(n + 3)
+    fv = np.empty(n + 2, np.int64)
+    T2, LT2 = _iso_passes12(lab, c0, c1, border, v, zb, fv)
     out = np.empty((cz, cy, cx), np.int32)
     tile3 = np.empty((_TILE, cz), np.int64)
     for b in range(cy):
         for cc0 in range(0, cx, _TILE):
             w = min(_TILE, cx - cc0)
-            for t in range(w):
-                _runs_env(LT2[b, cc0 + t], T2[b, cc0 + t], tile3[t], Z, border[0], border[1], v, zb, fv,
-                          c0[0], c1[0])
+            _iso_pass3_tile(T2, LT2, b, cc0, w, Z, c0, c1, border, v, zb, fv, tile3)
             for a in range(cz):
                 for t in range(w):
                     out[a, b, cc0 + t] = tile3[t, a]
     return out
+
 
 def distance_core(labels, core=None, spacing=None, border=True):
     """Exact multi-label EDT on the core of a region, by the fastest exact route.

@@ -39,6 +39,7 @@ import pandas as pd
 from numba import njit
 
 from . import _accum as acc
+from .distance import _IBIG, _TILE, _iso_pass3_tile, _iso_passes12
 
 U64 = np.uint64
 
@@ -248,3 +249,123 @@ def finalize_layers(combined):
         "std": std,
     }
     return pd.DataFrame({c: np.asarray(out[c], dtype=d) for c, d in LAYER_COLUMNS.items()})
+
+
+# --------------------------------------------------------------------------------------------
+# fused route: last EDT pass and layer sums in one sweep (isotropic spacing, grey <= 16 bits)
+# --------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True)
+def _fused_iso_kernel(lab, grey, c0, c1, border, keys, s, width, kcap, cnt, gsum, gsq):
+    """Core EDT (integer route) with its last pass accumulating per (label index, layer).
+
+    ``cnt``, ``gsum``, ``gsq``: int64 arrays of shape ``(len(keys), kcap)``. Returns the number
+    of voxels whose label was not in ``keys`` or whose layer was >= ``kcap`` (0 when consistent).
+    """
+    Z = lab.shape[0]
+    cz, cy, cx = c1[0] - c0[0], c1[1] - c0[1], c1[2] - c0[2]
+    n = max(Z, max(lab.shape[1], lab.shape[2]))
+    v = np.empty(n + 2, np.int64)
+    zb = np.empty(n + 3)
+    fv = np.empty(n + 2, np.int64)
+    T2, LT2 = _iso_passes12(lab, c0, c1, border, v, zb, fv)
+    tile3 = np.empty((_TILE, cz), np.int64)
+    bad = 0
+    last = U64(0)
+    idx = -1
+    nk = keys.shape[0]
+    for b in range(cy):
+        for cc0 in range(0, cx, _TILE):
+            w = min(_TILE, cx - cc0)
+            _iso_pass3_tile(T2, LT2, b, cc0, w, Z, c0, c1, border, v, zb, fv, tile3)
+            for a in range(cz):
+                for t in range(w):
+                    lv = U64(lab[c0[0] + a, c0[1] + b, c0[2] + cc0 + t])
+                    if lv == 0:
+                        continue
+                    if lv != last:
+                        lo, hi = 0, nk
+                        while lo < hi:
+                            mid = (lo + hi) // 2
+                            if keys[mid] < lv:
+                                lo = mid + 1
+                            else:
+                                hi = mid
+                        idx = lo if lo < nk and keys[lo] == lv else -1
+                        last = lv
+                    k2 = tile3[t, a]
+                    if idx < 0 or k2 >= _IBIG:
+                        bad += 1
+                        continue
+                    d = np.sqrt(np.float64(k2))
+                    if s != 1.0:
+                        d = d * s
+                    k = _layer(d, width, 0)
+                    if k >= kcap:
+                        bad += 1
+                        continue
+                    g = np.int64(grey[a, b, cc0 + t])
+                    cnt[idx, k] += 1
+                    gsum[idx, k] += g
+                    gsq[idx, k] += g * g
+    return bad
+
+
+def fused_layer_sums(labels, grey, core, border, spacing, layer_width, keys, max_distance):
+    """Pass-2 partial of a region in one sweep: core EDT and per-(label, layer) sums, fused.
+
+    For isotropic spacing and integer grey of at most 16 bits (the sums of squares of one region
+    then fit int64); the result equals ``layer_sums(labels[core], grey, distance_core(labels,
+    core, spacing, border), layer_width=layer_width)`` without the float distance array.
+
+    Parameters
+    ----------
+    labels : ndarray of integer, shape (Z, Y, X)
+        Labels of the region (core plus halo); 0 is background.
+    grey : ndarray of integer (<= 16 bits), shape of the core
+        Grey levels of the core.
+    core : tuple of slice
+        The core inside `labels`.
+    border : sequence of 6 bool
+        Whether each region side is a boundary (volume side with ``black_border``).
+    spacing : float
+        The isotropic voxel size.
+    layer_width : float
+        Layer width (spacing units).
+    keys : ndarray of uint64, sorted
+        Every nonzero label of the core.
+    max_distance : float
+        Upper bound of any core voxel's distance (spacing units), e.g. the largest inscribed-radius
+        bound of `keys`; sizes the accumulators.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The layer partial of :func:`layer_sums` (integer grey columns).
+    """
+    lab = np.ascontiguousarray(acc.as_unsigned(labels)) if labels.dtype.kind == "i" else np.ascontiguousarray(labels)
+    if lab.ndim != 3 or grey.ndim != 3:
+        raise ValueError("fused_layer_sums takes 3D regions")
+    c0 = np.array([s_.start for s_ in core], np.int64)
+    c1 = np.array([s_.stop for s_ in core], np.int64)
+    keys = np.asarray(keys, np.uint64)
+    width = float(layer_width)
+    kcap = int(np.floor(max_distance / width)) + 3
+    cnt = np.zeros((len(keys), kcap), np.int64)
+    gsum = np.zeros((len(keys), kcap), np.int64)
+    gsq = np.zeros((len(keys), kcap), np.int64)
+    bad = _fused_iso_kernel(lab, grey, c0, c1, np.asarray(border, np.bool_), keys, float(spacing), width, kcap,
+                            cnt, gsum, gsq)
+    if bad:
+        raise RuntimeError(f"fused_layer_sums: {bad} voxels outside the given labels or layer bound "
+                           "(the plan's label lists or distance bounds are inconsistent)")
+    li, kk = np.nonzero(cnt)
+    sums = gsum[li, kk]
+    dtypes = _layer_dtypes("int")
+    out = {
+        "label": keys[li], "layer": kk.astype(np.int64), "count": cnt[li, kk],
+        "grey_sum_hi": np.where(sums < 0, -1, 0).astype(np.int64), "grey_sum_lo": sums.astype(np.uint64),
+        "grey_sq_hi": np.zeros(len(li), np.uint64), "grey_sq_lo": gsq[li, kk].astype(np.uint64),
+    }
+    return pd.DataFrame({c: np.asarray(out[c], dtype=d) for c, d in dtypes.items()})

@@ -159,3 +159,51 @@ def test_background_only_gives_typed_empty_tables():
     t = finalize_layers(combine_layers([p, p]))
     assert len(t) == 0
     assert dict(t.dtypes) == {c: np.dtype(d) for c, d in LAYER_COLUMNS.items()}
+
+
+def test_fused_layer_sums_equals_distance_then_layer_sums():
+    """The fused route (integer EDT + accumulation in one sweep) equals the two-step route, and on a
+    whole volume with black border it equals the per-particle scipy reference."""
+    from scipy import ndimage
+
+    from grapes_dask.kernels.distance import distance_core
+    from grapes_dask.kernels.layers import fused_layer_sums
+
+    rng = np.random.default_rng(5)
+    shape = (30, 34, 28)
+    grids = np.ogrid[tuple(slice(0, n) for n in shape)]
+    lab = np.zeros(shape, np.uint32)
+    best = np.full(shape, np.inf)
+    ids = rng.choice(np.arange(70_000, 90_000), 25, replace=False)
+    for i in ids:
+        c, r = rng.uniform(0, shape), rng.uniform(3, 8, 3)
+        d = sum(((g - cc) / rr) ** 2 for g, cc, rr in zip(grids, c, r))
+        m = (d < 1) & (d < best)
+        best[m], lab[m] = d[m], i
+    grey = rng.integers(0, 65536, shape).astype(np.uint16)
+    keys = np.unique(lab[lab > 0]).astype(np.uint64)
+    for s, w in ((1.0, 1.0), (0.5, 0.5), (0.7, 0.5), (1.3, 1.7)):
+        core = (slice(4, 26), slice(6, 30), slice(0, 28))
+        border = [False, False, False, False, True, True]
+        two_step = layer_sums(lab[core], grey[core], distance_core(lab, core, (s,) * 3, border), layer_width=w)
+        ck = np.unique(lab[core][lab[core] > 0]).astype(np.uint64)
+        fused = fused_layer_sums(lab, grey[core], core, border, s, w, ck, 40.0)
+        pd.testing.assert_frame_equal(fused, two_step)
+        if s not in (1.0, 0.5):
+            continue  # s * sqrt(k) and scipy's sum of (s n)^2 agree bitwise only for powers of two
+        # whole volume, black border: per-particle scipy reference
+        whole = tuple(slice(0, n) for n in shape)
+        got = finalize_layers(fused_layer_sums(lab, grey, whole, [True] * 6, s, w, keys, 40.0))
+        rows = []
+        for v in keys:
+            m = lab == v
+            d = ndimage.distance_transform_edt(np.pad(m, 1), sampling=(s,) * 3)[1:-1, 1:-1, 1:-1][m]
+            k = np.maximum(1, np.rint(d / w)).astype(int)
+            for layer in np.unique(k):
+                rows.append((v, layer, int((k == layer).sum()), grey[m][k == layer].astype(float).mean()))
+        ref = pd.DataFrame(rows, columns=["label", "layer", "count", "mean"])
+        np.testing.assert_array_equal(got["layer"].to_numpy(), ref["layer"].to_numpy())
+        np.testing.assert_array_equal(got["count"].to_numpy(), ref["count"].to_numpy())
+        np.testing.assert_allclose(got["mean"].to_numpy(), ref["mean"].to_numpy(), rtol=1e-12)
+    with pytest.raises(RuntimeError, match="inconsistent"):
+        fused_layer_sums(lab, grey, tuple(slice(0, n) for n in shape), [True] * 6, 1.0, 1.0, keys[:-1], 40.0)
