@@ -100,8 +100,8 @@ def region_bytes(outer_shape, core_shape, label_itemsize, grey_itemsize) -> int:
     pass1 = int(o[0] * o[1] * c[2]) * 12  # float64 + int32 offsets
     pass2 = int(o[0] * c[1] * c[2]) * 16
     separable = pass1 + pass2
-    # integer route (isotropic): transposed int32 passes with transposed label copies
-    integer = int(o[0] * c[2] * o[1] + c[1] * c[2] * o[0]) * (4 + label_itemsize) + n_core * 4
+    # integer route (isotropic): packed int32 lines for the last pass, a 16-plane tile of the first
+    integer = int(o[0] * c[1] * c[2]) * 4 + int(16 * c[2] * o[1]) * (4 + label_itemsize) + n_core * 4
     return n_outer * label_itemsize + max(separable, integer) + n_core * (8 + 8 + grey_itemsize + label_itemsize)
 
 

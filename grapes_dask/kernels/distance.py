@@ -37,7 +37,9 @@ __all__ = ["squared_edt_core", "edt_core"]
 _TILE = 16
 _INF = np.inf
 _NOFF = np.int32(2**31 - 1)  # "no feature reachable"
-_IBIG = np.int64(1) << 30  # integer route: "no boundary reachable" (d^2 fits int32 below it)
+_IBIG = np.int64(1) << 29  # integer route: "no boundary reachable" (d^2 below it: d < 23,170 voxels)
+_FLAG = np.int64(1) << 30  # packed lines: "a new run of labels starts here"
+_FMASK = _FLAG - 1
 
 
 @njit(cache=True, nogil=True)
@@ -304,111 +306,150 @@ def _runs_first(L, out, n, lob, hib):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _runs_env(L, f, out, n, lob, hib, v, z, fv, lo, hi):
-    """Integer lower envelope of ``(q - p)^2 + f[p]`` within runs of equal labels (unit spacing).
+def _env_segment(f, packed, i, j, lb, rb, out, lo, hi, v, z, fv):
+    """Integer lower envelope of ``(q - p)^2 + f[p]`` over one run ``[i, j)`` of a line.
 
-    Only positions ``lo <= q < hi`` are written, to ``out[q - lo]``.
+    ``lb``/``rb``: zero-height parabolas just outside the run (another label or a border).
+    ``packed``: ``f`` holds run-start flags above its value bits. Writes ``out[q - lo]`` for
+    ``lo <= q < hi`` only.
     """
+    k = -1
+    if lb:
+        k = 0
+        v[0] = i - 1
+        fv[0] = 0
+        z[0] = -1e300
+    end = j + 1 if rb else j
+    for p in range(i, end):
+        if p == j:
+            fp = np.int64(0)
+        else:
+            fp = np.int64(f[p])
+            if packed:
+                fp = fp & _FMASK
+        if fp >= _IBIG:
+            continue
+        s = 0.0
+        while k >= 0:
+            q = v[k]
+            s = ((fp + p * p) - (fv[k] + q * q)) / (2.0 * (p - q))
+            if s <= z[k]:
+                k -= 1
+            else:
+                break
+        k += 1
+        v[k] = p
+        fv[k] = fp
+        z[k] = -1e300 if k == 0 else s
+    if k < 0:
+        for q in range(max(i, lo), min(j, hi)):
+            out[q - lo] = _IBIG
+    else:
+        z[k + 1] = 1e300
+        m = 0
+        for q in range(max(i, lo), min(j, hi)):
+            while z[m + 1] < q:
+                m += 1
+            d = q - v[m]
+            out[q - lo] = d * d + fv[m]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _runs_env(L, f, out, n, lob, hib, v, z, fv, lo, hi):
+    """:func:`_env_segment` over every run of equal non-zero labels ``L`` meeting ``[lo, hi)``."""
     i = 0
     while i < n:
         lv = L[i]
         j = i + 1
         while j < n and L[j] == lv:
             j += 1
-        if j <= lo or i >= hi:
-            i = j
-            continue
-        if lv == 0:
-            for q in range(max(i, lo), min(j, hi)):
-                out[q - lo] = 0
-            i = j
-            continue
-        lb = i > 0 or lob
-        rb = j < n or hib
-        k = -1
-        if lb:
-            k = 0
-            v[0] = i - 1
-            fv[0] = 0
-            z[0] = -1e300
-        end = j + 1 if rb else j
-        for p in range(i, end):
-            fp = np.int64(0) if p == j else np.int64(f[p])
-            if fp >= _IBIG:
-                continue
-            s = 0.0
-            while k >= 0:
-                q = v[k]
-                s = ((fp + p * p) - (fv[k] + q * q)) / (2.0 * (p - q))
-                if s <= z[k]:
-                    k -= 1
-                else:
-                    break
-            k += 1
-            v[k] = p
-            fv[k] = fp
-            z[k] = -1e300 if k == 0 else s
-        if k < 0:
-            for q in range(max(i, lo), min(j, hi)):
-                out[q - lo] = _IBIG
+        if j > lo and i < hi:
+            if lv == 0:
+                for q in range(max(i, lo), min(j, hi)):
+                    out[q - lo] = 0
+            else:
+                _env_segment(f, False, i, j, i > 0 or lob, j < n or hib, out, lo, hi, v, z, fv)
+        i = j
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _runs_env_packed(P, out, n, lob, hib, v, z, fv, lo, hi):
+    """Like :func:`_runs_env` on a packed line: -1 background, else value | run-start flag."""
+    i = 0
+    while i < n:
+        j = i + 1
+        if P[i] < 0:
+            while j < n and P[j] < 0:
+                j += 1
+            if j > lo and i < hi:
+                for q in range(max(i, lo), min(j, hi)):
+                    out[q - lo] = 0
         else:
-            z[k + 1] = 1e300
-            m = 0
-            for q in range(max(i, lo), min(j, hi)):
-                while z[m + 1] < q:
-                    m += 1
-                d = q - v[m]
-                out[q - lo] = d * d + fv[m]
+            while j < n and P[j] >= 0 and (np.int64(P[j]) & _FLAG) == 0:
+                j += 1
+            if j > lo and i < hi:
+                _env_segment(P, True, i, j, i > 0 or lob, j < n or hib, out, lo, hi, v, z, fv)
         i = j
 
 
 @njit(cache=True, nogil=True)
 def _iso_passes12(lab, c0, c1, border, v, zb, fv):
-    """Passes along x and y of the integer route; returns ``T2[b, c, a]`` and its labels ``LT2``.
+    """Passes along x and y of the integer route, a tile of z-planes at a time.
 
-    Each pass writes its output transposed (in tiles, so writes stay in cache lines), so that
-    the lines of the next pass are contiguous.
+    Returns ``P2[b, c, a]`` (int32, z contiguous for the last pass) for the core's (y, x)
+    columns and every z of the region: ``-1`` on background, else the squared distance of the
+    first two passes with bit 30 set where a new run of labels starts along z. Only a tile of
+    planes of the first pass is ever held, and no label copy is kept for the last pass.
     """
     Z, Y, X = lab.shape
     cy, cx = c1[1] - c0[1], c1[2] - c0[2]
     row = np.empty(X, np.int64)
-    # pass 1 along x -> T1[a, c, b] (y contiguous), LT1 likewise
-    T1 = np.empty((Z, cx, Y), np.int32)
-    LT1 = np.empty((Z, cx, Y), lab.dtype)
-    tile = np.empty((_TILE, cx), np.int64)
-    for a in range(Z):
-        for b0 in range(0, Y, _TILE):
-            w = min(_TILE, Y - b0)
-            for t in range(w):
-                _runs_first(lab[a, b0 + t], row, X, border[4], border[5])
-                for c in range(cx):
-                    tile[t, c] = row[c0[2] + c]
-            for c in range(cx):
-                for t in range(w):
-                    T1[a, c, b0 + t] = tile[t, c]
-                    LT1[a, c, b0 + t] = lab[a, b0 + t, c0[2] + c]
-    # pass 2 along y -> T2[b, c, a] (z contiguous)
-    T2 = np.empty((cy, cx, Z), np.int32)
-    LT2 = np.empty((cy, cx, Z), lab.dtype)
+    rows = np.empty((_TILE, cx), np.int64)
+    T1 = np.empty((_TILE, cx, Y), np.int32)
+    L1 = np.empty((_TILE, cx, Y), lab.dtype)
+    prev = np.zeros((cx, cy), lab.dtype)
     tile2 = np.empty((_TILE, cy), np.int64)
-    for c in range(cx):
-        for a0 in range(0, Z, _TILE):
-            w = min(_TILE, Z - a0)
+    P2 = np.empty((cy, cx, Z), np.int32)
+    for a0 in range(0, Z, _TILE):
+        w = min(_TILE, Z - a0)
+        # pass 1 along x for the planes a0 .. a0 + w, stored (plane, x, y): y contiguous
+        for t in range(w):
+            a = a0 + t
+            for b0 in range(0, Y, _TILE):
+                wb = min(_TILE, Y - b0)
+                for tb in range(wb):
+                    _runs_first(lab[a, b0 + tb], row, X, border[4], border[5])
+                    for c in range(cx):
+                        rows[tb, c] = row[c0[2] + c]
+                for c in range(cx):
+                    for tb in range(wb):
+                        T1[t, c, b0 + tb] = rows[tb, c]
+                        L1[t, c, b0 + tb] = lab[a, b0 + tb, c0[2] + c]
+        # pass 2 along y, packed into P2 with the run starts along z
+        for c in range(cx):
             for t in range(w):
-                _runs_env(LT1[a0 + t, c], T1[a0 + t, c], tile2[t], Y, border[2], border[3], v, zb, fv,
-                          c0[1], c1[1])
+                _runs_env(L1[t, c], T1[t, c], tile2[t], Y, border[2], border[3], v, zb, fv, c0[1], c1[1])
             for b in range(cy):
                 for t in range(w):
-                    T2[b, c, a0 + t] = tile2[t, b]
-                    LT2[b, c, a0 + t] = LT1[a0 + t, c, c0[1] + b]
-    return T2, LT2
+                    a = a0 + t
+                    lv = L1[t, c, c0[1] + b]
+                    if lv == 0:
+                        P2[b, c, a] = -1
+                    else:
+                        before = L1[t - 1, c, c0[1] + b] if t > 0 else prev[c, b]
+                        val = tile2[t, b]
+                        if a == 0 or before != lv:
+                            val = val | _FLAG
+                        P2[b, c, a] = val
+                prev[c, b] = L1[w - 1, c, c0[1] + b]
+    return P2
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _iso_pass3_tile(T2, LT2, b, cc0, w, Z, c0, c1, border, v, zb, fv, tile3):
+def _iso_pass3_tile(P2, b, cc0, w, Z, c0, c1, border, v, zb, fv, tile3):
     """Pass along z for the columns ``(b, cc0 .. cc0 + w)``: ``tile3[t, a]`` = squared distance."""
     for t in range(w):
-        _runs_env(LT2[b, cc0 + t], T2[b, cc0 + t], tile3[t], Z, border[0], border[1], v, zb, fv, c0[0], c1[0])
+        _runs_env_packed(P2[b, cc0 + t], tile3[t], Z, border[0], border[1], v, zb, fv, c0[0], c1[0])
 
 
 @njit(cache=True, nogil=True)
@@ -423,13 +464,13 @@ def _sq_edt3_iso(lab, c0, c1, border):
     v = np.empty(n + 2, np.int64)
     zb = np.empty(n + 3)
     fv = np.empty(n + 2, np.int64)
-    T2, LT2 = _iso_passes12(lab, c0, c1, border, v, zb, fv)
+    P2 = _iso_passes12(lab, c0, c1, border, v, zb, fv)
     out = np.empty((cz, cy, cx), np.int32)
     tile3 = np.empty((_TILE, cz), np.int64)
     for b in range(cy):
         for cc0 in range(0, cx, _TILE):
             w = min(_TILE, cx - cc0)
-            _iso_pass3_tile(T2, LT2, b, cc0, w, Z, c0, c1, border, v, zb, fv, tile3)
+            _iso_pass3_tile(P2, b, cc0, w, Z, c0, c1, border, v, zb, fv, tile3)
             for a in range(cz):
                 for t in range(w):
                     out[a, b, cc0 + t] = tile3[t, a]

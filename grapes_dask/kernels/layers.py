@@ -269,7 +269,7 @@ def _fused_iso_kernel(lab, grey, c0, c1, border, keys, s, width, kcap, cnt, gsum
     v = np.empty(n + 2, np.int64)
     zb = np.empty(n + 3)
     fv = np.empty(n + 2, np.int64)
-    T2, LT2 = _iso_passes12(lab, c0, c1, border, v, zb, fv)
+    P2 = _iso_passes12(lab, c0, c1, border, v, zb, fv)
     tile3 = np.empty((_TILE, cz), np.int64)
     bad = 0
     last = U64(0)
@@ -278,7 +278,7 @@ def _fused_iso_kernel(lab, grey, c0, c1, border, keys, s, width, kcap, cnt, gsum
     for b in range(cy):
         for cc0 in range(0, cx, _TILE):
             w = min(_TILE, cx - cc0)
-            _iso_pass3_tile(T2, LT2, b, cc0, w, Z, c0, c1, border, v, zb, fv, tile3)
+            _iso_pass3_tile(P2, b, cc0, w, Z, c0, c1, border, v, zb, fv, tile3)
             for a in range(cz):
                 for t in range(w):
                     lv = U64(lab[c0[0] + a, c0[1] + b, c0[2] + cc0 + t])
