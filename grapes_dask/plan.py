@@ -89,8 +89,11 @@ class Region:
         return tuple(s.stop - s.start for s in self.core)
 
 
-def region_bytes(outer_shape, core_shape, label_itemsize, grey_itemsize) -> int:
-    """Peak working memory of one pass-2 task in bytes (distance kernel buffers included)."""
+def region_bytes(outer_shape, core_shape, label_itemsize, grey_itemsize, isotropic=False) -> int:
+    """Peak working memory of one pass-2 task in bytes (distance kernel buffers included).
+
+    ``isotropic`` selects the integer route of the distance kernel, else the float64 one.
+    """
     o = np.asarray(outer_shape, np.int64)
     c = np.asarray(core_shape, np.int64)
     if len(o) == 2:
@@ -102,7 +105,8 @@ def region_bytes(outer_shape, core_shape, label_itemsize, grey_itemsize) -> int:
     separable = pass1 + pass2
     # integer route (isotropic): packed int32 lines for the last pass, a 16-plane tile of the first
     integer = int(o[0] * c[1] * c[2]) * 4 + int(16 * c[2] * o[1]) * (4 + label_itemsize) + n_core * 4
-    return n_outer * label_itemsize + max(separable, integer) + n_core * (8 + 8 + grey_itemsize + label_itemsize)
+    # + the core grey, the float64 distances and layer map of the unfused route
+    return n_outer * label_itemsize + (integer if isotropic else separable) + n_core * (12 + grey_itemsize)
 
 
 def block_edges(chunks, target: int) -> list:
@@ -177,10 +181,10 @@ def plan_regions(edges, block_labels, labels, bounds, spacing, volume_shape, *, 
     return regions
 
 
-def check_region_memory(regions, budget, label_itemsize, grey_itemsize, block_labels, labels, bounds):
+def check_region_memory(regions, budget, label_itemsize, grey_itemsize, block_labels, labels, bounds, isotropic=False):
     """Raise :class:`GrapesInputError` naming the labels whose halo makes a region exceed `budget`."""
     for reg in regions:
-        need = region_bytes(reg.outer_shape, reg.core_shape, label_itemsize, grey_itemsize)
+        need = region_bytes(reg.outer_shape, reg.core_shape, label_itemsize, grey_itemsize, isotropic)
         if need <= budget:
             continue
         labs = block_labels.get(reg.index)

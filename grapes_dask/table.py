@@ -442,7 +442,7 @@ def _run(grey, labels, *, spacing=None, chunks=None, layer_width=None, start_at=
     block_labels = {k: i["labels"] for k, i in zip(keys, infos)}
     regions = plan_regions(edges, block_labels, all_labels, bounds, inp.spacing, inp.labels.shape, halo=not center)
     check_region_memory(regions, memory_limit, inp.labels.dtype.itemsize, inp.grey.dtype.itemsize,
-                        block_labels, all_labels, bounds)
+                        block_labels, all_labels, bounds, isotropic=len(set(inp.spacing)) == 1)
 
     # 5. pass 2
     centre_table = None

@@ -306,12 +306,12 @@ def _runs_first(L, out, n, lob, hib):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _env_segment(f, packed, i, j, lb, rb, out, lo, hi, v, z, fv):
+def _env_segment(f, fmask, big, i, j, lb, rb, out, lo, hi, v, z, fv):
     """Integer lower envelope of ``(q - p)^2 + f[p]`` over one run ``[i, j)`` of a line.
 
     ``lb``/``rb``: zero-height parabolas just outside the run (another label or a border).
-    ``packed``: ``f`` holds run-start flags above its value bits. Writes ``out[q - lo]`` for
-    ``lo <= q < hi`` only.
+    The value of ``f[p]`` is ``f[p] & fmask``; values ``>= big`` mean "no boundary reachable"
+    and are left out. Writes ``out[q - lo]`` for ``lo <= q < hi`` only.
     """
     k = -1
     if lb:
@@ -321,13 +321,8 @@ def _env_segment(f, packed, i, j, lb, rb, out, lo, hi, v, z, fv):
         z[0] = -1e300
     end = j + 1 if rb else j
     for p in range(i, end):
-        if p == j:
-            fp = np.int64(0)
-        else:
-            fp = np.int64(f[p])
-            if packed:
-                fp = fp & _FMASK
-        if fp >= _IBIG:
+        fp = np.int64(0) if p == j else np.int64(f[p]) & fmask
+        if fp >= big:
             continue
         s = 0.0
         while k >= 0:
@@ -368,39 +363,54 @@ def _runs_env(L, f, out, n, lob, hib, v, z, fv, lo, hi):
                 for q in range(max(i, lo), min(j, hi)):
                     out[q - lo] = 0
             else:
-                _env_segment(f, False, i, j, i > 0 or lob, j < n or hib, out, lo, hi, v, z, fv)
+                _env_segment(f, np.int64(-1), _IBIG, i, j, i > 0 or lob, j < n or hib, out, lo, hi, v, z, fv)
         i = j
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _runs_env_packed(P, out, n, lob, hib, v, z, fv, lo, hi):
-    """Like :func:`_runs_env` on a packed line: -1 background, else value | run-start flag."""
+def _runs_env_packed(P, out, n, lob, hib, v, z, fv, lo, hi, pk):
+    """Like :func:`_runs_env` on a packed line (see :func:`_packing`)."""
+    bg, flag, fmask, big = pk
     i = 0
     while i < n:
         j = i + 1
-        if P[i] < 0:
-            while j < n and P[j] < 0:
+        if np.int64(P[i]) == bg:
+            while j < n and np.int64(P[j]) == bg:
                 j += 1
             if j > lo and i < hi:
                 for q in range(max(i, lo), min(j, hi)):
                     out[q - lo] = 0
         else:
-            while j < n and P[j] >= 0 and (np.int64(P[j]) & _FLAG) == 0:
+            while j < n and np.int64(P[j]) != bg and (np.int64(P[j]) & flag) == 0:
                 j += 1
             if j > lo and i < hi:
-                _env_segment(P, True, i, j, i > 0 or lob, j < n or hib, out, lo, hi, v, z, fv)
+                _env_segment(P, fmask, big, i, j, i > 0 or lob, j < n or hib, out, lo, hi, v, z, fv)
         i = j
 
 
+def _packing(max_sq):
+    """dtype and ``(background, run-start flag, value mask, unreachable)`` of packed lines.
+
+    uint16 when every squared distance that matters is below 2**14 - 1 (distances under 127
+    voxels): larger values only ever belong to parabolas that cannot be a core voxel's minimum,
+    so they are stored as "unreachable". int32 otherwise.
+    """
+    if max_sq < (1 << 14) - 1:
+        return np.uint16, (np.int64(0xFFFF), np.int64(1 << 14), np.int64((1 << 14) - 1), np.int64((1 << 14) - 1))
+    return np.int32, (np.int64(-1), _FLAG, _FMASK, _IBIG)
+
+
 @njit(cache=True, nogil=True)
-def _iso_passes12(lab, c0, c1, border, v, zb, fv):
+def _iso_passes12(lab, c0, c1, border, v, zb, fv, P2, pk):
     """Passes along x and y of the integer route, a tile of z-planes at a time.
 
-    Returns ``P2[b, c, a]`` (int32, z contiguous for the last pass) for the core's (y, x)
-    columns and every z of the region: ``-1`` on background, else the squared distance of the
-    first two passes with bit 30 set where a new run of labels starts along z. Only a tile of
-    planes of the first pass is ever held, and no label copy is kept for the last pass.
+    Fills ``P2[b, c, a]`` (z contiguous for the last pass) for the core's (y, x) columns and
+    every z of the region, packed as ``pk = (background, flag, mask, unreachable)`` says
+    (:func:`_packing`): the background marker, else the squared distance of the first two
+    passes (capped at ``unreachable``) with ``flag`` set where a new run of labels starts along
+    z. Only a tile of planes of the first pass is ever held, and no label copy is kept.
     """
+    bg, flag, fmask, big = pk
     Z, Y, X = lab.shape
     cy, cx = c1[1] - c0[1], c1[2] - c0[2]
     row = np.empty(X, np.int64)
@@ -409,7 +419,6 @@ def _iso_passes12(lab, c0, c1, border, v, zb, fv):
     L1 = np.empty((_TILE, cx, Y), lab.dtype)
     prev = np.zeros((cx, cy), lab.dtype)
     tile2 = np.empty((_TILE, cy), np.int64)
-    P2 = np.empty((cy, cx, Z), np.int32)
     for a0 in range(0, Z, _TILE):
         w = min(_TILE, Z - a0)
         # pass 1 along x for the planes a0 .. a0 + w, stored (plane, x, y): y contiguous
@@ -434,26 +443,25 @@ def _iso_passes12(lab, c0, c1, border, v, zb, fv):
                     a = a0 + t
                     lv = L1[t, c, c0[1] + b]
                     if lv == 0:
-                        P2[b, c, a] = -1
+                        P2[b, c, a] = bg
                     else:
                         before = L1[t - 1, c, c0[1] + b] if t > 0 else prev[c, b]
-                        val = tile2[t, b]
+                        val = min(tile2[t, b], big)
                         if a == 0 or before != lv:
-                            val = val | _FLAG
+                            val = val | flag
                         P2[b, c, a] = val
                 prev[c, b] = L1[w - 1, c, c0[1] + b]
-    return P2
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _iso_pass3_tile(P2, b, cc0, w, Z, c0, c1, border, v, zb, fv, tile3):
+def _iso_pass3_tile(P2, b, cc0, w, Z, c0, c1, border, v, zb, fv, tile3, pk):
     """Pass along z for the columns ``(b, cc0 .. cc0 + w)``: ``tile3[t, a]`` = squared distance."""
     for t in range(w):
-        _runs_env_packed(P2[b, cc0 + t], tile3[t], Z, border[0], border[1], v, zb, fv, c0[0], c1[0])
+        _runs_env_packed(P2[b, cc0 + t], tile3[t], Z, border[0], border[1], v, zb, fv, c0[0], c1[0], pk)
 
 
 @njit(cache=True, nogil=True)
-def _sq_edt3_iso(lab, c0, c1, border):
+def _sq_edt3_iso(lab, c0, c1, border, P2, pk):
     """Integer squared EDT (voxel units) on the core, for isotropic spacing.
 
     Same passes as :func:`_sq_edt3` but in integers, with every line contiguous.
@@ -464,17 +472,23 @@ def _sq_edt3_iso(lab, c0, c1, border):
     v = np.empty(n + 2, np.int64)
     zb = np.empty(n + 3)
     fv = np.empty(n + 2, np.int64)
-    P2 = _iso_passes12(lab, c0, c1, border, v, zb, fv)
+    _iso_passes12(lab, c0, c1, border, v, zb, fv, P2, pk)
     out = np.empty((cz, cy, cx), np.int32)
     tile3 = np.empty((_TILE, cz), np.int64)
     for b in range(cy):
         for cc0 in range(0, cx, _TILE):
             w = min(_TILE, cx - cc0)
-            _iso_pass3_tile(P2, b, cc0, w, Z, c0, c1, border, v, zb, fv, tile3)
+            _iso_pass3_tile(P2, b, cc0, w, Z, c0, c1, border, v, zb, fv, tile3, pk)
             for a in range(cz):
                 for t in range(w):
                     out[a, b, cc0 + t] = tile3[t, a]
     return out
+
+
+def _packed_lines(shape, c0, c1, max_distance_voxels):
+    """Array and packing of the last pass's lines for a region (see :func:`_packing`)."""
+    dtype, pk = _packing(max_distance_voxels ** 2)
+    return np.empty((int(c1[1] - c0[1]), int(c1[2] - c0[2]), int(shape[0])), dtype), pk
 
 
 def distance_core(labels, core=None, spacing=None, border=True):
@@ -506,10 +520,12 @@ def distance_core(labels, core=None, spacing=None, border=True):
     c1 = np.array([s.indices(n)[1] for s, n in zip(core, lab.shape)], np.int64)
     if lab.dtype == np.bool_:
         lab = lab.view(np.uint8)
+    lab3 = np.ascontiguousarray(lab)[None] if nd == 2 else np.ascontiguousarray(lab)
     if nd == 2:
-        k = _sq_edt3_iso(np.ascontiguousarray(lab)[None], np.r_[0, c0], np.r_[1, c1], np.r_[False, False, b])[0]
-    else:
-        k = _sq_edt3_iso(np.ascontiguousarray(lab), c0, c1, b)
+        c0, c1, b = np.r_[0, c0], np.r_[1, c1], np.r_[False, False, b]
+    k = _sq_edt3_iso(lab3, c0, c1, b, *_packed_lines(lab3.shape, c0, c1, np.inf))
+    if nd == 2:
+        k = k[0]
     d = np.sqrt(k.astype(np.float64))
     d[k >= _IBIG] = np.inf
     if sp[0] != 1.0:

@@ -39,7 +39,7 @@ import pandas as pd
 from numba import njit
 
 from . import _accum as acc
-from .distance import _IBIG, _TILE, _iso_pass3_tile, _iso_passes12
+from .distance import _IBIG, _TILE, _iso_pass3_tile, _iso_passes12, _packed_lines
 
 U64 = np.uint64
 
@@ -257,7 +257,7 @@ def finalize_layers(combined):
 
 
 @njit(cache=True, nogil=True)
-def _fused_iso_kernel(lab, grey, c0, c1, border, keys, s, width, kcap, cnt, gsum, gsq):
+def _fused_iso_kernel(lab, grey, c0, c1, border, keys, s, width, kcap, cnt, gsum, gsq, P2, pk):
     """Core EDT (integer route) with its last pass accumulating per (label index, layer).
 
     ``cnt``, ``gsum``, ``gsq``: int64 arrays of shape ``(len(keys), kcap)``. Returns the number
@@ -269,7 +269,7 @@ def _fused_iso_kernel(lab, grey, c0, c1, border, keys, s, width, kcap, cnt, gsum
     v = np.empty(n + 2, np.int64)
     zb = np.empty(n + 3)
     fv = np.empty(n + 2, np.int64)
-    P2 = _iso_passes12(lab, c0, c1, border, v, zb, fv)
+    _iso_passes12(lab, c0, c1, border, v, zb, fv, P2, pk)
     tile3 = np.empty((_TILE, cz), np.int64)
     bad = 0
     last = U64(0)
@@ -278,7 +278,7 @@ def _fused_iso_kernel(lab, grey, c0, c1, border, keys, s, width, kcap, cnt, gsum
     for b in range(cy):
         for cc0 in range(0, cx, _TILE):
             w = min(_TILE, cx - cc0)
-            _iso_pass3_tile(P2, b, cc0, w, Z, c0, c1, border, v, zb, fv, tile3)
+            _iso_pass3_tile(P2, b, cc0, w, Z, c0, c1, border, v, zb, fv, tile3, pk)
             for a in range(cz):
                 for t in range(w):
                     lv = U64(lab[c0[0] + a, c0[1] + b, c0[2] + cc0 + t])
@@ -355,8 +355,10 @@ def fused_layer_sums(labels, grey, core, border, spacing, layer_width, keys, max
     cnt = np.zeros((len(keys), kcap), np.int64)
     gsum = np.zeros((len(keys), kcap), np.int64)
     gsq = np.zeros((len(keys), kcap), np.int64)
+    # the packed lines only need to represent squared distances up to the bound (in voxels)
+    P2, pk = _packed_lines(lab.shape, c0, c1, np.ceil(max_distance / float(spacing)) + 1)
     bad = _fused_iso_kernel(lab, grey, c0, c1, np.asarray(border, np.bool_), keys, float(spacing), width, kcap,
-                            cnt, gsum, gsq)
+                            cnt, gsum, gsq, P2, pk)
     if bad:
         raise RuntimeError(f"fused_layer_sums: {bad} voxels outside the given labels or layer bound "
                            "(the plan's label lists or distance bounds are inconsistent)")
