@@ -147,7 +147,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=800)
     ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
-    ap.add_argument("--region-size", type=int, default=256)
+    ap.add_argument("--region-size", type=int, default=400)
     ap.add_argument("--data", type=Path, default=None)
     ap.add_argument("--only", default="edt,table-default,table-client")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)

@@ -165,10 +165,12 @@ def _summary(n_particles: int, n_voxels: int, seconds: float) -> str:
 @click.option("--exclude-labels", default=None, metavar="ID[,ID...]",
               help="Labels to leave out of the layer analysis (e.g. a binder phase).")
 @click.option("--no-black-border", is_flag=True, help="Do not treat the outside of the volume as background.")
+@click.option("--region-size", type=int, default=400, show_default=True,
+              help="Side of the blocks of chunks each task works on, voxels (memory vs halo cost).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def analyze(grey, labels, out, spacing, chunks, dataset, scheduler, workers, layer_width, start_at, normalise,
-            exclude_outer_layers, exclude_labels, no_black_border, overwrite, quiet):
+            exclude_outer_layers, exclude_labels, no_black_border, region_size, overwrite, quiet):
     """Particle table (GREAT2 radial profiles and properties) of a grey and a label volume."""
     from pathlib import Path
 
@@ -191,7 +193,8 @@ def analyze(grey, labels, out, spacing, chunks, dataset, scheduler, workers, lay
         click.echo(f"dask dashboard: {client.dashboard_link}", err=True)
         res = analyze_tables(g, lab, spacing=spacing, chunks=chunks, layer_width=layer_width, start_at=start_at,
                              normalise=normalise, exclude_outer_layers=exclude_outer_layers, exclude_labels=excl,
-                             black_border=not no_black_border, client=client, progress=not quiet)
+                             black_border=not no_black_border, region_size=region_size, client=client,
+                             progress=not quiet)
     dt = time.perf_counter() - t0
     write_table(res.particles, out, overwrite=overwrite)
     n_vox = int(np.prod(io.open_volume(lab).shape)) if not hasattr(lab, "shape") else int(np.prod(lab.shape))
