@@ -12,9 +12,10 @@ Stages (tasks are per chunk or per region, never per label):
 4. plan pass 2 (:mod:`grapes_dask.plan`): regions of whole chunks, each with a halo as wide
    as the largest inscribed-radius bound of the labels it meets; a region too large for the
    memory limit stops the run here, naming the label;
-5. pass 2, one task per region: exact squared EDT of the core
-   (:func:`grapes_dask.kernels.distance.squared_edt_core`) and per-(label, layer) grey sums
-   (:func:`grapes_dask.kernels.layer_sums`);
+5. pass 2, one task per region: exact EDT of the core and per-(label, layer) grey sums, fused
+   in one sweep for isotropic spacing and grey of at most 16 bits
+   (:func:`grapes_dask.kernels.fused_layer_sums`), else
+   :func:`grapes_dask.kernels.distance.distance_core` then :func:`grapes_dask.kernels.layer_sums`;
 6. combine the layer partials in a tree, finalise the long layers table, the radial profile
    list columns, the ROI statistics and the normalised profiles; join with pass 1.
 
