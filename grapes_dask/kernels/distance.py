@@ -461,6 +461,13 @@ def _iso_pass3_tile(P2, b, cc0, w, Z, c0, c1, border, v, zb, fv, tile3, pk):
 
 
 @njit(cache=True, nogil=True)
+def _iso_scratch(shape):
+    """Envelope buffers (positions, intersections, heights) for lines of up to max(shape)."""
+    n = max(shape[0], max(shape[1], shape[2]))
+    return np.empty(n + 2, np.int64), np.empty(n + 3), np.empty(n + 2, np.int64)
+
+
+@njit(cache=True, nogil=True)
 def _sq_edt3_iso(lab, c0, c1, border, P2, pk):
     """Integer squared EDT (voxel units) on the core, for isotropic spacing.
 
@@ -468,10 +475,7 @@ def _sq_edt3_iso(lab, c0, c1, border, P2, pk):
     """
     Z = lab.shape[0]
     cz, cy, cx = c1[0] - c0[0], c1[1] - c0[1], c1[2] - c0[2]
-    n = max(Z, max(lab.shape[1], lab.shape[2]))
-    v = np.empty(n + 2, np.int64)
-    zb = np.empty(n + 3)
-    fv = np.empty(n + 2, np.int64)
+    v, zb, fv = _iso_scratch(lab.shape)
     _iso_passes12(lab, c0, c1, border, v, zb, fv, P2, pk)
     out = np.empty((cz, cy, cx), np.int32)
     tile3 = np.empty((_TILE, cz), np.int64)

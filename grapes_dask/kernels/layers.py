@@ -39,7 +39,7 @@ import pandas as pd
 from numba import njit
 
 from . import _accum as acc
-from .distance import _IBIG, _TILE, _iso_pass3_tile, _iso_passes12, _packed_lines
+from .distance import _IBIG, _TILE, _iso_pass3_tile, _iso_passes12, _iso_scratch, _packed_lines
 
 U64 = np.uint64
 
@@ -265,10 +265,7 @@ def _fused_iso_kernel(lab, grey, c0, c1, border, keys, s, width, kcap, cnt, gsum
     """
     Z = lab.shape[0]
     cz, cy, cx = c1[0] - c0[0], c1[1] - c0[1], c1[2] - c0[2]
-    n = max(Z, max(lab.shape[1], lab.shape[2]))
-    v = np.empty(n + 2, np.int64)
-    zb = np.empty(n + 3)
-    fv = np.empty(n + 2, np.int64)
+    v, zb, fv = _iso_scratch(lab.shape)
     _iso_passes12(lab, c0, c1, border, v, zb, fv, P2, pk)
     tile3 = np.empty((_TILE, cz), np.int64)
     bad = 0
