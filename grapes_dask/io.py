@@ -269,6 +269,24 @@ class _NpySource(_LazySource):
         return np.array(mm[key])
 
 
+class _SqueezedZarr(_LazySource):
+    """A Zarr array read without its leading singleton axes (OME-NGFF t and c of size 1)."""
+
+    kind = "zarr"
+
+    def __init__(self, array, name: str, n_lead: int):
+        super().__init__(name, array.shape[n_lead:], array.dtype)
+        self.array = array
+        self.n_lead = n_lead
+
+    def token(self) -> tuple:
+        return (type(self).__name__, self.path, str(self.array.store), self.shape, str(self.dtype))
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        return np.asarray(self.array[(0,) * self.n_lead + key])
+
+
 # --------------------------------------------------------------------------------------------
 # source resolution
 # --------------------------------------------------------------------------------------------
@@ -418,7 +436,12 @@ def _resolve_zarr_group(group, name: str, dataset, level) -> _Resolved:
     if spacing is None:
         spacing, unit = _spacing_from_attrs(a_attrs, node.ndim)
     merged = {**attrs, **a_attrs}
-    return _Resolved("ome-zarr" if ms else "zarr", f"{name}/{dataset}", node, native_chunks=tuple(node.chunks),
+    arr, chunks = node, tuple(node.chunks)
+    n_lead = node.ndim - 3
+    if n_lead > 0 and all(n == 1 for n in node.shape[:n_lead]):
+        # OME-NGFF images are (t, c, z, y, x); a single time point and channel is a volume
+        arr, chunks = _SqueezedZarr(node, f"{name}/{dataset}", n_lead), chunks[n_lead:]
+    return _Resolved("ome-zarr" if ms else "zarr", f"{name}/{dataset}", arr, native_chunks=chunks,
                      spacing=spacing, unit=unit, attrs=merged, dataset=dataset)
 
 
@@ -677,7 +700,7 @@ def _as_dask_raw(r: _Resolved, chunks) -> da.Array:
     if isinstance(arr, zarr.Array):
         c = _normalize_chunks(chunks, arr.shape, default=r.native_chunks)
         return da.from_zarr(arr, chunks=c)
-    c = _normalize_chunks(chunks, arr.shape)
+    c = _normalize_chunks(chunks, arr.shape, default=r.native_chunks if isinstance(arr, _SqueezedZarr) else None)
     if isinstance(arr, np.ndarray):
         return da.from_array(arr, chunks=c)
     name = "open-" + dask.base.tokenize(arr.token(), c)

@@ -305,6 +305,26 @@ def test_ome_zarr_v05(tmp_path):
     assert read_spacing(str(tmp_path / "ome.zarr")) == OME_SCALE[0]
 
 
+def test_ome_zarr_tczyx_with_single_time_point_and_channel(tmp_path):
+    """The usual OME-NGFF layout (t, c, z, y, x) with t = c = 1 reads as a 3D volume."""
+    a = make_data(SHAPE[3], "uint16")
+    g = zarr.open_group(str(tmp_path / "img.zarr"), mode="w")
+    arr = g.create_array("0", shape=(1, 1) + a.shape, chunks=(1, 1, 8, 8, 8), dtype=a.dtype)
+    arr[...] = a[None, None]
+    axes = [{"name": "t", "type": "time"}, {"name": "c", "type": "channel"}] + [
+        {"name": n, "type": "space", "unit": "micrometer"} for n in "zyx"]
+    g.attrs["multiscales"] = [{"version": "0.4", "axes": axes, "datasets": [
+        {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 1.0, 0.5, 0.3, 0.3]}]}]}]
+    src = str(tmp_path / "img.zarr")
+    v = open_volume(src)
+    assert v.shape == a.shape and v.chunksize == (8, 8, 8)
+    assert_bit_exact(v.compute(), a)
+    assert read_spacing(src) == (0.5, 0.3, 0.3)
+    convert(src, tmp_path / "out.zarr", chunks=16)
+    assert_bit_exact(zarr.open(str(tmp_path / "out.zarr"), mode="r")[...], a)
+    assert pickle.loads(pickle.dumps(v.__dask_graph__()))  # no open handle in the graph
+
+
 def test_zarr_objects_and_paths_agree(tmp_path):
     """Zarr v2 by path, Zarr v3 array and group objects (the matrix covers the other pairings)."""
     a = make_data(SHAPE[3], "int16")
