@@ -70,16 +70,17 @@ def cli(ctx, verbose):
 @click.argument("input_path", metavar="INPUT")
 @click.argument("output", metavar="OUTPUT.zarr")
 @click.option("--dataset", default=None, help="Dataset path inside an HDF5/NeXus file or array in a Zarr group.")
+@click.option("--level", type=int, default=None, help="Resolution level of an OME-Zarr or pyramidal TIFF (default 0).")
 @click.option("--chunks", default=128, show_default=True, type=int, help="Chunk side of the Zarr output, voxels.")
 @_spacing_option
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def convert(input_path, output, dataset, chunks, spacing, overwrite, quiet):
+def convert(input_path, output, dataset, level, chunks, spacing, overwrite, quiet):
     """Convert a TIFF / HDF5 / NeXus / npy / Zarr volume to a compressed, chunked Zarr v3 array."""
     from . import io
 
     t0 = time.perf_counter()
-    dest = io.convert(input_path, output, chunks=chunks, dataset=dataset, spacing=spacing,
+    dest = io.convert(input_path, output, chunks=chunks, dataset=dataset, level=level, spacing=spacing,
                       overwrite=overwrite, progress=not quiet)
     info = io.volume_info(dest)
     click.echo(
@@ -91,11 +92,12 @@ def convert(input_path, output, dataset, chunks, spacing, overwrite, quiet):
 @cli.command()
 @click.argument("path")
 @click.option("--dataset", default=None, help="Dataset path inside an HDF5/NeXus file or array in a Zarr group.")
-def info(path, dataset):
+@click.option("--level", type=int, default=None, help="Resolution level of an OME-Zarr or pyramidal TIFF (default 0).")
+def info(path, dataset, level):
     """Show shape, dtype, chunks, spacing, size on disk and provenance of a volume."""
     from . import io
 
-    click.echo(io.volume_info(path, dataset=dataset).to_text())
+    click.echo(io.volume_info(path, dataset=dataset, level=level).to_text())
 
 
 @cli.command()

@@ -153,3 +153,21 @@ def test_analyze_command(tmp_path):
     assert r.returncode == 2 and "same shape" in r.stderr and "Traceback" not in r.stderr
     r = run("analyze", ph.grey[0], ph.labels[0], "--out", tmp_path / "x.txt", "--quiet")
     assert r.returncode == 2 and ".parquet, .csv or .xlsx" in r.stderr
+
+
+def test_level_option_of_convert_and_info(tmp_path):
+    src = tmp_path / "ome.zarr"
+    g = zarr.open_group(str(src), mode="w")
+    levels = [np.arange(8000, dtype=np.uint16).reshape(20, 20, 20), np.arange(1000, dtype=np.uint16).reshape(10, 10, 10)]
+    for i, a in enumerate(levels):
+        g.create_array(str(i), shape=a.shape, dtype=a.dtype)[...] = a
+    g.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": n, "type": "space"} for n in "zyx"], "datasets": [
+        {"path": str(i), "coordinateTransformations": [{"type": "scale", "scale": [s, s, s]}]}
+        for i, s in enumerate((1.0, 2.0))]}]
+    r = run("info", src, "--level", "1")
+    assert r.returncode == 0 and "(10, 10, 10)" in r.stdout and "(2.0, 2.0, 2.0)" in r.stdout
+    r = run("convert", src, tmp_path / "l1.zarr", "--level", "1", "--quiet")
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_array_equal(zarr.open(str(tmp_path / "l1.zarr"), mode="r")[...], levels[1])
+    r = run("info", src, "--level", "5")
+    assert r.returncode == 2 and "choose level 0..1" in r.stderr
