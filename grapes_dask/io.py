@@ -287,6 +287,91 @@ class _SqueezedZarr(_LazySource):
         return np.asarray(self.array[(0,) * self.n_lead + key])
 
 
+class _DirectZarrReader:
+    """Reads regions of a local Zarr v3 array by decoding its chunk files in the calling thread.
+
+    zarr-python 3 funnels every read through one event loop: two threads reading at once took
+    twice as long as one after the other (measured, 385^3 uint16 blocks), while decoding the
+    chunk files here with numcodecs' Blosc (which releases the GIL) runs them in parallel, about
+    3x faster with two threads. Only the layouts we write are handled (regular grid, default
+    chunk keys, ``bytes`` + optional ``blosc`` or ``zstd`` codec, no sharding); :func:`direct_reader`
+    returns None for anything else, and the caller reads through zarr.
+    """
+
+    def __init__(self, root: str, shape, chunks, dtype, fill, sep: str, codec: str | None):
+        self.root, self.shape, self.chunks = root, tuple(shape), tuple(chunks)
+        self.dtype, self.fill, self.sep, self.codec = np.dtype(dtype), fill, sep, codec
+        self.ndim = len(self.shape)
+
+    def _chunk(self, idx):
+        path = os.path.join(self.root, "c", *map(str, idx)) if self.sep == "/" else os.path.join(
+            self.root, "c" + self.sep + self.sep.join(map(str, idx)))
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return None
+        if self.codec == "blosc":
+            from numcodecs import Blosc
+
+            raw = Blosc().decode(raw)
+        elif self.codec == "zstd":
+            from numcodecs import Zstd
+
+            raw = Zstd().decode(raw)
+        return np.frombuffer(raw, self.dtype).reshape(self.chunks)
+
+    def __getitem__(self, key):
+        """``reader[slices]``: contiguous slices (or ``...``) only, as the engine's tasks use."""
+        key = key if isinstance(key, tuple) else (key,)
+        if key == (Ellipsis,):
+            key = ()
+        key = key + (slice(None),) * (self.ndim - len(key))
+        if any(not isinstance(k, slice) or k.indices(n)[2] != 1 for k, n in zip(key, self.shape)):
+            raise IndexError(f"direct Zarr reads take contiguous slices, got {key}")
+        lo = [k.indices(n)[0] for k, n in zip(key, self.shape)]
+        hi = [max(k.indices(n)[0], k.indices(n)[1]) for k, n in zip(key, self.shape)]
+        out = np.empty([b - a for a, b in zip(lo, hi)], self.dtype.newbyteorder("="))
+        ranges = [range(a // c, (b - 1) // c + 1) if b > a else range(0) for a, b, c in zip(lo, hi, self.chunks)]
+        for idx in np.ndindex(*[len(r) for r in ranges]):
+            cidx = [r[i] for r, i in zip(ranges, idx)]
+            src = tuple(slice(max(a, i * c) - i * c, min(b, (i + 1) * c) - i * c)
+                        for a, b, c, i in zip(lo, hi, self.chunks, cidx))
+            dst = tuple(slice(max(a, i * c) - a, min(b, (i + 1) * c) - a)
+                        for a, b, c, i in zip(lo, hi, self.chunks, cidx))
+            ch = self._chunk(cidx)
+            out[dst] = self.fill if ch is None else ch[src]
+        return out
+
+
+def direct_reader(array):
+    """A :class:`_DirectZarrReader` for a local Zarr v3 array of a simple layout, else None."""
+    try:
+        from zarr.storage import LocalStore
+
+        m = array.metadata
+        if m.zarr_format != 3 or not isinstance(array.store, LocalStore):
+            return None
+        names = [type(c).__name__ for c in m.codecs]
+        codecs = {("BytesCodec",): None, ("BytesCodec", "BloscCodec"): "blosc", ("BytesCodec", "ZstdCodec"): "zstd"}
+        if tuple(names) not in codecs:
+            return None
+        if type(m.chunk_key_encoding).__name__ != "DefaultChunkKeyEncoding":
+            return None
+        grid = m.chunk_grid
+        if type(grid).__name__ != "RegularChunkGrid":
+            return None
+        endian = getattr(m.codecs[0], "endian", None)
+        order = "<" if str(getattr(endian, "value", endian)) in ("little", "None") else ">"
+        dtype = np.dtype(array.dtype).newbyteorder(order) if np.dtype(array.dtype).itemsize > 1 else np.dtype(array.dtype)
+        root = os.path.join(str(array.store.root), array.path) if array.path else str(array.store.root)
+        fill = np.asarray(m.fill_value, dtype=array.dtype)[()]
+        return _DirectZarrReader(root, array.shape, grid.chunk_shape, dtype, fill,
+                                 m.chunk_key_encoding.separator, codecs[tuple(names)])
+    except Exception:  # any layout we do not know: let zarr read it
+        return None
+
+
 # --------------------------------------------------------------------------------------------
 # source resolution
 # --------------------------------------------------------------------------------------------

@@ -116,13 +116,15 @@ def _reader(src, arr):
     """
     import zarr
 
-    from .io import _LazySource, _resolve
+    from .io import _LazySource, _resolve, direct_reader
 
     if isinstance(src, np.ndarray):
         return dask.delayed(src, pure=True) if src.shape == arr.shape else None
     if isinstance(src, (str, os.PathLike, zarr.Array, zarr.Group)):
         r = _resolve(src)
         if isinstance(r.array, (zarr.Array, _LazySource)) and tuple(r.array.shape) == arr.shape:
+            if isinstance(r.array, zarr.Array):
+                return direct_reader(r.array) or r.array
             return r.array
     return None
 

@@ -832,3 +832,38 @@ def test_big_tiff_converts_in_bounded_memory(tmp_path):
                 shutil.rmtree(p, ignore_errors=True)
             elif p.exists():
                 p.unlink()
+
+
+@pytest.mark.parametrize("dtype, compressor", [
+    (">u2", "default"), ("<i4", None), ("u1", "blosc-lz4"), ("f4", "zstd"), ("u8", "default"),
+])
+def test_direct_reader_equals_zarr(tmp_path, dtype, compressor):
+    """The engine's direct chunk-file reader returns what zarr returns (partly written chunks,
+    missing chunks = fill value, edge chunks, big-endian, arrays inside groups)."""
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    from grapes_dask.io import direct_reader
+
+    kw = {} if compressor == "default" else {"compressors": {
+        None: None, "blosc-lz4": BloscCodec(cname="lz4"), "zstd": ZstdCodec()}[compressor]}
+    g = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    a = g.create_array("sub/vol", shape=(30, 31, 17), chunks=(8, 8, 8), dtype=dtype, fill_value=7, **kw)
+    a[5:20, 3:9, 2:16] = np.arange(15 * 6 * 14).reshape(15, 6, 14).astype(dtype)
+    r = direct_reader(zarr.open(str(tmp_path / "g.zarr"), mode="r")["sub/vol"])
+    assert r is not None
+    for sl in [(slice(None),) * 3, (slice(3, 29), slice(0, 31), slice(16, 17)), (slice(8, 8), slice(0, 4), slice(0, 4))]:
+        got = r[sl]
+        assert got.dtype.isnative
+        assert_bit_exact(got, a[sl].astype(got.dtype))
+    with pytest.raises(IndexError):
+        r[::2]
+
+
+def test_direct_reader_declines_other_layouts(tmp_path):
+    from grapes_dask.io import direct_reader
+
+    v2 = zarr.create_array(store=str(tmp_path / "v2.zarr"), shape=(10, 10), chunks=(4, 4), dtype="u1", zarr_format=2)
+    assert direct_reader(v2) is None
+    sharded = zarr.create_array(store=str(tmp_path / "sh.zarr"), shape=(16, 16), chunks=(4, 4), shards=(8, 8),
+                                dtype="u1")
+    assert direct_reader(sharded) is None
