@@ -167,12 +167,15 @@ def _summary(n_particles: int, n_voxels: int, seconds: float) -> str:
 @click.option("--exclude-labels", default=None, metavar="ID[,ID...]",
               help="Labels to leave out of the layer analysis (e.g. a binder phase).")
 @click.option("--no-black-border", is_flag=True, help="Do not treat the outside of the volume as background.")
+@click.option("--fill-holes", is_flag=True, help="Count each particle's enclosed cavities as part of it in the layers.")
+@click.option("--max-hole-size", type=int, default=None, help="With --fill-holes, fill cavities of at most this many voxels.")
 @click.option("--region-size", type=int, default=400, show_default=True,
               help="Side of the blocks of chunks each task works on, voxels (memory vs halo cost).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def analyze(grey, labels, out, spacing, chunks, dataset, scheduler, workers, layer_width, start_at, normalise,
-            exclude_outer_layers, exclude_labels, no_black_border, region_size, overwrite, quiet):
+            exclude_outer_layers, exclude_labels, no_black_border, fill_holes, max_hole_size, region_size, overwrite,
+            quiet):
     """Particle table (GREAT2 radial profiles and properties) of a grey and a label volume."""
     from pathlib import Path
 
@@ -195,7 +198,8 @@ def analyze(grey, labels, out, spacing, chunks, dataset, scheduler, workers, lay
         click.echo(f"dask dashboard: {client.dashboard_link}", err=True)
         res = analyze_tables(g, lab, spacing=spacing, chunks=chunks, layer_width=layer_width, start_at=start_at,
                              normalise=normalise, exclude_outer_layers=exclude_outer_layers, exclude_labels=excl,
-                             black_border=not no_black_border, region_size=region_size, client=client,
+                             black_border=not no_black_border, fill_holes=fill_holes, max_hole_size=max_hole_size,
+                             region_size=region_size, client=client,
                              progress=not quiet)
     dt = time.perf_counter() - t0
     write_table(res.particles, out, overwrite=overwrite)

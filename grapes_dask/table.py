@@ -397,15 +397,114 @@ def _pass1(inp: _Inputs, edges):
     return _tree_reduce(parts, kernels.combine_stats), infos, keys
 
 
+def _fill_cavities(lab, owned, max_size):
+    """Set to L every background cavity enclosed by one owned label L alone (in place).
+
+    A cavity is a 6-connected component of label 0 that does not touch the array's border and
+    whose 6-neighbours all carry the same label L; with `max_size`, only cavities of at most that
+    many voxels are filled. Returns the number of voxels filled.
+    """
+    from scipy import ndimage
+
+    comp, n = ndimage.label(lab == 0)
+    if n == 0:
+        return 0
+    bad = np.zeros(n + 1, bool)  # touches the border, or meets two labels
+    for a in range(lab.ndim):
+        edge = [slice(None)] * lab.ndim
+        for i in (0, -1):
+            edge[a] = i
+            bad[np.unique(comp[tuple(edge)])] = True
+    owner = np.zeros(n + 1, np.uint64)
+    for a in range(lab.ndim):
+        lo = [slice(None)] * lab.ndim
+        hi = [slice(None)] * lab.ndim
+        lo[a], hi[a] = slice(None, -1), slice(1, None)
+        for c_sl, l_sl in ((lo, hi), (hi, lo)):
+            c, lv = comp[tuple(c_sl)], lab[tuple(l_sl)]
+            m = (c > 0) & (lv != 0)
+            cc, ll = c[m], lv[m].astype(np.uint64)
+            first = owner[cc] == 0
+            owner[cc[first]] = ll[first]
+            bad[cc[owner[cc] != ll]] = True
+    sizes = np.bincount(comp.ravel(), minlength=n + 1)
+    fill = (~bad) & (owner != 0) & np.isin(owner, owned)
+    fill[0] = False
+    if max_size is not None:
+        fill &= sizes <= max_size
+    if not fill.any():
+        return 0
+    m = fill[comp]
+    lab[m] = owner[comp[m]].astype(lab.dtype)
+    return int(m.sum())
+
+
+def _fill_holes_task(lab_src, lab_sl, grey_src, grey_sl, border, spacing, width, exclude, owned, center, origin,
+                     centre_table, max_hole_size):
+    lab = np.array(_get(lab_src, lab_sl))
+    grey = _get(grey_src, grey_sl)
+    if len(exclude):
+        lab[np.isin(lab, exclude)] = 0
+    _fill_cavities(lab, owned, max_hole_size)
+    if center:
+        sorted_labels, centroids = centre_table
+        d = _centre_distance(lab, origin, spacing, sorted_labels, centroids)
+    else:
+        d = distance_core(lab, spacing=spacing, border=border)
+    return kernels.layer_sums(lab, grey, d, layer_width=width, only_labels=owned, from_center=center)
+
+
+def _pass2_fill_holes(inp, edges, all_labels, bbox_min, bbox_max, exclude, params, center, centre_table,
+                      black_border, max_hole_size, memory_limit):
+    """Pass 2 with hole filling: ownership regions (one task per block that owns labels).
+
+    A label is owned by the block holding the low corner of its box; the region of a block is
+    the union of its labels' boxes padded by one voxel, so each owned particle and its cavities
+    are whole in one task, where they are filled and the EDT and layer sums are taken.
+    """
+    from .plan import region_bytes
+
+    nd = inp.labels.ndim
+    shape = inp.labels.shape
+    keep = ~np.isin(all_labels, exclude)
+    owner = np.stack([np.searchsorted(e, bbox_min[:, a], side="right") - 1 for a, e in enumerate(edges)], axis=1)
+    parts = []
+    for idx in np.ndindex(*[len(e) - 1 for e in edges]):
+        sel = keep & np.all(owner == np.asarray(idx), axis=1)
+        if not sel.any():
+            continue
+        lo = np.maximum(bbox_min[sel].min(axis=0) - 1, 0)
+        hi = np.minimum(bbox_max[sel].max(axis=0) + 1, shape)
+        outer = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+        need = region_bytes(hi - lo, hi - lo, inp.labels.dtype.itemsize, inp.grey.dtype.itemsize)
+        if need > memory_limit:
+            worst = all_labels[sel][np.argmax(np.prod(bbox_max[sel] - bbox_min[sel], axis=1))]
+            raise GrapesInputError(
+                f"with fill_holes the region {outer} needs about {need / 2**30:.1f} GiB (memory_limit "
+                f"{memory_limit / 2**30:.1f} GiB), largest particle {int(worst)}: skip it with "
+                f"exclude_labels=[{int(worst)}], raise memory_limit, or use smaller region_size"
+            )
+        border = tuple(x and bool(black_border) for a in range(nd) for x in (lo[a] == 0, hi[a] == shape[a]))
+        parts.append(dask.delayed(_fill_holes_task, pure=True)(
+            *inp.block("labels", outer), *inp.block("grey", outer), border, inp.spacing, params["layer_width"],
+            exclude, all_labels[sel], center, tuple(int(x) for x in lo), centre_table, max_hole_size,
+        ))
+    return parts
+
+
 def _run(grey, labels, *, spacing=None, chunks=None, layer_width=None, start_at="edge", black_border=True,
-         normalise="radial_max", exclude_outer_layers=0, exclude_labels=None, client=None, progress=False,
-         memory_limit=2 * _GiB, region_size=400):
+         normalise="radial_max", exclude_outer_layers=0, exclude_labels=None, fill_holes=False, max_hole_size=None,
+         client=None, progress=False, memory_limit=2 * _GiB, region_size=400):
     inp = _normalize_inputs(
         grey, labels, spacing=spacing, chunks=chunks, layer_width=layer_width, start_at=start_at,
         black_border=black_border, normalise=normalise, exclude_outer_layers=exclude_outer_layers,
         exclude_labels=exclude_labels, memory_limit=memory_limit, region_size=region_size,
     )
-    params = {**inp.params, **provenance(command="analyze", grey=inp.names["grey"], labels=inp.names["labels"])}
+    if max_hole_size is not None and (int(max_hole_size) != max_hole_size or max_hole_size < 1):
+        raise GrapesInputError(f"max_hole_size={max_hole_size}: give a whole number of voxels >= 1, or None for any size")
+    params = {**inp.params, "fill_holes": bool(fill_holes),
+              "max_hole_size": None if max_hole_size is None else int(max_hole_size),
+              **provenance(command="analyze", grey=inp.names["grey"], labels=inp.names["labels"])}
     center = start_at == "center"
 
     # 2-3. pass 1 and its reduction
@@ -453,6 +552,10 @@ def _run(grey, labels, *, spacing=None, chunks=None, layer_width=None, start_at=
         cols = [f"centroid-{a}" for a in range(inp.labels.ndim)]
         centre_table = dask.delayed((all_labels, stats[cols].to_numpy()), pure=True)
     parts = []
+    if fill_holes:
+        regions = []  # ownership regions below instead
+        parts = _pass2_fill_holes(inp, edges, all_labels, bbox_min, bbox_max, exclude, params, center, centre_table,
+                                  black_border, max_hole_size, memory_limit)
     for reg in regions:
         origin = tuple(s.start for s in reg.core)
         # a side on the volume border is a boundary of the EDT only with black_border
@@ -493,6 +596,8 @@ def analyze(
     normalise: str = "radial_max",
     exclude_outer_layers: int = 0,
     exclude_labels=None,
+    fill_holes: bool = False,
+    max_hole_size: int | None = None,
     client=None,
     progress: bool = False,
     memory_limit: int = 2 * _GiB,
@@ -528,6 +633,16 @@ def analyze(
         Labels left out of pass 2 (treated as background for the distance transform), e.g. a
         binder phase labelled as one particle; their rows keep pass-1 properties, empty
         profiles and ``excluded=True``.
+    fill_holes : bool
+        Treat the cavities of each particle (6-connected background components enclosed by that
+        particle alone, not touching the volume border) as part of it for the radial layers and
+        ROI: the distance is then taken to the particle's outer surface and the cavity voxels'
+        grey enters the layers (as GRAPES' ``fill_label_holes``). The other properties describe
+        the labels as given. Pass 2 then works on ownership regions (each particle whole in one
+        task), which costs more time and memory.
+    max_hole_size : int, optional
+        With `fill_holes`, fill only cavities of at most this many voxels (GRAPES fills those
+        below its ``min_hole_size``, 5000 by default; ours fills every cavity unless told).
     client : distributed.Client, optional
         Cluster to run on (default: the current dask scheduler).
     progress : bool
@@ -558,8 +673,8 @@ def analyze(
     return analyze_tables(
         grey, labels, spacing=spacing, chunks=chunks, layer_width=layer_width, start_at=start_at,
         black_border=black_border, normalise=normalise, exclude_outer_layers=exclude_outer_layers,
-        exclude_labels=exclude_labels, client=client, progress=progress, memory_limit=memory_limit,
-        region_size=region_size,
+        exclude_labels=exclude_labels, fill_holes=fill_holes, max_hole_size=max_hole_size, client=client,
+        progress=progress, memory_limit=memory_limit, region_size=region_size,
     ).particles
 
 

@@ -132,6 +132,12 @@ def test_demo_writes_tables_and_figure(tmp_path):
     assert r.returncode == 2 and "already exists" in r.stderr and "Traceback" not in r.stderr
 
 
+def pd_read(path):
+    from grapes_dask.output import read_table
+
+    return read_table(path)
+
+
 def test_analyze_command(tmp_path):
     from grapes_dask import synthetic
 
@@ -140,6 +146,10 @@ def test_analyze_command(tmp_path):
     r = run("analyze", ph.grey[0], ph.labels[0], "--out", out, "--workers", "1", "--quiet",
             "--exclude-outer-layers", "1", "--spacing", "1", "0.5", "0.5")
     assert r.returncode == 0, r.stderr
+    r = run("analyze", ph.grey[0], ph.labels[0], "--out", tmp_path / "filled.parquet", "--workers", "1", "--quiet",
+            "--fill-holes", "--max-hole-size", "100")
+    assert r.returncode == 0, r.stderr
+    assert pd_read(tmp_path / "filled.parquet").attrs["grapes_dask"]["fill_holes"] is True
     assert "particles" in r.stdout and "Mvoxels/s" in r.stdout
     import pandas as pd
 

@@ -820,3 +820,63 @@ def test_graph_grows_with_blocks_not_labels(monkeypatch):
     assert n_few == n_many, (n_few, n_many)
     assert n_few[0] > 27  # the graph was counted (at least one task per block)
     assert n_few[0] < 10 * 27  # a handful of tasks per block (27 blocks)
+
+
+def _carved_phantom():
+    from grapes_dask import synthetic
+
+    grey, lab, _ = synthetic.phantom_numpy((44, 48, 40), seed=4, mean_radius=7.0)
+    lab = lab.astype(np.uint32)
+    for i, L in enumerate(np.unique(lab[lab > 0])[::3]):
+        c = np.argwhere(lab == L).mean(axis=0).round().astype(int)
+        r = 1 if i % 2 else 2  # cavities of 7-27 and 33-125 voxels
+        sub = lab[tuple(slice(max(0, x - r), x + r + 1) for x in c)]
+        sub[sub == L] = 0
+    # a cavity open to the volume border is not a hole
+    lab[0:3, 20:23, 20:23] = np.where(lab[0:3, 20:23, 20:23] > 0, 0, lab[0:3, 20:23, 20:23])
+    return grey, lab
+
+
+def _filled_reference(grey, lab, L, max_size=None):
+    """scipy: fill the holes of L's zero-padded mask, EDT of the filled mask, layer counts/means."""
+    pad = np.pad(lab == L, 1)
+    cav = ndi.binary_fill_holes(pad) & ~pad
+    if max_size is not None:
+        comp, n = ndi.label(cav)
+        sizes = np.bincount(comp.ravel())
+        cav &= (sizes <= max_size)[comp]
+    f = pad | cav
+    k = np.maximum(1, np.rint(ndi.distance_transform_edt(f)[f])).astype(int)
+    g = np.pad(grey, 1)[f].astype(float)
+    counts = np.bincount(k, minlength=k.max() + 1)[1:]
+    return counts, np.array([g[k == i].mean() if c else np.nan for i, c in zip(range(1, k.max() + 1), counts)])
+
+
+@pytest.mark.parametrize("max_hole_size", [None, 30])
+def test_fill_holes_matches_scipy_fill_and_edt(max_hole_size):
+    grey, lab = _carved_phantom()
+    plain = analyze(grey, lab)
+    tables = [analyze(grey, lab, chunks=c, region_size=r, fill_holes=True, max_hole_size=max_hole_size)
+              for c, r in (((44, 48, 40), 400), ((13, 17, 11), 20))]
+    changed = 0
+    for _, row in tables[0].iterrows():
+        counts, means = _filled_reference(grey, lab, row["label"], max_hole_size)
+        np.testing.assert_array_equal(row["radial_layers_count"], counts)
+        np.testing.assert_allclose(row["radial_layers_graylevel"], means, rtol=1e-12)
+        before = plain.loc[plain["label"] == row["label"], "radial_layers_count"].iloc[0]
+        changed += not np.array_equal(before, counts)
+    assert changed >= 5  # the cavities did change profiles
+    for c in tables[0].columns:  # chunk invariance with ownership regions too
+        a, b = tables[0][c], tables[1][c]
+        if a.dtype == object:
+            assert all(np.array_equal(x, y, equal_nan=True) for x, y in zip(a, b)), c
+        else:
+            pd.testing.assert_series_equal(a, b, check_names=False)
+    # pass-1 properties describe the labels as given
+    pd.testing.assert_series_equal(tables[0]["voxel_count"], plain["voxel_count"])
+
+
+def test_max_hole_size_must_be_positive():
+    grey, lab = _small()
+    with pytest.raises(GrapesInputError, match="max_hole_size"):
+        analyze(grey, lab, fill_holes=True, max_hole_size=0)
