@@ -364,7 +364,7 @@ def direct_reader(array):
         endian = getattr(m.codecs[0], "endian", None)
         order = "<" if str(getattr(endian, "value", endian)) in ("little", "None") else ">"
         dtype = np.dtype(array.dtype).newbyteorder(order) if np.dtype(array.dtype).itemsize > 1 else np.dtype(array.dtype)
-        root = os.path.join(str(array.store.root), array.path) if array.path else str(array.store.root)
+        root = os.path.abspath(os.path.join(str(array.store.root), array.path) if array.path else str(array.store.root))
         fill = np.asarray(m.fill_value, dtype=array.dtype)[()]
         return _DirectZarrReader(root, array.shape, grid.chunk_shape, dtype, fill,
                                  m.chunk_key_encoding.separator, codecs[tuple(names)])
