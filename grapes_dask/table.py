@@ -542,20 +542,22 @@ def _run(grey, labels, *, spacing=None, chunks=None, layer_width=None, start_at=
             "outside it exists and its distance transform is undefined: use black_border=True"
         )
     block_labels = {k: i["labels"] for k, i in zip(keys, infos)}
-    regions = plan_regions(edges, block_labels, all_labels, bounds, inp.spacing, inp.labels.shape, halo=not center)
-    check_region_memory(regions, memory_limit, inp.labels.dtype.itemsize, inp.grey.dtype.itemsize,
-                        block_labels, all_labels, bounds, isotropic=len(set(inp.spacing)) == 1)
-
-    # 5. pass 2
     centre_table = None
     if center:
         cols = [f"centroid-{a}" for a in range(inp.labels.ndim)]
         centre_table = dask.delayed((all_labels, stats[cols].to_numpy()), pure=True)
-    parts = []
+
+    # 5. pass 2: ownership regions with hole filling, else label-aware halo regions
     if fill_holes:
-        regions = []  # ownership regions below instead
+        regions = []
         parts = _pass2_fill_holes(inp, edges, all_labels, bbox_min, bbox_max, exclude, params, center, centre_table,
                                   black_border, max_hole_size, memory_limit)
+    else:
+        regions = plan_regions(edges, block_labels, all_labels, bounds, inp.spacing, inp.labels.shape,
+                               halo=not center)
+        check_region_memory(regions, memory_limit, inp.labels.dtype.itemsize, inp.grey.dtype.itemsize,
+                            block_labels, all_labels, bounds, isotropic=len(set(inp.spacing)) == 1)
+        parts = []
     for reg in regions:
         origin = tuple(s.start for s in reg.core)
         # a side on the volume border is a boundary of the EDT only with black_border
