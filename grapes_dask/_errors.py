@@ -1,14 +1,98 @@
-"""Errors raised for bad user input.
+"""Errors raised for bad user input, worded for whoever reads them.
 
 Every user-facing check raises :class:`GrapesInputError` with a message that names the
-offending input and says how to fix it. The CLI prints the message (no traceback) and exits
-with status 2.
+offending input and says how to fix it. A fix that is a parameter is written as a placeholder
+``{name}`` in the message and given as a keyword argument, so that the same error reads
+``exclude_labels=[1519]`` to a Python user and ``--exclude-labels 1519`` on the command line,
+which prints the message (no traceback) and exits with status 2::
+
+    raise GrapesInputError("skip it with {exclude_labels}, or raise {memory_limit}",
+                           exclude_labels=[1519], memory_limit=None)
+
+A value of ``None`` names the parameter alone; ``True`` is a flag (``overwrite=True`` /
+``--overwrite``); :class:`Alt` gives two wordings where a parameter is not enough (a numpy
+call for the API, a command for the CLI).
 """
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = ["GrapesInputError", "Alt", "cli_flag"]
+
+# keyword -> command-line option, where the flag is not simply "--" + name with dashes
+_FLAGS = {
+    "normalise": "--normalise",
+    "black_border": "--no-black-border",
+}
+
+
+@dataclass(frozen=True)
+class Alt:
+    """Two wordings of one part of a message: for the Python API and for the command line."""
+
+    api: str
+    cli: str
+
+
+def cli_flag(name: str) -> str:
+    """The command-line option of an API keyword (``exclude_labels`` -> ``--exclude-labels``)."""
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def _render_api(name, value) -> str:
+    if isinstance(value, Alt):
+        return value.api
+    if value is None:
+        return name
+    return f"{name}={value!r}" if isinstance(value, str) else f"{name}={value}"
+
+
+def _render_cli(name, value) -> str:
+    if isinstance(value, Alt):
+        return value.cli
+    flag = cli_flag(name)
+    if value is None or value is True:
+        return flag
+    if value is False and name == "black_border":
+        return flag
+    if isinstance(value, (list, tuple)):
+        sep = " " if name == "spacing" else ","
+        return f"{flag} {sep.join(str(v) for v in value)}"
+    return f"{flag} {value}"
 
 
 class GrapesInputError(ValueError):
     """Bad input from the user (a path, an array, a parameter).
 
-    The message names the input and the fix. Subclasses ``ValueError`` so that callers that
-    already catch ``ValueError`` keep working.
+    Parameters
+    ----------
+    message : str
+        What is wrong and how to fix it; ``{name}`` stands for the parameter ``name`` of
+        `options` (other braces are left as they are).
+    **options
+        Parameter name -> value to show (``None``: the name alone; :class:`Alt`: two wordings).
+
+    Notes
+    -----
+    ``str(err)`` is the Python wording; :meth:`render` with ``"cli"`` gives the command-line
+    wording. Subclasses ``ValueError`` so that callers that already catch it keep working.
     """
+
+    def __init__(self, message: str, **options):
+        self.template = str(message)
+        self.options = options
+        super().__init__(self.render("api"))
+
+    def render(self, style: str = "api") -> str:
+        """The message for ``"api"`` (keywords) or ``"cli"`` (command-line options)."""
+        if not self.options:
+            return self.template
+        fmt = _render_cli if style == "cli" else _render_api
+
+        def sub(m):
+            key = m.group(1)
+            return fmt(key, self.options[key]) if key in self.options else m.group(0)
+
+        return re.sub(r"\{(\w+)\}", sub, self.template)
