@@ -45,7 +45,8 @@ from .io import open_volume, provenance, read_spacing
 from .kernels.distance import distance_core
 from .plan import block_edges, check_region_memory, inscribed_bound, plan_regions
 
-__all__ = ["particle_table", "analyze", "analyze_tables", "ParticleTables", "PROFILE_COLUMNS"]
+__all__ = ["particle_table", "analyze", "analyze_tables", "check_inputs", "CheckedInputs", "ParticleTables",
+           "PROFILE_COLUMNS"]
 
 PROFILE_COLUMNS = (
     "radial_layers",
@@ -363,19 +364,19 @@ def _finish(stats: pd.DataFrame, combined_layers: pd.DataFrame, contacts: pd.Dat
 
 
 def _compute(*objs, client=None, progress=False, desc=""):
-    """Compute dask objects on `client` (a distributed Client) or the current scheduler."""
+    """Compute dask objects on `client` (a distributed Client) or the current scheduler.
+
+    With `progress`, the tasks' progress goes to standard error (:mod:`grapes_dask._progress`).
+    """
+    from ._progress import dask_callback, distributed_progress
+
     if client is not None:
         futures = client.compute(list(objs))
         if progress:
-            from distributed import progress as dprogress
-
-            dprogress(futures)
-            print()
+            distributed_progress(futures, desc)
         return tuple(client.gather(futures))
     if progress:
-        from tqdm.dask import TqdmCallback
-
-        with TqdmCallback(desc=desc, unit="task", dynamic_ncols=True):
+        with dask_callback(desc):
             return dask.compute(*objs)
     return dask.compute(*objs)
 
@@ -395,6 +396,64 @@ def _pass1(inp: _Inputs, edges):
     parts = [dask.delayed(_first, pure=True)(t) for t in tasks]
     infos = [dask.delayed(_second, pure=True)(t) for t in tasks]
     return _tree_reduce(parts, kernels.combine_stats), infos, keys
+
+
+# thresholds of the plausibility checks on pass-1 statistics (see _check_label_statistics)
+_SCATTERED_FILL = 0.02  # a particle fills at least this fraction of its bounding box
+_SCATTERED_SPAN = 0.5  # ... or its box spans less than this fraction of every axis
+_MASK_SHAPE = {3: ("sphericity", 0.35), 2: ("circularity", 0.2)}  # N merged spheres: about N**(-1/3)
+
+
+def _check_label_statistics(stats: pd.DataFrame, shape: tuple, name: str, check_labels: bool) -> None:
+    """Stop (or warn) on label volumes that are probably not label images, from pass-1 statistics.
+
+    Costs nothing: it reads only the per-label counts and boxes of pass 1.
+
+    - no particle at all: a warning (the table is empty; the command line stops);
+    - most ids scattered over the whole volume, each filling under 2% of its box: grey levels
+      given as labels (swapped inputs), an error;
+    - a single id spread over the volume whose surface is far too large for one particle
+      (sphericity under 0.35, circularity under 0.2 in 2D; N merged spheres have about
+      ``N**(-1/3)``): a binary mask given as labels, an error.
+
+    The last two can be switched off with ``check_labels=False`` for volumes that are meant so.
+    """
+    import warnings
+
+    from ._errors import GrapesInputWarning
+
+    if len(stats) == 0:
+        warnings.warn(GrapesInputWarning(
+            f"labels {name!r} contain no particle (every voxel is 0): check that this is the label volume "
+            "(and the right dataset); the table is empty"), stacklevel=3)
+        return
+    if not check_labels:
+        return
+    nd = len(shape)
+    lo = stats[[f"bbox-{a}" for a in range(nd)]].to_numpy()
+    hi = stats[[f"bbox-{a + nd}" for a in range(nd)]].to_numpy()
+    ext = hi - lo
+    fill = stats["voxel_count"].to_numpy() / np.prod(ext.astype(float), axis=1)
+    span = (ext / np.asarray(shape, float)).min(axis=1)
+    scattered = (fill < _SCATTERED_FILL) & (span >= _SCATTERED_SPAN)
+    labels = stats["label"].to_numpy()
+    if len(stats) >= 10 and scattered.mean() >= 0.5:
+        raise GrapesInputError(
+            f"labels {name!r} do not look like a label image: {int(scattered.sum())} of its {len(stats)} ids are "
+            f"scattered over the whole volume (each fills under {_SCATTERED_FILL:.0%} of its bounding box), as "
+            "grey levels are. Were the grey and label volumes swapped? If these labels are meant so, pass "
+            "{check_labels}", check_labels=False,
+        )
+    shape_col, low = _MASK_SHAPE[nd]
+    if len(stats) == 1 and span[0] >= _SCATTERED_SPAN and stats[shape_col].iloc[0] < low:
+        frac = stats["voxel_count"].iloc[0] / float(np.prod(shape))
+        raise GrapesInputError(
+            f"labels {name!r} hold a single id ({int(labels[0])}) spread over the volume ({frac:.0%} of the voxels, "
+            f"{shape_col} {stats[shape_col].iloc[0]:.2f}): this looks like a binary mask, not a label image with "
+            "one id per particle. Label the "
+            "particles first (e.g. scipy.ndimage.label, or a watershed to split touching ones); if it really "
+            "is one particle, pass {check_labels}", check_labels=False,
+        )
 
 
 def _fill_cavities(lab, owned, max_size):
@@ -492,16 +551,26 @@ def _pass2_fill_holes(inp, edges, all_labels, bbox_min, bbox_max, exclude, param
     return parts
 
 
+def _check_hole_options(fill_holes, max_hole_size) -> None:
+    if max_hole_size is None:
+        return
+    if int(max_hole_size) != max_hole_size or max_hole_size < 1:
+        raise GrapesInputError("{max_hole_size}: give a whole number of voxels >= 1, or leave it out for any size",
+                               max_hole_size=max_hole_size)
+    if not fill_holes:
+        raise GrapesInputError("{max_hole_size} has no effect without {fill_holes}: add it",
+                               max_hole_size=max_hole_size, fill_holes=True)
+
+
 def _run(grey, labels, *, spacing=None, chunks=None, layer_width=None, start_at="edge", black_border=True,
          normalise="radial_max", exclude_outer_layers=0, exclude_labels=None, fill_holes=False, max_hole_size=None,
-         client=None, progress=False, memory_limit=2 * _GiB, region_size=400):
+         client=None, progress=False, memory_limit=2 * _GiB, region_size=400, check_labels=True):
     inp = _normalize_inputs(
         grey, labels, spacing=spacing, chunks=chunks, layer_width=layer_width, start_at=start_at,
         black_border=black_border, normalise=normalise, exclude_outer_layers=exclude_outer_layers,
         exclude_labels=exclude_labels, memory_limit=memory_limit, region_size=region_size,
     )
-    if max_hole_size is not None and (int(max_hole_size) != max_hole_size or max_hole_size < 1):
-        raise GrapesInputError(f"max_hole_size={max_hole_size}: give a whole number of voxels >= 1, or None for any size")
+    _check_hole_options(fill_holes, max_hole_size)
     params = {**inp.params, "fill_holes": bool(fill_holes),
               "max_hole_size": None if max_hole_size is None else int(max_hole_size),
               **provenance(command="analyze", grey=inp.names["grey"], labels=inp.names["labels"])}
@@ -526,6 +595,7 @@ def _run(grey, labels, *, spacing=None, chunks=None, layer_width=None, start_at=
         )
     stats = kernels.finalize_stats(combined, inp.spacing)
     stats = stats[stats["voxel_count"] > 0].reset_index(drop=True)
+    _check_label_statistics(stats, inp.labels.shape, inp.names["labels"], check_labels)
     contacts = kernels.contacts_table(combined)
     all_labels = stats["label"].to_numpy().astype(np.uint64)
     exclude = np.asarray(params["exclude_labels"], np.uint64)
@@ -604,6 +674,7 @@ def analyze(
     progress: bool = False,
     memory_limit: int = 2 * _GiB,
     region_size: int = 400,
+    check_labels: bool = True,
 ) -> pd.DataFrame:
     """The particle table of a grey volume and its label volume (GREAT2 and properties).
 
@@ -657,6 +728,11 @@ def analyze(
         as region cores (each axis is cut into ``round(size / region_size)`` balanced blocks).
         Larger blocks make the halo relatively cheaper and cost memory: two 400^3 regions of
         the paper-scale phantom in flight peak at about 1.3 GiB.
+    check_labels : bool
+        Stop, after pass 1, on label volumes that are probably not label images: most ids
+        scattered over the whole volume like grey levels (grey and labels swapped), or a single
+        id spread over the volume (a binary mask). False analyses them anyway. A label volume
+        with no particle gives an empty table and a :class:`GrapesInputWarning` either way.
 
     Returns
     -------
@@ -676,7 +752,7 @@ def analyze(
         grey, labels, spacing=spacing, chunks=chunks, layer_width=layer_width, start_at=start_at,
         black_border=black_border, normalise=normalise, exclude_outer_layers=exclude_outer_layers,
         exclude_labels=exclude_labels, fill_holes=fill_holes, max_hole_size=max_hole_size, client=client,
-        progress=progress, memory_limit=memory_limit, region_size=region_size,
+        progress=progress, memory_limit=memory_limit, region_size=region_size, check_labels=check_labels,
     ).particles
 
 
@@ -701,3 +777,73 @@ def particle_table(grey, labels, **kwargs):
     # "convert-string" turns them into pyarrow strings ("[1 2 3]") in the computed frame
     with dask.config.set({"dataframe.convert-string": False}):
         return dd.from_delayed([final], meta=meta, verify_meta=False)
+
+
+@dataclass(frozen=True)
+class CheckedInputs:
+    """Grey and label volumes that passed every check that needs no voxel (:func:`check_inputs`).
+
+    Attributes
+    ----------
+    grey, labels : object
+        The inputs, in a form :func:`analyze` takes (opened once, datasets applied).
+    shape : tuple of int
+        Volume shape (voxels).
+    dtypes : tuple of numpy.dtype
+        Grey and label dtypes.
+    spacing : tuple of float
+        Voxel size used per axis.
+    spacing_source : str
+        Where the voxel size came from (given, which input's metadata, or the default 1).
+    """
+
+    grey: object
+    labels: object
+    shape: tuple
+    dtypes: tuple
+    spacing: tuple
+    spacing_source: str
+
+    def describe(self) -> str:
+        """One line: shape, dtypes, spacing and its source."""
+        dims = "x".join(str(n) for n in self.shape)
+        return (f"{dims} {'voxels' if len(self.shape) == 3 else 'pixels'}, grey {self.dtypes[0]}, labels "
+                f"{self.dtypes[1]}; spacing {tuple(self.spacing)} ({self.spacing_source})")
+
+
+def check_inputs(grey, labels, *, grey_dataset=None, labels_dataset=None, spacing=None, chunks=None,
+                 layer_width=None, start_at="edge", black_border=True, normalise="radial_max",
+                 exclude_outer_layers=0, exclude_labels=None, fill_holes=False, max_hole_size=None,
+                 memory_limit=2 * _GiB, region_size=400, **_ignored) -> CheckedInputs:
+    """Open and check the inputs and parameters of :func:`analyze` without reading a voxel.
+
+    Parameters
+    ----------
+    grey, labels : path or array
+        As for :func:`analyze`; a path may name its dataset as ``FILE::DATASET``.
+    grey_dataset, labels_dataset : str, optional
+        Dataset of each input inside an HDF5 file or Zarr group.
+    **params
+        The other parameters of :func:`analyze`.
+
+    Returns
+    -------
+    CheckedInputs
+        What :func:`analyze` should be given, and the spacing it will use with its source.
+
+    Raises
+    ------
+    GrapesInputError
+        Any input or parameter :func:`analyze` would refuse before reading voxels.
+    """
+    from .io import open_volume
+
+    g = open_volume(grey, dataset=grey_dataset) if grey_dataset else grey
+    lab = open_volume(labels, dataset=labels_dataset) if labels_dataset else labels
+    inp = _normalize_inputs(g, lab, spacing=spacing, chunks=chunks, layer_width=layer_width, start_at=start_at,
+                            black_border=black_border, normalise=normalise, exclude_outer_layers=exclude_outer_layers,
+                            exclude_labels=exclude_labels, memory_limit=memory_limit, region_size=region_size)
+    _check_hole_options(fill_holes, max_hole_size)
+    source = inp.params.get("spacing_source", "given" if spacing is not None else "from the metadata or 1")
+    return CheckedInputs(g, lab, tuple(inp.labels.shape), (inp.grey.dtype, inp.labels.dtype), tuple(inp.spacing),
+                         source)
