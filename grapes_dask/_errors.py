@@ -25,7 +25,10 @@ __all__ = ["GrapesInputError", "GrapesInputWarning", "Alt", "cli_flag"]
 _FLAGS = {
     "black_border": "--no-black-border",
     "check_labels": "--no-check-labels",
+    "shape": "--size",
+    "n_states": "--states",
 }
+_SPACE_SEPARATED = {"spacing", "shape"}  # options that take one value per axis
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,7 @@ def _render_cli(name, value) -> str:
     if value is False and flag.startswith("--no-"):  # a switch that turns the default off
         return flag
     if isinstance(value, (list, tuple)):
-        sep = " " if name == "spacing" else ","
+        sep = " " if name in _SPACE_SEPARATED else ","
         return f"{flag} {sep.join(str(v) for v in value)}"
     return f"{flag} {value}"
 

@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 from . import kernels
-from ._errors import GrapesInputError
+from ._errors import Alt, GrapesInputError
 from .io import open_volume, provenance, read_spacing
 from .kernels.distance import distance_core
 from .plan import block_edges, check_region_memory, inscribed_bound, plan_regions
@@ -608,8 +608,9 @@ def _run(grey, labels, *, spacing=None, chunks=None, layer_width=None, start_at=
     full = stats["voxel_count"].to_numpy() == int(np.prod(inp.labels.shape))
     if not center and not black_border and full.any():
         raise GrapesInputError(
-            f"label {int(all_labels[full][0])} fills the whole volume, so with black_border=False no voxel "
-            "outside it exists and its distance transform is undefined: use black_border=True"
+            f"label {int(all_labels[full][0])} fills the whole volume, so with {{black_border}} no voxel "
+            "outside it exists and its distance transform is undefined: {fix}", black_border=False,
+            fix=Alt("use black_border=True", "leave out --no-black-border")
         )
     block_labels = {k: i["labels"] for k, i in zip(keys, infos)}
     centre_table = None
