@@ -30,7 +30,6 @@ is exact: integer squared distances for isotropic spacing, and for anisotropic s
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -41,7 +40,7 @@ import pandas as pd
 
 from . import kernels
 from ._errors import GrapesInputError
-from .io import open_volume, provenance, read_spacing
+from .io import Volume, provenance, resolve_volume, settle_spacing
 from .kernels.distance import distance_core
 from .plan import block_edges, check_region_memory, inscribed_bound, plan_regions
 
@@ -98,6 +97,7 @@ class _Inputs:
     params: dict
     names: dict
     readers: dict = field(default_factory=dict)
+    volumes: dict = field(default_factory=dict)
 
     def block(self, which: str, slices: tuple):
         """What a task needs to read ``which[slices]``: ``(reader, slices)`` when the volume can be
@@ -108,25 +108,13 @@ class _Inputs:
         return rd, slices
 
 
-def _reader(src, arr):
-    """A picklable object the tasks read blocks from directly, or None (then dask slicing).
-
-    Direct reads avoid building each block from dask chunks (getitem + concatenate), which
-    cost several times the decompression itself.
-    """
-    import zarr
-
-    from .io import _LazySource, _resolve, direct_reader
-
-    if isinstance(src, np.ndarray):
-        return dask.delayed(src, pure=True) if src.shape == arr.shape else None
-    if isinstance(src, (str, os.PathLike, zarr.Array, zarr.Group)):
-        r = _resolve(src)
-        if isinstance(r.array, (zarr.Array, _LazySource)) and tuple(r.array.shape) == arr.shape:
-            if isinstance(r.array, zarr.Array):
-                return direct_reader(r.array) or r.array
-            return r.array
-    return None
+def _reader(vol: Volume):
+    """The object tasks read blocks of `vol` from directly (:attr:`Volume.reader`), or None (then
+    dask slicing). A numpy array enters the graph once, as a delayed object, not once per task."""
+    rd = vol.reader
+    if isinstance(rd, np.ndarray):
+        return dask.delayed(rd, pure=True)
+    return rd
 
 
 def _get(src, slices):
@@ -137,16 +125,27 @@ def _get(src, slices):
     return out
 
 
-def _name(src) -> str:
-    return os.fspath(src) if isinstance(src, (str, os.PathLike)) else f"{type(src).__name__} {getattr(src, 'shape', '')}"
+def _name(vol: Volume) -> str:
+    return vol.name
 
 
 def _normalize_inputs(grey, labels, *, spacing, chunks, layer_width, start_at, black_border, normalise,
                       exclude_outer_layers, exclude_labels, memory_limit, region_size) -> _Inputs:
-    """Open and check every input; the one place that validates parameters."""
-    g = open_volume(grey, chunks=chunks)
-    lab = open_volume(labels, chunks=chunks)
-    gname, lname = _name(grey), _name(labels)
+    """Open and check every input; the one place that validates parameters.
+
+    `grey` and `labels` are resolved once each (:func:`grapes_dask.io.resolve_volume`; an
+    already resolved :class:`~grapes_dask.io.Volume` is taken as is): the lazy array, the voxel
+    size and its source, and the reader the tasks use all come from that one resolution.
+    """
+    gv = resolve_volume(grey, chunks=chunks)
+    lv = resolve_volume(labels, chunks=chunks)
+    g, lab = gv.array, lv.array
+    gname, lname = _name(gv), _name(lv)
+    if gv.key == lv.key:
+        raise GrapesInputError(
+            f"grey and labels are the same array ({gname!r}): pass the grey-level volume as grey and the "
+            "label volume (one integer id per particle) as labels"
+        )
     if g.shape != lab.shape:
         raise GrapesInputError(
             f"grey {gname!r} has shape {g.shape} but labels {lname!r} have shape {lab.shape}: "
@@ -164,17 +163,8 @@ def _normalize_inputs(grey, labels, *, spacing, chunks, layer_width, start_at, b
             f"grey {gname!r} has dtype {g.dtype}: 64-bit integer grey is not supported exactly; "
             "convert it to float64, or to a 32-bit type if the values fit"
         )
-    nd = lab.ndim
-    if spacing is None:
-        spacing = read_spacing(labels) if isinstance(labels, (str, os.PathLike)) else None
-        if spacing is None and isinstance(grey, (str, os.PathLike)):
-            spacing = read_spacing(grey)
-        spacing = spacing or (1.0,) * nd
-    if np.isscalar(spacing):
-        spacing = (float(spacing),) * nd
-    spacing = tuple(float(s) for s in spacing)
-    if len(spacing) != nd or not all(np.isfinite(s) and s > 0 for s in spacing):
-        raise GrapesInputError(f"spacing={spacing} does not fit a {nd}D volume: give {nd} positive voxel sizes")
+    # labels first: their voxel size wins when only one input records it; disagreement is an error
+    spacing, spacing_source, spacing_unit = settle_spacing({"labels": lv, "grey": gv}, spacing)
     if g.chunks != lab.chunks:
         g = g.rechunk(lab.chunks)
     width = 1.0 if layer_width is None else float(layer_width)
@@ -197,13 +187,14 @@ def _normalize_inputs(grey, labels, *, spacing, chunks, layer_width, start_at, b
     if int(region_size) < 1:
         raise GrapesInputError(f"region_size={region_size}: give a positive block side in voxels (e.g. 256)")
     params = dict(
-        spacing=list(spacing), layer_width=width, start_at=start_at, black_border=bool(black_border),
+        spacing=list(spacing), spacing_source=spacing_source, spacing_unit=spacing_unit,
+        layer_width=width, start_at=start_at, black_border=bool(black_border),
         normalise=normalise, exclude_outer_layers=int(exclude_outer_layers),
         exclude_labels=[int(x) for x in excl], memory_limit=int(memory_limit), region_size=int(region_size),
         chunks=[int(c[0]) for c in lab.chunks],
     )
-    readers = {"grey": _reader(grey, g), "labels": _reader(labels, lab)}
-    return _Inputs(g, lab, spacing, params, {"grey": gname, "labels": lname}, readers)
+    readers = {"grey": _reader(gv), "labels": _reader(lv)}
+    return _Inputs(g, lab, spacing, params, {"grey": gname, "labels": lname}, readers, {"grey": gv, "labels": lv})
 
 
 # --------------------------------------------------------------------------------------------
@@ -609,12 +600,16 @@ def analyze(
 
     Parameters
     ----------
-    grey, labels : path or array
+    grey, labels : path, array or grapes_dask.io.Volume
         Grey-level volume and label volume (0 = background, one integer id per particle), 2D or
-        3D, of one shape; anything :func:`grapes_dask.io.open_volume` accepts.
+        3D, of one shape, not the same array; anything :func:`grapes_dask.io.open_volume`
+        accepts (a dataset in a file named as ``scan.h5::/entry/data``), or a volume already
+        resolved by :func:`grapes_dask.io.resolve_volume`.
     spacing : float or sequence of float, optional
-        Voxel size per axis (z, y, x); default from the labels' (then grey's) metadata, else 1.
-        Volumes, areas and distances are in these units.
+        Voxel size per axis (z, y, x), or one for every axis; default from the metadata of the
+        labels or the grey (an error if both record one and they differ), else 1. Volumes,
+        areas and distances are in these units. The value used and where it came from are in
+        the parameters (``spacing``, ``spacing_source``, ``spacing_unit``).
     chunks : int or tuple, optional
         Chunk shape for pass 1 (default: the stored chunks, or 128 per axis).
     layer_width : float, optional
