@@ -489,6 +489,13 @@ def _refuse_dataset(name: str, dataset) -> None:
         )
 
 
+def _refuse_slices_dataset(text: str, dataset) -> None:
+    if dataset is not None:
+        raise GrapesInputError(
+            f"{text!r} is a stack of TIFF slices, which holds one volume: drop {{dataset}}", dataset=dataset
+        )
+
+
 def _resolve(source, dataset: str | None = None, level: int | None = None) -> _Resolved:
     import zarr
 
@@ -523,6 +530,7 @@ def _resolve(source, dataset: str | None = None, level: int | None = None) -> _R
         files = sorted(_glob.glob(text), key=_natural_key)
         if not files:
             raise GrapesInputError(f"no file matches the pattern {text!r}: check the folder and pattern")
+        _refuse_slices_dataset(text, dataset)
         return _resolve_tiff_sequence(files, text, os.path.abspath(text))
     p = Path(os.path.abspath(text))  # absolute: tasks may run on workers in another working folder
     if not p.exists():
@@ -536,6 +544,7 @@ def _resolve(source, dataset: str | None = None, level: int | None = None) -> _R
                 f"folder {text!r} is neither a Zarr store nor a folder of TIFF slices: "
                 "pass a .zarr store, a TIFF/HDF5/.npy file, or a folder of 2D .tif slices"
             )
+        _refuse_slices_dataset(text, dataset)
         return _resolve_tiff_sequence(files, text, str(p))
     suffix = p.suffix.lower()
     if suffix in _HDF5_SUFFIXES:
@@ -596,12 +605,14 @@ def _resolve_zarr_group(group, name: str, dataset, level) -> _Resolved:
         spacing, unit = _ome_scale(ms, datasets[lvl])
         how = "OME-Zarr scale" + (f" of level {lvl}" if lvl else "") if spacing is not None else None
     if dataset is None:
-        arrays = sorted(k for k, _ in group.arrays())
+        members = dict(group.arrays())
+        arrays = sorted(members)
         if len(arrays) != 1:
+            ex = max(arrays, key=lambda k: members[k].size) if arrays else None
             raise GrapesInputError(
                 f"Zarr group {name!r} holds {len(arrays)} arrays {arrays}: choose one with {{dataset}}"
-                + (f" or in the path, {name + '::' + arrays[0]!r}" if arrays else ""),
-                dataset=arrays[0] if arrays else None,
+                + (f" or in the path, {name + '::' + ex!r}" if arrays else ""),
+                dataset=ex,
             )
         dataset = arrays[0]
     try:
@@ -925,10 +936,12 @@ def _resolve_hdf5(p: Path, name: str, dataset) -> _Resolved:
         if dataset is None:
             cands = _h5_candidates(f)
             if len(cands) != 1:
+                # the example is the largest (a scan rather than its dark or flat fields)
+                ex = max(cands, key=lambda c: f[c].size) if cands else None
                 raise GrapesInputError(
                     f"HDF5 file {name!r} holds {len(cands)} 2D/3D datasets {cands[:20]}: choose one with {{dataset}}"
-                    + (f" or in the path, {name + '::' + cands[0]!r}" if cands else ""),
-                    dataset=cands[0] if cands else None,
+                    + (f" or in the path, {name + '::' + ex!r}" if cands else ""),
+                    dataset=ex,
                 )
             dataset = cands[0]
         if dataset not in f or not isinstance(f[dataset], h5py.Dataset):

@@ -167,6 +167,10 @@ def test_dataset_given_to_a_single_volume_source_is_refused(tmp_path):
     assert "drop --dataset x" in e.value.render("cli")
     with pytest.raises(GrapesInputError, match=r"numpy array .* drop dataset='x'"):
         open_volume(grey, dataset="x")
+    (tmp_path / "sl").mkdir()
+    tifffile.imwrite(tmp_path / "sl" / "s0.tif", grey[0])
+    with pytest.raises(GrapesInputError, match=r"stack of TIFF slices, which holds one volume: drop dataset='x'"):
+        open_volume(f"{tmp_path / 'sl'}::x")
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,10 +382,19 @@ def test_messages_name_parameters_for_api_and_cli(tmp_path):
         convert(a, tmp_path / "o.zarr")
     assert str(e.value).endswith("pass overwrite=True") and e.value.render("cli").endswith("pass --overwrite")
     with h5py.File(tmp_path / "m.h5", "w") as f:
-        f["x"] = np.zeros((3, 4, 5), np.uint8)
-        f["y"] = np.zeros((3, 4, 5), np.uint8)
+        f["dark"] = np.zeros((2, 4, 5), np.uint8)
+        f["x"] = np.zeros((3, 4, 5), np.uint8)  # the largest: the example
     with pytest.raises(GrapesInputError) as e:
         open_volume(str(tmp_path / "m.h5"))
     assert "choose one with dataset='/x' or in the path" in str(e.value)
     assert "choose one with --dataset /x or in the path" in e.value.render("cli")
     assert f"{tmp_path / 'm.h5'}::/x" in str(e.value)
+    g = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    g.create_array("a", shape=(3, 3), dtype="u1")
+    g.create_array("b", shape=(3, 4), dtype="u1")
+    with pytest.raises(GrapesInputError) as e:
+        open_volume(str(tmp_path / "g.zarr"))
+    assert "choose one with --dataset b or in the path" in e.value.render("cli")
+    with pytest.raises(GrapesInputError) as e:
+        open_volume(np.zeros((3, 4, 5), np.uint8), chunks=(2, 2))
+    assert e.value.render("cli").startswith("--chunks 2,2 does not fit")
