@@ -30,7 +30,6 @@ is exact: integer squared distances for isotropic spacing, and for anisotropic s
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -41,7 +40,7 @@ import pandas as pd
 
 from . import kernels
 from ._errors import Alt, GrapesInputError
-from .io import open_volume, provenance, read_spacing
+from .io import Volume, provenance, resolve_volume, settle_spacing
 from .kernels.distance import distance_core
 from .plan import block_edges, check_region_memory, inscribed_bound, plan_regions
 
@@ -99,6 +98,7 @@ class _Inputs:
     params: dict
     names: dict
     readers: dict = field(default_factory=dict)
+    volumes: dict = field(default_factory=dict)
 
     def block(self, which: str, slices: tuple):
         """What a task needs to read ``which[slices]``: ``(reader, slices)`` when the volume can be
@@ -109,25 +109,13 @@ class _Inputs:
         return rd, slices
 
 
-def _reader(src, arr):
-    """A picklable object the tasks read blocks from directly, or None (then dask slicing).
-
-    Direct reads avoid building each block from dask chunks (getitem + concatenate), which
-    cost several times the decompression itself.
-    """
-    import zarr
-
-    from .io import _LazySource, _resolve, direct_reader
-
-    if isinstance(src, np.ndarray):
-        return dask.delayed(src, pure=True) if src.shape == arr.shape else None
-    if isinstance(src, (str, os.PathLike, zarr.Array, zarr.Group)):
-        r = _resolve(src)
-        if isinstance(r.array, (zarr.Array, _LazySource)) and tuple(r.array.shape) == arr.shape:
-            if isinstance(r.array, zarr.Array):
-                return direct_reader(r.array) or r.array
-            return r.array
-    return None
+def _reader(vol: Volume):
+    """The object tasks read blocks of `vol` from directly (:attr:`Volume.reader`), or None (then
+    dask slicing). A numpy array enters the graph once, as a delayed object, not once per task."""
+    rd = vol.reader
+    if isinstance(rd, np.ndarray):
+        return dask.delayed(rd, pure=True)
+    return rd
 
 
 def _get(src, slices):
@@ -138,16 +126,27 @@ def _get(src, slices):
     return out
 
 
-def _name(src) -> str:
-    return os.fspath(src) if isinstance(src, (str, os.PathLike)) else f"{type(src).__name__} {getattr(src, 'shape', '')}"
+def _name(vol: Volume) -> str:
+    return vol.name
 
 
 def _normalize_inputs(grey, labels, *, spacing, chunks, layer_width, start_at, black_border, normalise,
                       exclude_outer_layers, exclude_labels, memory_limit, region_size) -> _Inputs:
-    """Open and check every input; the one place that validates parameters."""
-    g = open_volume(grey, chunks=chunks)
-    lab = open_volume(labels, chunks=chunks)
-    gname, lname = _name(grey), _name(labels)
+    """Open and check every input; the one place that validates parameters.
+
+    `grey` and `labels` are resolved once each (:func:`grapes_dask.io.resolve_volume`; an
+    already resolved :class:`~grapes_dask.io.Volume` is taken as is): the lazy array, the voxel
+    size and its source, and the reader the tasks use all come from that one resolution.
+    """
+    gv = resolve_volume(grey, chunks=chunks)
+    lv = resolve_volume(labels, chunks=chunks)
+    g, lab = gv.array, lv.array
+    gname, lname = _name(gv), _name(lv)
+    if gv.key == lv.key:
+        raise GrapesInputError(
+            f"grey and labels are the same array ({gname!r}): pass the grey-level volume as grey and the "
+            "label volume (one integer id per particle) as labels"
+        )
     if g.shape != lab.shape:
         raise GrapesInputError(
             f"grey {gname!r} has shape {g.shape} but labels {lname!r} have shape {lab.shape}: "
@@ -156,7 +155,10 @@ def _normalize_inputs(grey, labels, *, spacing, chunks, layer_width, start_at, b
     if not (np.issubdtype(lab.dtype, np.integer) or lab.dtype == bool):
         raise GrapesInputError(
             f"labels {lname!r} have dtype {lab.dtype}: labels must be integers (0 = background, one id "
-            "per particle); if they were saved as floats, convert them with astype(np.uint32)"
+            "per particle); if they were saved as floats, {fix}",
+            fix=Alt("convert them with labels.astype(np.uint32)",
+                    "round them to an integer type before the analysis (e.g. numpy's astype(np.uint32), "
+                    "or ImageJ's Image > Type > 32-bit... then 16-bit)"),
         )
     if g.dtype.kind not in "uif" and g.dtype != bool:
         raise GrapesInputError(f"grey {gname!r} has unsupported dtype {g.dtype}: use integer or float grey levels")
@@ -165,46 +167,40 @@ def _normalize_inputs(grey, labels, *, spacing, chunks, layer_width, start_at, b
             f"grey {gname!r} has dtype {g.dtype}: 64-bit integer grey is not supported exactly; "
             "convert it to float64, or to a 32-bit type if the values fit"
         )
-    nd = lab.ndim
-    if spacing is None:
-        spacing = read_spacing(labels) if isinstance(labels, (str, os.PathLike)) else None
-        if spacing is None and isinstance(grey, (str, os.PathLike)):
-            spacing = read_spacing(grey)
-        spacing = spacing or (1.0,) * nd
-    if np.isscalar(spacing):
-        spacing = (float(spacing),) * nd
-    spacing = tuple(float(s) for s in spacing)
-    if len(spacing) != nd or not all(np.isfinite(s) and s > 0 for s in spacing):
-        raise GrapesInputError(f"spacing={spacing} does not fit a {nd}D volume: give {nd} positive voxel sizes")
+    # labels first: their voxel size wins when only one input records it; disagreement is an error
+    spacing, spacing_source, spacing_unit = settle_spacing({"labels": lv, "grey": gv}, spacing)
     if g.chunks != lab.chunks:
         g = g.rechunk(lab.chunks)
     width = 1.0 if layer_width is None else float(layer_width)
     if not (np.isfinite(width) and width > 0):
-        raise GrapesInputError(f"layer_width={layer_width}: give a positive layer width in spacing units")
+        raise GrapesInputError("{layer_width}: give a positive layer width in spacing units", layer_width=layer_width)
     if start_at not in ("edge", "center"):
-        raise GrapesInputError(f"start_at={start_at!r}: choose 'edge' (layers from the surface) or 'center'")
+        raise GrapesInputError("{start_at}: choose 'edge' (layers from the surface) or 'center'", start_at=start_at)
     if normalise not in ("radial_max", "surface"):
-        raise GrapesInputError(f"normalise={normalise!r}: choose 'radial_max' or 'surface'")
+        raise GrapesInputError("{normalise}: choose 'radial_max' or 'surface'", normalise=normalise)
     if int(exclude_outer_layers) != exclude_outer_layers or exclude_outer_layers < 0:
-        raise GrapesInputError(f"exclude_outer_layers={exclude_outer_layers}: give a whole number >= 0")
+        raise GrapesInputError("{exclude_outer_layers}: give a whole number >= 0",
+                               exclude_outer_layers=exclude_outer_layers)
     try:
         excl = np.unique(np.asarray([] if exclude_labels is None else exclude_labels).astype(object))
         excl = np.array([int(x) for x in excl], dtype=object)
     except (TypeError, ValueError):
-        raise GrapesInputError(f"exclude_labels={exclude_labels!r}: give a list of label ids") from None
+        raise GrapesInputError("{exclude_labels}: give a list of label ids", exclude_labels=exclude_labels) from None
     if any(x <= 0 or x >= 2**64 for x in excl):
-        raise GrapesInputError(f"exclude_labels={exclude_labels!r}: label ids are positive integers (0 is background)")
+        raise GrapesInputError("{exclude_labels}: label ids are positive integers (0 is background)",
+                               exclude_labels=exclude_labels)
     excl = excl.astype(np.uint64)
     if int(region_size) < 1:
-        raise GrapesInputError(f"region_size={region_size}: give a positive block side in voxels (e.g. 256)")
+        raise GrapesInputError("{region_size}: give a positive block side in voxels (e.g. 256)", region_size=region_size)
     params = dict(
-        spacing=list(spacing), layer_width=width, start_at=start_at, black_border=bool(black_border),
+        spacing=list(spacing), spacing_source=spacing_source, spacing_unit=spacing_unit,
+        layer_width=width, start_at=start_at, black_border=bool(black_border),
         normalise=normalise, exclude_outer_layers=int(exclude_outer_layers),
         exclude_labels=[int(x) for x in excl], memory_limit=int(memory_limit), region_size=int(region_size),
         chunks=[int(c[0]) for c in lab.chunks],
     )
-    readers = {"grey": _reader(grey, g), "labels": _reader(labels, lab)}
-    return _Inputs(g, lab, spacing, params, {"grey": gname, "labels": lname}, readers)
+    readers = {"grey": _reader(gv), "labels": _reader(lv)}
+    return _Inputs(g, lab, spacing, params, {"grey": gname, "labels": lname}, readers, {"grey": gv, "labels": lv})
 
 
 # --------------------------------------------------------------------------------------------
@@ -681,12 +677,16 @@ def analyze(
 
     Parameters
     ----------
-    grey, labels : path or array
+    grey, labels : path, array or grapes_dask.io.Volume
         Grey-level volume and label volume (0 = background, one integer id per particle), 2D or
-        3D, of one shape; anything :func:`grapes_dask.io.open_volume` accepts.
+        3D, of one shape, not the same array; anything :func:`grapes_dask.io.open_volume`
+        accepts (a dataset in a file named as ``scan.h5::/entry/data``), or a volume already
+        resolved by :func:`grapes_dask.io.resolve_volume`.
     spacing : float or sequence of float, optional
-        Voxel size per axis (z, y, x); default from the labels' (then grey's) metadata, else 1.
-        Volumes, areas and distances are in these units.
+        Voxel size per axis (z, y, x), or one for every axis; default from the metadata of the
+        labels or the grey (an error if both record one and they differ), else 1. Volumes,
+        areas and distances are in these units. The value used and where it came from are in
+        the parameters (``spacing``, ``spacing_source``, ``spacing_unit``).
     chunks : int or tuple, optional
         Chunk shape for pass 1 (default: the stored chunks, or 128 per axis).
     layer_width : float, optional
@@ -837,14 +837,12 @@ def check_inputs(grey, labels, *, grey_dataset=None, labels_dataset=None, spacin
     GrapesInputError
         Any input or parameter :func:`analyze` would refuse before reading voxels.
     """
-    from .io import open_volume
-
-    g = open_volume(grey, dataset=grey_dataset) if grey_dataset else grey
-    lab = open_volume(labels, dataset=labels_dataset) if labels_dataset else labels
+    g = resolve_volume(grey, dataset=grey_dataset)
+    lab = resolve_volume(labels, dataset=labels_dataset)
     inp = _normalize_inputs(g, lab, spacing=spacing, chunks=chunks, layer_width=layer_width, start_at=start_at,
                             black_border=black_border, normalise=normalise, exclude_outer_layers=exclude_outer_layers,
                             exclude_labels=exclude_labels, memory_limit=memory_limit, region_size=region_size)
     _check_hole_options(fill_holes, max_hole_size)
-    source = inp.params.get("spacing_source", "given" if spacing is not None else "from the metadata or 1")
+    source = inp.params["spacing_source"]
     return CheckedInputs(g, lab, tuple(inp.labels.shape), (inp.grey.dtype, inp.labels.dtype), tuple(inp.spacing),
                          source)
