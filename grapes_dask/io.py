@@ -1424,9 +1424,9 @@ def provenance(**extra) -> dict:
 def _progress_ctx(progress: bool, desc: str):
     if not progress:
         return contextlib.nullcontext()
-    from tqdm.dask import TqdmCallback
+    from ._progress import dask_callback
 
-    return TqdmCallback(desc=desc, unit="block", dynamic_ncols=True)
+    return dask_callback(desc, unit="task")
 
 
 def write_zarr(
