@@ -156,8 +156,8 @@ def reference_stats(lab, grey, spacing):
         row = {
             "label": lid,
             "voxel_count": int(mask.sum()),
-            "volume": p.area,
-            "equivalent_diameter_volume": p.equivalent_diameter_area,
+            ("volume" if ndim == 3 else "area"): p.area,
+            ("equivalent_diameter_volume" if ndim == 3 else "equivalent_diameter_area"): p.equivalent_diameter_area,
             "intensity_min": vals.min(),
             "intensity_max": vals.max(),
             "intensity_mean": vals.mean(),
@@ -175,9 +175,12 @@ def reference_stats(lab, grey, spacing):
             row[f"inertia_tensor_eigvals-{a}"] = e
         sl = tuple(slice(lo, hi) for lo, hi in zip(p.bbox[:ndim], p.bbox[ndim:]))
         area = reference_surface(mask[sl], spacing)
-        row["surface_area"] = area
         if ndim == 3:
+            row["surface_area"] = area
             row["sphericity"] = np.pi ** (1 / 3) * (6 * p.area) ** (2 / 3) / area
+        else:  # scikit-image's 2D names; circularity as ImageJ's
+            row["perimeter"] = area
+            row["circularity"] = 4 * np.pi * p.area / area**2
         rows.append(row)
     return pd.DataFrame(rows), pairs
 
