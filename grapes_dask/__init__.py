@@ -16,9 +16,30 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0+unknown"
 
 from ._errors import GrapesInputError  # noqa: E402
-from .io import convert, open_volume, read_spacing, volume_info  # noqa: E402
-from .table import ParticleTables, analyze, analyze_tables, particle_table  # noqa: E402
-from .output import Particle, particle, prop_to_image, read_table, write_table  # noqa: E402
+
+# The heavy modules (numba kernels, dask, zarr) load on first use, so that the command starts
+# at once and a Ctrl-C while they load is handled like any other.
+_LAZY = {
+    "convert": "io", "open_volume": "io", "read_spacing": "io", "volume_info": "io",
+    "ParticleTables": "table", "analyze": "table", "analyze_tables": "table", "particle_table": "table",
+    "Particle": "output", "particle": "output", "prop_to_image": "output", "read_table": "output",
+    "write_table": "output",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "GrapesInputError",

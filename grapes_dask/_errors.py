@@ -19,13 +19,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["GrapesInputError", "Alt", "cli_flag"]
+__all__ = ["GrapesInputError", "GrapesInputWarning", "Alt", "cli_flag"]
 
 # keyword -> command-line option, where the flag is not simply "--" + name with dashes
 _FLAGS = {
-    "normalise": "--normalise",
     "black_border": "--no-black-border",
+    "check_labels": "--no-check-labels",
+    "shape": "--size",
+    "n_states": "--states",
 }
+_SPACE_SEPARATED = {"spacing", "shape"}  # options that take one value per axis
 
 
 @dataclass(frozen=True)
@@ -55,10 +58,10 @@ def _render_cli(name, value) -> str:
     flag = cli_flag(name)
     if value is None or value is True:
         return flag
-    if value is False and name == "black_border":
+    if value is False and flag.startswith("--no-"):  # a switch that turns the default off
         return flag
     if isinstance(value, (list, tuple)):
-        sep = " " if name == "spacing" else ","
+        sep = " " if name in _SPACE_SEPARATED else ","
         return f"{flag} {sep.join(str(v) for v in value)}"
     return f"{flag} {value}"
 
@@ -96,3 +99,10 @@ class GrapesInputError(ValueError):
             return fmt(key, self.options[key]) if key in self.options else m.group(0)
 
         return re.sub(r"\{(\w+)\}", sub, self.template)
+
+
+class GrapesInputWarning(UserWarning):
+    """Input that is probably not what the user meant, analysed anyway (e.g. no particle at all).
+
+    The command line turns it into an error: an output file of nothing is never what is wanted.
+    """

@@ -7,34 +7,75 @@ shows the traceback as well. Other failures exit with status 1.
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 import traceback
+import warnings
 
 import click
 import numpy as np
 
-from ._errors import GrapesInputError
+from ._errors import GrapesInputError, GrapesInputWarning
 
-_USER_ERRORS = (GrapesInputError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError)
+# GrapesInputWarning: input analysed by the API with a warning (no particle at all) stops the command
+_USER_ERRORS = (GrapesInputError, GrapesInputWarning, FileNotFoundError, FileExistsError, PermissionError,
+                IsADirectoryError)
+
+
+def _fail(ctx, exc: BaseException) -> None:
+    if ctx.find_root().obj.get("verbose"):
+        traceback.print_exc()
+    click.echo(f"error: {_message(exc)}", err=True)
+    ctx.exit(2)
+
+
+class _Command(click.Command):
+    """A subcommand: ``--spacing`` takes one value per axis or one for all (joined before parsing)."""
+
+    def parse_args(self, ctx, args):
+        return super().parse_args(ctx, _join_spacing(list(args)))
 
 
 class _Group(click.Group):
     """Click group that turns user errors into one clear message and a non-zero exit."""
 
+    command_class = _Command
+
     def invoke(self, ctx):
+        ctx.ensure_object(dict)
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except _USER_ERRORS as exc:
-            if ctx.obj and ctx.obj.get("verbose"):
-                traceback.print_exc()
-            click.echo(f"error: {_message(exc)}", err=True)
-            ctx.exit(2)
+            _fail(ctx, exc)
         except KeyboardInterrupt:
             click.echo("interrupted: no output was left half-written", err=True)
             ctx.exit(130)
+
+
+_NUMBER = re.compile(r"^[+]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _join_spacing(args: list) -> list:
+    """``--spacing 1 0.8 0.8`` -> ``--spacing=1,0.8,0.8`` (one to three numbers after the flag)."""
+    out, i = [], 0
+    while i < len(args):
+        a = args[i]
+        if a == "--spacing":
+            vals = []
+            j = i + 1
+            while j < len(args) and len(vals) < 3 and _NUMBER.match(args[j]):
+                vals.append(args[j])
+                j += 1
+            if vals:
+                out.append("--spacing=" + ",".join(vals))
+                i = j
+                continue
+        out.append(a)
+        i += 1
+    return out
 
 
 def _message(exc: BaseException) -> str:
@@ -46,27 +87,58 @@ def _message(exc: BaseException) -> str:
             FileExistsError: "already exists: choose another path or pass --overwrite",
         }[type(exc)]
         return f"{exc.filename!r} {what}"
+    if isinstance(exc, GrapesInputError):
+        return exc.render("cli")
     return str(exc)
+
+
+def _set_verbose(ctx, param, value):
+    if value:
+        ctx.find_root().ensure_object(dict)["verbose"] = True
+    return value
+
+
+def _verbose_option(f):
+    return click.option("-v", "--verbose", is_flag=True, expose_value=False, is_eager=True, callback=_set_verbose,
+                        help="Show tracebacks of errors.")(f)
+
+
+def _parse_spacing(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        vals = tuple(float(v) for v in str(value).replace(",", " ").split())
+    except ValueError:
+        vals = ()
+    if not 1 <= len(vals) <= 3 or not all(v > 0 and v < float("inf") for v in vals):
+        raise click.BadParameter(f"{value!r}: give one positive voxel size for every axis, or one per axis (Z Y X)")
+    return vals[0] if len(vals) == 1 else vals
+
+
+_WORKERS_HELP = ("Local cluster: 1 (default) runs one worker inside this process with a thread per core "
+                 "(the kernels release the GIL); N > 1 starts N worker processes sharing the cores.")
 
 
 def _spacing_option(f):
     return click.option(
-        "--spacing", nargs=3, type=float, default=None, metavar="Z Y X",
-        help="Voxel size per axis (overrides the file's metadata).",
+        "--spacing", default=None, metavar="[Z] Y X", callback=_parse_spacing,
+        help="Voxel size: one value per axis (Z Y X, or Y X for 2D images) or one for all axes; "
+             "overrides the files' metadata.",
     )(f)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks of errors.")
+@_verbose_option
 @click.version_option(package_name="grapes-dask")
-@click.pass_context
-def cli(ctx, verbose):
-    """Exact, out-of-core per-particle grey-level analysis (GREAT2) of micro-CT volumes."""
-    ctx.ensure_object(dict)
-    ctx.obj["verbose"] = verbose
+def cli():
+    """Exact, out-of-core per-particle grey-level analysis (GREAT2) of micro-CT volumes.
+
+    Every command takes -v/--verbose (before or after its name) to show tracebacks.
+    """
 
 
 @cli.command()
+@_verbose_option
 @click.argument("input_path", metavar="INPUT")
 @click.argument("output", metavar="OUTPUT.zarr")
 @click.option("--dataset", default=None, help="Dataset path inside an HDF5/NeXus file or array in a Zarr group.")
@@ -90,6 +162,7 @@ def convert(input_path, output, dataset, level, chunks, spacing, overwrite, quie
 
 
 @cli.command()
+@_verbose_option
 @click.argument("path")
 @click.option("--dataset", default=None, help="Dataset path inside an HDF5/NeXus file or array in a Zarr group.")
 @click.option("--level", type=int, default=None, help="Resolution level of an OME-Zarr or pyramidal TIFF (default 0).")
@@ -101,6 +174,7 @@ def info(path, dataset, level):
 
 
 @cli.command()
+@_verbose_option
 @click.argument("output_dir")
 @click.option("--size", nargs=3, type=int, default=(128, 128, 128), show_default=True, metavar="Z Y X",
               help="Volume shape in voxels.")
@@ -130,147 +204,123 @@ def synth(output_dir, size, mean_radius, states, seed, chunks, overwrite, quiet)
         click.echo(f"  {p}")
 
 
-def _check_table_out(path, overwrite: bool) -> None:
-    """Fail before any compute if the table cannot be written where asked."""
-    from pathlib import Path
-
-    from .io import _check_can_write
-
-    suffix = Path(path).suffix.lower()
-    if suffix not in (".parquet", ".csv", ".xlsx"):
-        raise GrapesInputError(f"output table {str(path)!r}: use a .parquet, .csv or .xlsx file name")
-    _check_can_write(Path(path), overwrite)
-
-
-def _summary(n_particles: int, n_voxels: int, seconds: float) -> str:
-    return (f"{n_particles} particles, {n_voxels / 1e6:.1f} Mvoxels in {seconds:.1f} s "
-            f"({n_voxels / max(seconds, 1e-9) / 1e6:.1f} Mvoxels/s)")
-
-
 @cli.command()
+@_verbose_option
 @click.argument("grey", metavar="GREY")
 @click.argument("labels", metavar="LABELS")
 @click.option("--out", "out", required=True, help="Output table: .parquet, .csv or .xlsx.")
 @_spacing_option
 @click.option("--chunks", type=int, default=None, help="Chunk side for pass 1 (default: the stored chunks).")
-@click.option("--dataset", default=None, help="Dataset path inside HDF5 inputs (both volumes).")
+@click.option("--grey-dataset", default=None, metavar="PATH",
+              help="Dataset of GREY inside an HDF5 file or Zarr group (or write GREY as FILE::PATH).")
+@click.option("--labels-dataset", default=None, metavar="PATH",
+              help="Dataset of LABELS inside an HDF5 file or Zarr group (or write LABELS as FILE::PATH).")
+@click.option("--dataset", default=None, hidden=True)
 @click.option("--scheduler", default=None, metavar="ADDRESS",
-              help="Address (or scheduler file) of a running dask scheduler; default: a local cluster.")
-@click.option("--workers", type=int, default=None, help="Worker processes of the local cluster (default: cores).")
+              help="Address (tcp://host:8786) or scheduler file (.json) of a running dask scheduler; "
+                   "default: a local cluster.")
+@click.option("--workers", type=int, default=None, help=_WORKERS_HELP)
+@click.option("--memory-limit", default=None, metavar="SIZE",
+              help="Memory of the local cluster's workers, e.g. 8GiB (default: the machine's memory); "
+                   "the regions of pass 2 are planned to fit it.")
 @click.option("--layer-width", type=float, default=None, help="Radial layer width in spacing units (default 1).")
-@click.option("--start-at", type=click.Choice(["edge", "center"]), default="edge", show_default=True,
-              help="Layer 1 at the particle surface (edge) or at its centroid (center).")
-@click.option("--normalise", type=click.Choice(["radial_max", "surface"]), default="radial_max", show_default=True,
-              help="Normalisation of radial_layers_graylevelnormed.")
+@click.option("--start-at", type=click.Choice(["edge", "center", "centre"]), default="edge", show_default=True,
+              help="Layer 1 at the particle surface (edge) or at its centroid (center or centre).")
+@click.option("--normalise", "--normalize", "normalise", type=click.Choice(["radial_max", "surface"]),
+              default="radial_max", show_default=True, help="Normalisation of radial_layers_graylevelnormed.")
 @click.option("--exclude-outer-layers", type=int, default=0, show_default=True,
               help="ROI columns use the layers deeper than this.")
 @click.option("--exclude-labels", default=None, metavar="ID[,ID...]",
               help="Labels to leave out of the layer analysis (e.g. a binder phase).")
 @click.option("--no-black-border", is_flag=True, help="Do not treat the outside of the volume as background.")
 @click.option("--fill-holes", is_flag=True, help="Count each particle's enclosed cavities as part of it in the layers.")
-@click.option("--max-hole-size", type=int, default=None, help="With --fill-holes, fill cavities of at most this many voxels.")
+@click.option("--max-hole-size", type=int, default=None,
+              help="With --fill-holes, fill only cavities of at most this many voxels.")
 @click.option("--region-size", type=int, default=400, show_default=True,
-              help="Side of the blocks of chunks each task works on, voxels (memory vs halo cost).")
+              help="Target side of the blocks of chunks each task works on, voxels (the planner splits "
+                   "blocks further where memory requires).")
+@click.option("--no-check-labels", is_flag=True,
+              help="Analyse label volumes that look like grey levels or a binary mask anyway.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
-def analyze(grey, labels, out, spacing, chunks, dataset, scheduler, workers, layer_width, start_at, normalise,
-            exclude_outer_layers, exclude_labels, no_black_border, fill_holes, max_hole_size, region_size, overwrite,
-            quiet):
+@click.option("--quiet", is_flag=True, help="No progress, no dashboard link: only the closing line.")
+def analyze(grey, labels, out, spacing, chunks, grey_dataset, labels_dataset, dataset, scheduler, workers,
+            memory_limit, layer_width, start_at, normalise, exclude_outer_layers, exclude_labels, no_black_border,
+            fill_holes, max_hole_size, region_size, no_check_labels, overwrite, quiet):
     """Particle table (GREAT2 radial profiles and properties) of a grey and a label volume."""
     from pathlib import Path
 
-    from . import io
-    from .cluster import cluster_client
-    from .output import write_table
-    from .table import analyze_tables
+    from .cluster import check_scheduler, cluster_client, dashboard_link
+    from .demo import summary
+    from .output import check_table_path, write_table
+    from .table import analyze_tables, check_inputs
 
-    _check_table_out(out, overwrite)
-    excl = None
-    if exclude_labels:
-        try:
-            excl = [int(x) for x in exclude_labels.replace(" ", "").split(",") if x]
-        except ValueError:
-            raise GrapesInputError(f"--exclude-labels {exclude_labels!r}: give label ids separated by commas") from None
-    g = io.open_volume(grey, dataset=dataset) if dataset else grey
-    lab = io.open_volume(labels, dataset=dataset) if dataset else labels
+    if dataset is not None:
+        raise GrapesInputError(
+            f"--dataset {dataset}: name each input's own dataset with --grey-dataset and --labels-dataset "
+            "(or write an input as FILE.h5::/path/to/dataset)"
+        )
+    if scheduler and memory_limit:
+        raise GrapesInputError(
+            f"--memory-limit {memory_limit} sets the memory of the local cluster; the workers of --scheduler "
+            "have theirs (dask worker --memory-limit): leave out one of the two"
+        )
+    if scheduler and workers is not None:
+        raise GrapesInputError(f"--workers {workers} sizes the local cluster: leave it out with --scheduler")
+    check_table_path(out, overwrite)
+    excl = _parse_ids(exclude_labels)
+    params = dict(spacing=spacing, chunks=chunks, layer_width=layer_width,
+                  start_at="center" if start_at == "centre" else start_at, normalise=normalise,
+                  exclude_outer_layers=exclude_outer_layers, exclude_labels=excl, black_border=not no_black_border,
+                  fill_holes=fill_holes, max_hole_size=max_hole_size, region_size=region_size,
+                  check_labels=not no_check_labels)
+    checked = check_inputs(grey, labels, grey_dataset=grey_dataset, labels_dataset=labels_dataset, **params)
+    if scheduler:
+        check_scheduler(scheduler)
+    if not quiet:
+        click.echo(f"inputs: {checked.describe()}", err=True)
     t0 = time.perf_counter()
-    with cluster_client(scheduler, workers=workers) as client:
-        click.echo(f"dask dashboard: {client.dashboard_link}", err=True)
-        res = analyze_tables(g, lab, spacing=spacing, chunks=chunks, layer_width=layer_width, start_at=start_at,
-                             normalise=normalise, exclude_outer_layers=exclude_outer_layers, exclude_labels=excl,
-                             black_border=not no_black_border, fill_holes=fill_holes, max_hole_size=max_hole_size,
-                             region_size=region_size, client=client,
-                             progress=not quiet)
+    with cluster_client(scheduler, workers=workers, memory_limit=memory_limit or "auto") as client:
+        if not quiet:
+            link = dashboard_link(client)
+            if link:
+                click.echo(f"dask dashboard: {link}", err=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", GrapesInputWarning)
+            res = analyze_tables(checked.grey, checked.labels, client=client, progress=not quiet, **params)
     dt = time.perf_counter() - t0
     write_table(res.particles, out, overwrite=overwrite)
-    n_vox = int(np.prod(io.open_volume(lab).shape)) if not hasattr(lab, "shape") else int(np.prod(lab.shape))
-    click.echo(f"wrote {Path(out)}: {_summary(len(res.particles), n_vox, dt)}")
+    click.echo(f"wrote {Path(out)}: {summary(len(res.particles), checked.shape, dt)}")
+
+
+def _parse_ids(text):
+    if not text:
+        return None
+    try:
+        ids = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise GrapesInputError(f"--exclude-labels {text!r}: give label ids separated by commas, e.g. 12,40") from None
+    if not ids:
+        raise GrapesInputError(f"--exclude-labels {text!r}: give label ids separated by commas, e.g. 12,40")
+    return ids
 
 
 @cli.command()
+@_verbose_option
 @click.option("--out", "out_dir", default="grapes-demo", show_default=True, help="Folder for the demo outputs.")
-@click.option("--size", type=int, default=192, show_default=True, help="Side of the phantom volume, voxels.")
-@click.option("--workers", type=int, default=None, help="Worker processes of the local cluster (default: cores).")
+@click.option("--size", type=int, default=192, show_default=True, help="Side of the phantom volume, voxels (>= 48).")
+@click.option("--workers", type=int, default=None, help=_WORKERS_HELP)
 @click.option("--seed", type=int, default=0, show_default=True, help="Phantom seed.")
 @click.option("--overwrite", is_flag=True, help="Replace the outputs of an earlier demo in OUT.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--quiet", is_flag=True, help="No progress, no dashboard link.")
 def demo(out_dir, size, workers, seed, overwrite, quiet):
     """Phantom of a pristine and a charged (cracked) electrode, analysed on a local cluster.
 
     Writes the phantom (Zarr), one particle table per state (parquet) and a figure of the mean
-    normalised radial grey-level profiles (the paper's fig. 6) to OUT.
+    radial grey-level profiles (the paper's fig. 6) to OUT.
     """
-    from pathlib import Path
+    from .demo import run_demo
 
-    from . import synthetic
-    from .cluster import cluster_client
-    from .output import write_table
-    from .plotting import plot_radial_profiles
-    from .table import analyze_tables
-
-    if size < 48:
-        raise GrapesInputError(f"--size {size}: give at least 48 voxels so that particles fit")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    states = {"pristine": 0, "charged 4.4 V": 1}
-    tables_out = [out / f"particles_s{s}.parquet" for s in states.values()]
-    fig_path = out / "radial_profiles.png"
-    for p in tables_out:
-        _check_table_out(p, overwrite)
-    if fig_path.exists() and not overwrite:
-        raise GrapesInputError(f"output {str(fig_path)!r} already exists: pass --overwrite or choose another --out")
-    t0 = time.perf_counter()
-    click.echo(f"1/3 phantom: {size}^3 voxels, 2 states (pristine, charged) -> {out / 'phantom'}")
-    (out / "phantom").mkdir(exist_ok=True)
-    ph = synthetic.make_phantom(out / "phantom", shape=(size, size, size), n_states=2, seed=seed,
-                                mean_radius=12.0, damage=(0.0, 0.8), chunks=96, overwrite=overwrite,
-                                progress=not quiet)
-    tables = {}
-    with cluster_client(workers=workers) as client:
-        threads = sum(w["nthreads"] for w in client.scheduler_info()["workers"].values())
-        click.echo(f"2/3 analysis on a local cluster ({threads} threads); dashboard: {client.dashboard_link}")
-        for (name, s), path in zip(states.items(), tables_out):
-            t1 = time.perf_counter()
-            res = analyze_tables(ph.grey[s], ph.labels[s], exclude_outer_layers=2, client=client, progress=not quiet)
-            write_table(res.particles, path, overwrite=overwrite)
-            tables[name] = res.particles
-            click.echo(f"    {name}: {_summary(len(res.particles), size ** 3, time.perf_counter() - t1)} -> {path}")
-    click.echo("3/3 figure")
-    big = {k: t[(~t["touches_border"]) & (t["volume"] >= t["volume"].quantile(0.5))] for k, t in tables.items()}
-    fig = plot_radial_profiles(big, column="radial_layers_graylevel",
-                               title="largest half of particles, not touching the border")
-    from .io import atomic_output
-
-    with atomic_output(fig_path, overwrite=overwrite) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    click.echo(f"    {fig_path}")
-    t = tables["charged 4.4 V"]
-    cols = ["label", "voxel_count", "sphericity", "intensity_mean", "roi_mean"]
-    click.echo("\nfirst particles of the charged state:")
-    click.echo(t[cols].head(5).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    p0, p1 = (tables[k]["roi_mean"].mean() for k in states)
-    click.echo(f"\nmean ROI grey level: pristine {p0:.2f}, charged {p1:.2f} (cracks darken the cores)")
-    click.echo(f"done in {time.perf_counter() - t0:.1f} s")
+    run_demo(out_dir, size=size, workers=workers, seed=seed, overwrite=overwrite, quiet=quiet, echo=click.echo)
 
 
 def main(argv=None):

@@ -219,10 +219,7 @@ def write_table(table, path: str | os.PathLike, *, overwrite: bool = False) -> P
         Excel's limits.
     """
     path = Path(path)
-    suffix = _suffix(path, TABLE_FORMATS, "write a table to")
-    _check_can_write(path, overwrite)
-    if suffix == ".csv":
-        _check_can_write(_sidecar(path), overwrite)
+    suffix = check_table_path(path, overwrite)
     df = _as_pandas(table)
     if suffix == ".parquet":
         _write_parquet(df, path, overwrite)
@@ -231,6 +228,34 @@ def write_table(table, path: str | os.PathLike, *, overwrite: bool = False) -> P
     else:
         _write_xlsx(df, path, overwrite)
     return path
+
+
+def check_table_path(path, overwrite: bool = False) -> str:
+    """Fail before any compute if a table cannot be written to `path`.
+
+    Parameters
+    ----------
+    path : path
+        Destination of :func:`write_table`.
+    overwrite : bool
+        Whether an existing file (and CSV sidecar) may be replaced.
+
+    Returns
+    -------
+    str
+        The format's suffix (``".parquet"``, ``".csv"`` or ``".xlsx"``).
+
+    Raises
+    ------
+    GrapesInputError
+        Unsupported suffix, existing destination without `overwrite`, missing folder.
+    """
+    path = Path(path)
+    suffix = _suffix(path, TABLE_FORMATS, "write a table to")
+    _check_can_write(path, overwrite)
+    if suffix == ".csv":
+        _check_can_write(_sidecar(path), overwrite)
+    return suffix
 
 
 def _parquet_metadata(attrs: dict) -> dict[bytes, bytes]:

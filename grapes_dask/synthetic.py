@@ -300,11 +300,11 @@ def _check_shape(shape) -> tuple:
     try:
         shape = tuple(int(s) for s in shape)
     except (TypeError, ValueError):
-        raise GrapesInputError(f"shape={shape!r}: give 2 or 3 positive integers (z y x)") from None
+        raise GrapesInputError("{shape}: give 2 or 3 positive integers (z y x)", shape=shape) from None
     if len(shape) not in (2, 3) or any(s < 1 for s in shape):
-        raise GrapesInputError(f"shape={shape!r}: give 2 or 3 positive integers (z y x), e.g. (256, 256, 256)")
+        raise GrapesInputError("{shape}: give 2 or 3 positive integers (z y x), e.g. 256 256 256", shape=shape)
     if max(shape) * 4 >= _OFF21:
-        raise GrapesInputError(f"shape={shape!r}: each side must be below {_OFF21 // 4} voxels")
+        raise GrapesInputError(f"{{shape}}: each side must be below {_OFF21 // 4} voxels", shape=shape)
     return shape
 
 
@@ -312,12 +312,12 @@ def _check_range(name, value, lo, hi, lo_open=False, hi_open=False, fix=""):
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise GrapesInputError(f"{name}={value!r} is not a number{': ' + fix if fix else ''}") from None
+        raise GrapesInputError(f"{{{name}}} is not a number{': ' + fix if fix else ''}", **{name: value}) from None
     bad = (not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo) or (hi_open and v == hi))
     if bad:
         lb = "(" if lo_open else "["
         rb = ")" if hi_open else "]"
-        raise GrapesInputError(f"{name}={value!r} is outside {lb}{lo}, {hi}{rb}{': ' + fix if fix else ''}")
+        raise GrapesInputError(f"{{{name}}} is outside {lb}{lo}, {hi}{rb}{': ' + fix if fix else ''}", **{name: value})
     return v
 
 
@@ -590,7 +590,7 @@ def make_truth(
     flat = len(shape) == 2
     ndim = len(shape)
     if int(n_states) != n_states or n_states < 1:
-        raise GrapesInputError(f"n_states={n_states!r}: give a positive integer")
+        raise GrapesInputError("{n_states}: give a positive integer", n_states=n_states)
     n_states = int(n_states)
     if np.ndim(damage) == 0:
         _check_range("damage", damage, 0.0, 1.0)
@@ -1446,7 +1446,7 @@ def make_phantom(
 
     shape = _check_shape(shape)
     if int(n_states) != n_states or n_states < 1:
-        raise GrapesInputError(f"n_states={n_states!r}: give a positive integer")
+        raise GrapesInputError("{n_states}: give a positive integer", n_states=n_states)
     n_states = int(n_states)
     p_opts, t_opts, g_opts = _split_options(options)
     model = _grey_model(grey_dtype, g_opts)
@@ -1464,7 +1464,7 @@ def make_phantom(
     existing = [n for n in names if (out_dir / n).exists()]
     if existing and not overwrite:
         raise GrapesInputError(
-            f"{str(out_dir)!r} already holds {existing}: choose another folder or pass overwrite=True"
+            f"{str(out_dir)!r} already holds {existing}: choose another folder or pass {{overwrite}}", overwrite=True
         )
     if particles is None:
         particles = make_particles(shape, seed=seed, **p_opts)

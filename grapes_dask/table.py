@@ -31,7 +31,6 @@ is exact: integer squared distances for isotropic spacing, and for anisotropic s
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -41,12 +40,13 @@ import numpy as np
 import pandas as pd
 
 from . import kernels
-from ._errors import GrapesInputError
-from .io import open_volume, provenance, read_spacing
+from ._errors import Alt, GrapesInputError
+from .io import Volume, provenance, resolve_volume, settle_spacing
 from .kernels.distance import distance_core
 from .plan import TaskMemory, memory_budget, pass1_blocks, plan_pass2
 
-__all__ = ["particle_table", "analyze", "analyze_tables", "ParticleTables", "PROFILE_COLUMNS"]
+__all__ = ["particle_table", "analyze", "analyze_tables", "check_inputs", "CheckedInputs", "ParticleTables",
+           "PROFILE_COLUMNS"]
 
 PROFILE_COLUMNS = (
     "radial_layers",
@@ -57,7 +57,6 @@ PROFILE_COLUMNS = (
 )
 ROI_COLUMNS = {"roi_voxels": "int64", "roi_mean": "float64", "roi_std": "float64"}
 _FAN_IN = 8
-_GiB = 1 << 30
 
 
 @dataclass
@@ -99,6 +98,7 @@ class _Inputs:
     params: dict
     names: dict
     readers: dict = field(default_factory=dict)
+    volumes: dict = field(default_factory=dict)
 
     def block(self, which: str, slices: tuple):
         """What a task needs to read ``which[slices]``: ``(reader, slices)`` when the volume can be
@@ -109,25 +109,13 @@ class _Inputs:
         return rd, slices
 
 
-def _reader(src, arr):
-    """A picklable object the tasks read blocks from directly, or None (then dask slicing).
-
-    Direct reads avoid building each block from dask chunks (getitem + concatenate), which
-    cost several times the decompression itself.
-    """
-    import zarr
-
-    from .io import _LazySource, _resolve, direct_reader
-
-    if isinstance(src, np.ndarray):
-        return dask.delayed(src, pure=True) if src.shape == arr.shape else None
-    if isinstance(src, (str, os.PathLike, zarr.Array, zarr.Group)):
-        r = _resolve(src)
-        if isinstance(r.array, (zarr.Array, _LazySource)) and tuple(r.array.shape) == arr.shape:
-            if isinstance(r.array, zarr.Array):
-                return direct_reader(r.array) or r.array
-            return r.array
-    return None
+def _reader(vol: Volume):
+    """The object tasks read blocks of `vol` from directly (:attr:`Volume.reader`), or None (then
+    dask slicing). A numpy array enters the graph once, as a delayed object, not once per task."""
+    rd = vol.reader
+    if isinstance(rd, np.ndarray):
+        return dask.delayed(rd, pure=True)
+    return rd
 
 
 def _get(src, slices):
@@ -138,16 +126,27 @@ def _get(src, slices):
     return out
 
 
-def _name(src) -> str:
-    return os.fspath(src) if isinstance(src, (str, os.PathLike)) else f"{type(src).__name__} {getattr(src, 'shape', '')}"
+def _name(vol: Volume) -> str:
+    return vol.name
 
 
 def _normalize_inputs(grey, labels, *, spacing, chunks, layer_width, start_at, black_border, normalise,
                       exclude_outer_layers, exclude_labels, memory_limit, region_size) -> _Inputs:
-    """Open and check every input; the one place that validates parameters."""
-    g = open_volume(grey, chunks=chunks)
-    lab = open_volume(labels, chunks=chunks)
-    gname, lname = _name(grey), _name(labels)
+    """Open and check every input; the one place that validates parameters.
+
+    `grey` and `labels` are resolved once each (:func:`grapes_dask.io.resolve_volume`; an
+    already resolved :class:`~grapes_dask.io.Volume` is taken as is): the lazy array, the voxel
+    size and its source, and the reader the tasks use all come from that one resolution.
+    """
+    gv = resolve_volume(grey, chunks=chunks)
+    lv = resolve_volume(labels, chunks=chunks)
+    g, lab = gv.array, lv.array
+    gname, lname = _name(gv), _name(lv)
+    if gv.key == lv.key:
+        raise GrapesInputError(
+            f"grey and labels are the same array ({gname!r}): pass the grey-level volume as grey and the "
+            "label volume (one integer id per particle) as labels"
+        )
     if g.shape != lab.shape:
         raise GrapesInputError(
             f"grey {gname!r} has shape {g.shape} but labels {lname!r} have shape {lab.shape}: "
@@ -156,7 +155,10 @@ def _normalize_inputs(grey, labels, *, spacing, chunks, layer_width, start_at, b
     if not (np.issubdtype(lab.dtype, np.integer) or lab.dtype == bool):
         raise GrapesInputError(
             f"labels {lname!r} have dtype {lab.dtype}: labels must be integers (0 = background, one id "
-            "per particle); if they were saved as floats, convert them with astype(np.uint32)"
+            "per particle); if they were saved as floats, {fix}",
+            fix=Alt("convert them with labels.astype(np.uint32)",
+                    "round them to an integer type before the analysis (e.g. numpy's astype(np.uint32), "
+                    "or ImageJ's Image > Type > 32-bit... then 16-bit)"),
         )
     if g.dtype.kind not in "uif" and g.dtype != bool:
         raise GrapesInputError(f"grey {gname!r} has unsupported dtype {g.dtype}: use integer or float grey levels")
@@ -165,46 +167,40 @@ def _normalize_inputs(grey, labels, *, spacing, chunks, layer_width, start_at, b
             f"grey {gname!r} has dtype {g.dtype}: 64-bit integer grey is not supported exactly; "
             "convert it to float64, or to a 32-bit type if the values fit"
         )
-    nd = lab.ndim
-    if spacing is None:
-        spacing = read_spacing(labels) if isinstance(labels, (str, os.PathLike)) else None
-        if spacing is None and isinstance(grey, (str, os.PathLike)):
-            spacing = read_spacing(grey)
-        spacing = spacing or (1.0,) * nd
-    if np.isscalar(spacing):
-        spacing = (float(spacing),) * nd
-    spacing = tuple(float(s) for s in spacing)
-    if len(spacing) != nd or not all(np.isfinite(s) and s > 0 for s in spacing):
-        raise GrapesInputError(f"spacing={spacing} does not fit a {nd}D volume: give {nd} positive voxel sizes")
+    # labels first: their voxel size wins when only one input records it; disagreement is an error
+    spacing, spacing_source, spacing_unit = settle_spacing({"labels": lv, "grey": gv}, spacing)
     if g.chunks != lab.chunks:
         g = g.rechunk(lab.chunks)
     width = 1.0 if layer_width is None else float(layer_width)
     if not (np.isfinite(width) and width > 0):
-        raise GrapesInputError(f"layer_width={layer_width}: give a positive layer width in spacing units")
+        raise GrapesInputError("{layer_width}: give a positive layer width in spacing units", layer_width=layer_width)
     if start_at not in ("edge", "center"):
-        raise GrapesInputError(f"start_at={start_at!r}: choose 'edge' (layers from the surface) or 'center'")
+        raise GrapesInputError("{start_at}: choose 'edge' (layers from the surface) or 'center'", start_at=start_at)
     if normalise not in ("radial_max", "surface"):
-        raise GrapesInputError(f"normalise={normalise!r}: choose 'radial_max' or 'surface'")
+        raise GrapesInputError("{normalise}: choose 'radial_max' or 'surface'", normalise=normalise)
     if int(exclude_outer_layers) != exclude_outer_layers or exclude_outer_layers < 0:
-        raise GrapesInputError(f"exclude_outer_layers={exclude_outer_layers}: give a whole number >= 0")
+        raise GrapesInputError("{exclude_outer_layers}: give a whole number >= 0",
+                               exclude_outer_layers=exclude_outer_layers)
     try:
         excl = np.unique(np.asarray([] if exclude_labels is None else exclude_labels).astype(object))
         excl = np.array([int(x) for x in excl], dtype=object)
     except (TypeError, ValueError):
-        raise GrapesInputError(f"exclude_labels={exclude_labels!r}: give a list of label ids") from None
+        raise GrapesInputError("{exclude_labels}: give a list of label ids", exclude_labels=exclude_labels) from None
     if any(x <= 0 or x >= 2**64 for x in excl):
-        raise GrapesInputError(f"exclude_labels={exclude_labels!r}: label ids are positive integers (0 is background)")
+        raise GrapesInputError("{exclude_labels}: label ids are positive integers (0 is background)",
+                               exclude_labels=exclude_labels)
     excl = excl.astype(np.uint64)
     if int(region_size) < 1:
-        raise GrapesInputError(f"region_size={region_size}: give a positive block side in voxels (e.g. 256)")
+        raise GrapesInputError("{region_size}: give a positive block side in voxels (e.g. 256)", region_size=region_size)
     params = dict(
-        spacing=list(spacing), layer_width=width, start_at=start_at, black_border=bool(black_border),
+        spacing=list(spacing), spacing_source=spacing_source, spacing_unit=spacing_unit,
+        layer_width=width, start_at=start_at, black_border=bool(black_border),
         normalise=normalise, exclude_outer_layers=int(exclude_outer_layers),
         exclude_labels=[int(x) for x in excl], memory_limit=int(memory_limit), region_size=int(region_size),
         chunks=[int(c[0]) for c in lab.chunks],
     )
-    readers = {"grey": _reader(grey, g), "labels": _reader(labels, lab)}
-    return _Inputs(g, lab, spacing, params, {"grey": gname, "labels": lname}, readers)
+    readers = {"grey": _reader(gv), "labels": _reader(lv)}
+    return _Inputs(g, lab, spacing, params, {"grey": gname, "labels": lname}, readers, {"grey": gv, "labels": lv})
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,19 +360,19 @@ def _finish(stats: pd.DataFrame, combined_layers: pd.DataFrame, contacts: pd.Dat
 
 
 def _compute(*objs, client=None, progress=False, desc=""):
-    """Compute dask objects on `client` (a distributed Client) or the current scheduler."""
+    """Compute dask objects on `client` (a distributed Client) or the current scheduler.
+
+    With `progress`, the tasks' progress goes to standard error (:mod:`grapes_dask._progress`).
+    """
+    from ._progress import dask_callback, distributed_progress
+
     if client is not None:
         futures = client.compute(list(objs))
         if progress:
-            from distributed import progress as dprogress
-
-            dprogress(futures)
-            print()
+            distributed_progress(futures, desc)
         return tuple(client.gather(futures))
     if progress:
-        from tqdm.dask import TqdmCallback
-
-        with TqdmCallback(desc=desc, unit="task", dynamic_ncols=True):
+        with dask_callback(desc):
             return dask.compute(*objs)
     return dask.compute(*objs)
 
@@ -396,6 +392,64 @@ def _pass1(inp: _Inputs, edges):
     parts = [dask.delayed(_first, pure=True)(t) for t in tasks]
     infos = [dask.delayed(_second, pure=True)(t) for t in tasks]
     return _tree_reduce(parts, kernels.combine_stats), infos, keys
+
+
+# thresholds of the plausibility checks on pass-1 statistics (see _check_label_statistics)
+_SCATTERED_FILL = 0.02  # a particle fills at least this fraction of its bounding box
+_SCATTERED_SPAN = 0.5  # ... or its box spans less than this fraction of every axis
+_MASK_SHAPE = {3: ("sphericity", 0.35), 2: ("circularity", 0.2)}  # N merged spheres: about N**(-1/3)
+
+
+def _check_label_statistics(stats: pd.DataFrame, shape: tuple, name: str, check_labels: bool) -> None:
+    """Stop (or warn) on label volumes that are probably not label images, from pass-1 statistics.
+
+    Costs nothing: it reads only the per-label counts and boxes of pass 1.
+
+    - no particle at all: a warning (the table is empty; the command line stops);
+    - most ids scattered over the whole volume, each filling under 2% of its box: grey levels
+      given as labels (swapped inputs), an error;
+    - a single id spread over the volume whose surface is far too large for one particle
+      (sphericity under 0.35, circularity under 0.2 in 2D; N merged spheres have about
+      ``N**(-1/3)``): a binary mask given as labels, an error.
+
+    The last two can be switched off with ``check_labels=False`` for volumes that are meant so.
+    """
+    import warnings
+
+    from ._errors import GrapesInputWarning
+
+    if len(stats) == 0:
+        warnings.warn(GrapesInputWarning(
+            f"labels {name!r} contain no particle (every voxel is 0): check that this is the label volume "
+            "(and the right dataset); the table is empty"), stacklevel=3)
+        return
+    if not check_labels:
+        return
+    nd = len(shape)
+    lo = stats[[f"bbox-{a}" for a in range(nd)]].to_numpy()
+    hi = stats[[f"bbox-{a + nd}" for a in range(nd)]].to_numpy()
+    ext = hi - lo
+    fill = stats["voxel_count"].to_numpy() / np.prod(ext.astype(float), axis=1)
+    span = (ext / np.asarray(shape, float)).min(axis=1)
+    scattered = (fill < _SCATTERED_FILL) & (span >= _SCATTERED_SPAN)
+    labels = stats["label"].to_numpy()
+    if len(stats) >= 10 and scattered.mean() >= 0.5:
+        raise GrapesInputError(
+            f"labels {name!r} do not look like a label image: {int(scattered.sum())} of its {len(stats)} ids are "
+            f"scattered over the whole volume (each fills under {_SCATTERED_FILL:.0%} of its bounding box), as "
+            "grey levels are. Were the grey and label volumes swapped? If these labels are meant so, pass "
+            "{check_labels}", check_labels=False,
+        )
+    shape_col, low = _MASK_SHAPE[nd]
+    if len(stats) == 1 and span[0] >= _SCATTERED_SPAN and stats[shape_col].iloc[0] < low:
+        frac = stats["voxel_count"].iloc[0] / float(np.prod(shape))
+        raise GrapesInputError(
+            f"labels {name!r} hold a single id ({int(labels[0])}) spread over the volume ({frac:.0%} of the voxels, "
+            f"{shape_col} {stats[shape_col].iloc[0]:.2f}): this looks like a binary mask, not a label image with "
+            "one id per particle. Label the "
+            "particles first (e.g. scipy.ndimage.label, or a watershed to split touching ones); if it really "
+            "is one particle, pass {check_labels}", check_labels=False,
+        )
 
 
 def _fill_cavities(lab, owned, max_size):
@@ -492,17 +546,27 @@ def _read_bytes(inp) -> int:
     return total
 
 
+def _check_hole_options(fill_holes, max_hole_size) -> None:
+    if max_hole_size is None:
+        return
+    if int(max_hole_size) != max_hole_size or max_hole_size < 1:
+        raise GrapesInputError("{max_hole_size}: give a whole number of voxels >= 1, or leave it out for any size",
+                               max_hole_size=max_hole_size)
+    if not fill_holes:
+        raise GrapesInputError("{max_hole_size} has no effect without {fill_holes}: add it",
+                               max_hole_size=max_hole_size, fill_holes=True)
+
+
 def _run(grey, labels, *, spacing=None, chunks=None, layer_width=None, start_at="edge", black_border=True,
          normalise="radial_max", exclude_outer_layers=0, exclude_labels=None, fill_holes=False, max_hole_size=None,
-         client=None, progress=False, memory_limit=None, region_size=400):
+         client=None, progress=False, memory_limit=None, region_size=400, check_labels=True):
     budget, threads, budget_source = memory_budget(memory_limit, client)
     inp = _normalize_inputs(
         grey, labels, spacing=spacing, chunks=chunks, layer_width=layer_width, start_at=start_at,
         black_border=black_border, normalise=normalise, exclude_outer_layers=exclude_outer_layers,
         exclude_labels=exclude_labels, memory_limit=budget, region_size=region_size,
     )
-    if max_hole_size is not None and (int(max_hole_size) != max_hole_size or max_hole_size < 1):
-        raise GrapesInputError(f"max_hole_size={max_hole_size}: give a whole number of voxels >= 1, or None for any size")
+    _check_hole_options(fill_holes, max_hole_size)
     params = {**inp.params, "memory_limit_source": budget_source, "fill_holes": bool(fill_holes),
               "max_hole_size": None if max_hole_size is None else int(max_hole_size),
               **provenance(command="analyze", grey=inp.names["grey"], labels=inp.names["labels"])}
@@ -533,6 +597,7 @@ def _run(grey, labels, *, spacing=None, chunks=None, layer_width=None, start_at=
         )
     stats = kernels.finalize_stats(combined, inp.spacing)
     stats = stats[stats["voxel_count"] > 0].reset_index(drop=True)
+    _check_label_statistics(stats, inp.labels.shape, inp.names["labels"], check_labels)
     contacts = kernels.contacts_table(combined)
     all_labels = stats["label"].to_numpy().astype(np.uint64)
     exclude = np.asarray(params["exclude_labels"], np.uint64)
@@ -543,8 +608,9 @@ def _run(grey, labels, *, spacing=None, chunks=None, layer_width=None, start_at=
     full = stats["voxel_count"].to_numpy() == int(np.prod(inp.labels.shape))
     if not center and not black_border and full.any():
         raise GrapesInputError(
-            f"label {int(all_labels[full][0])} fills the whole volume, so with black_border=False no voxel "
-            "outside it exists and its distance transform is undefined: use black_border=True"
+            f"label {int(all_labels[full][0])} fills the whole volume, so with {{black_border}} no voxel "
+            "outside it exists and its distance transform is undefined: {fix}", black_border=False,
+            fix=Alt("use black_border=True", "leave out --no-black-border")
         )
     block_labels = {k: i["labels"] for k, i in zip(keys, infos)}
     centre_table = None
@@ -607,17 +673,22 @@ def analyze(
     progress: bool = False,
     memory_limit: int | str | None = None,
     region_size: int = 400,
+    check_labels: bool = True,
 ) -> pd.DataFrame:
     """The particle table of a grey volume and its label volume (GREAT2 and properties).
 
     Parameters
     ----------
-    grey, labels : path or array
+    grey, labels : path, array or grapes_dask.io.Volume
         Grey-level volume and label volume (0 = background, one integer id per particle), 2D or
-        3D, of one shape; anything :func:`grapes_dask.io.open_volume` accepts.
+        3D, of one shape, not the same array; anything :func:`grapes_dask.io.open_volume`
+        accepts (a dataset in a file named as ``scan.h5::/entry/data``), or a volume already
+        resolved by :func:`grapes_dask.io.resolve_volume`.
     spacing : float or sequence of float, optional
-        Voxel size per axis (z, y, x); default from the labels' (then grey's) metadata, else 1.
-        Volumes, areas and distances are in these units.
+        Voxel size per axis (z, y, x), or one for every axis; default from the metadata of the
+        labels or the grey (an error if both record one and they differ), else 1. Volumes,
+        areas and distances are in these units. The value used and where it came from are in
+        the parameters (``spacing``, ``spacing_source``, ``spacing_unit``).
     chunks : int or tuple, optional
         Chunk shape for pass 1 (default: the stored chunks, or 128 per axis).
     layer_width : float, optional
@@ -667,6 +738,11 @@ def analyze(
         then into more blocks until every thread has one and each fits the memory budget).
         Larger blocks make the halo relatively cheaper and cost memory: two 400^3 regions of
         the paper-scale phantom in flight peak at about 1.3 GiB.
+    check_labels : bool
+        Stop, after pass 1, on label volumes that are probably not label images: most ids
+        scattered over the whole volume like grey levels (grey and labels swapped), or a single
+        id spread over the volume (a binary mask). False analyses them anyway. A label volume
+        with no particle gives an empty table and a :class:`GrapesInputWarning` either way.
 
     Returns
     -------
@@ -686,7 +762,7 @@ def analyze(
         grey, labels, spacing=spacing, chunks=chunks, layer_width=layer_width, start_at=start_at,
         black_border=black_border, normalise=normalise, exclude_outer_layers=exclude_outer_layers,
         exclude_labels=exclude_labels, fill_holes=fill_holes, max_hole_size=max_hole_size, client=client,
-        progress=progress, memory_limit=memory_limit, region_size=region_size,
+        progress=progress, memory_limit=memory_limit, region_size=region_size, check_labels=check_labels,
     ).particles
 
 
@@ -711,3 +787,72 @@ def particle_table(grey, labels, **kwargs):
     # "convert-string" turns them into pyarrow strings ("[1 2 3]") in the computed frame
     with dask.config.set({"dataframe.convert-string": False}):
         return dd.from_delayed([final], meta=meta, verify_meta=False)
+
+
+@dataclass(frozen=True)
+class CheckedInputs:
+    """Grey and label volumes that passed every check that needs no voxel (:func:`check_inputs`).
+
+    Attributes
+    ----------
+    grey, labels : object
+        The inputs, in a form :func:`analyze` takes (opened once, datasets applied).
+    shape : tuple of int
+        Volume shape (voxels).
+    dtypes : tuple of numpy.dtype
+        Grey and label dtypes.
+    spacing : tuple of float
+        Voxel size used per axis.
+    spacing_source : str
+        Where the voxel size came from (given, which input's metadata, or the default 1).
+    """
+
+    grey: object
+    labels: object
+    shape: tuple
+    dtypes: tuple
+    spacing: tuple
+    spacing_source: str
+
+    def describe(self) -> str:
+        """One line: shape, dtypes, spacing and its source."""
+        dims = "x".join(str(n) for n in self.shape)
+        return (f"{dims} {'voxels' if len(self.shape) == 3 else 'pixels'}, grey {self.dtypes[0]}, labels "
+                f"{self.dtypes[1]}; spacing {tuple(self.spacing)} ({self.spacing_source})")
+
+
+def check_inputs(grey, labels, *, grey_dataset=None, labels_dataset=None, spacing=None, chunks=None,
+                 layer_width=None, start_at="edge", black_border=True, normalise="radial_max",
+                 exclude_outer_layers=0, exclude_labels=None, fill_holes=False, max_hole_size=None,
+                 memory_limit=None, region_size=400, **_ignored) -> CheckedInputs:
+    """Open and check the inputs and parameters of :func:`analyze` without reading a voxel.
+
+    Parameters
+    ----------
+    grey, labels : path or array
+        As for :func:`analyze`; a path may name its dataset as ``FILE::DATASET``.
+    grey_dataset, labels_dataset : str, optional
+        Dataset of each input inside an HDF5 file or Zarr group.
+    **params
+        The other parameters of :func:`analyze`.
+
+    Returns
+    -------
+    CheckedInputs
+        What :func:`analyze` should be given, and the spacing it will use with its source.
+
+    Raises
+    ------
+    GrapesInputError
+        Any input or parameter :func:`analyze` would refuse before reading voxels.
+    """
+    g = resolve_volume(grey, dataset=grey_dataset)
+    lab = resolve_volume(labels, dataset=labels_dataset)
+    inp = _normalize_inputs(g, lab, spacing=spacing, chunks=chunks, layer_width=layer_width, start_at=start_at,
+                            black_border=black_border, normalise=normalise, exclude_outer_layers=exclude_outer_layers,
+                            exclude_labels=exclude_labels, memory_limit=memory_budget(memory_limit)[0],
+                            region_size=region_size)
+    _check_hole_options(fill_holes, max_hole_size)
+    source = inp.params["spacing_source"]
+    return CheckedInputs(g, lab, tuple(inp.labels.shape), (inp.grey.dtype, inp.labels.dtype), tuple(inp.spacing),
+                         source)

@@ -120,7 +120,8 @@ def test_demo_writes_tables_and_figure(tmp_path):
     assert r.returncode == 0, r.stderr
     for name in ("particles_s0.parquet", "particles_s1.parquet", "radial_profiles.png"):
         assert (tmp_path / "d" / name).stat().st_size > 0
-    assert "particles" in r.stdout and "dashboard" in r.stdout
+    assert "particles" in r.stdout
+    assert "dashboard" not in r.stdout + r.stderr  # --quiet: no link
     import pandas as pd
 
     t0 = pd.read_parquet(tmp_path / "d" / "particles_s0.parquet")
@@ -150,7 +151,7 @@ def test_analyze_command(tmp_path):
             "--fill-holes", "--max-hole-size", "100")
     assert r.returncode == 0, r.stderr
     assert pd_read(tmp_path / "filled.parquet").attrs["grapes_dask"]["fill_holes"] is True
-    assert "particles" in r.stdout and "Mvoxels/s" in r.stdout
+    assert "particles" in r.stdout and "kvoxels/s" in r.stdout
     import pandas as pd
 
     labels = zarr.open(str(ph.labels[0]), mode="r")[...]
@@ -162,7 +163,7 @@ def test_analyze_command(tmp_path):
     r = run("analyze", tmp_path / "small.npy", ph.labels[0], "--out", tmp_path / "x.parquet", "--quiet")
     assert r.returncode == 2 and "same shape" in r.stderr and "Traceback" not in r.stderr
     r = run("analyze", ph.grey[0], ph.labels[0], "--out", tmp_path / "x.txt", "--quiet")
-    assert r.returncode == 2 and ".parquet, .csv or .xlsx" in r.stderr
+    assert r.returncode == 2 and "supported are .parquet, .csv, .xlsx" in r.stderr
 
 
 def test_level_option_of_convert_and_info(tmp_path):
@@ -181,3 +182,196 @@ def test_level_option_of_convert_and_info(tmp_path):
     np.testing.assert_array_equal(zarr.open(str(tmp_path / "l1.zarr"), mode="r")[...], levels[1])
     r = run("info", src, "--level", "5")
     assert r.returncode == 2 and "choose level 0..1" in r.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# the command in its own words: options, errors, progress, interruption
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_phantom(tmp_path_factory):
+    from grapes_dask import synthetic
+
+    d = tmp_path_factory.mktemp("ph")
+    return synthetic.make_phantom(d, shape=(40, 44, 36), seed=2, mean_radius=6.0, chunks=16)
+
+
+def test_verbose_works_after_the_subcommand(tmp_path):
+    for args in (["info", "missing.zarr", "--verbose"], ["info", "-v", "missing.zarr"]):
+        r = run(*args, cwd=tmp_path)
+        assert r.returncode == 2
+        assert "Traceback" in r.stderr and "error: input 'missing.zarr' does not exist" in r.stderr
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--exclude-labels", "3,x"], "--exclude-labels '3,x': give label ids separated by commas"),
+    (["--exclude-labels", "0"], "--exclude-labels"),
+    (["--workers", "0"], "--workers 0: give at least one worker"),
+    (["--max-hole-size", "10"], "--max-hole-size 10 has no effect without --fill-holes"),
+    (["--fill-holes", "--max-hole-size", "0"], "--max-hole-size 0: give a whole number"),
+    (["--layer-width", "0"], "--layer-width 0"),
+    (["--region-size", "0"], "--region-size 0"),
+    (["--exclude-outer-layers", "-1"], "--exclude-outer-layers -1"),
+    (["--spacing", "1", "2"], "--spacing"),
+    (["--scheduler", "nosuch.json"], "scheduler file 'nosuch.json' does not exist"),
+    (["--dataset", "/grey"], "--grey-dataset and --labels-dataset"),
+    (["--scheduler", "tcp://127.0.0.1:9", "--memory-limit", "4GiB"], "--memory-limit 4GiB sets the memory"),
+])
+def test_analyze_errors_speak_in_flags(tmp_path, small_phantom, args, expect):
+    r = run("analyze", small_phantom.grey[0], small_phantom.labels[0], "--out", tmp_path / "t.parquet", "--quiet",
+            *args, cwd=tmp_path)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert expect in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.startswith("error:")
+    for python_word in ("exclude_labels=", "layer_width=", "region_size=", "memory_limit", "overwrite=True",
+                        "astype(", "max_hole_size="):
+        assert python_word not in r.stderr, r.stderr
+    assert not (tmp_path / "t.parquet").exists()
+
+
+def test_missing_scheduler_file_fails_at_once(tmp_path, small_phantom):
+    import time
+
+    t0 = time.perf_counter()
+    r = run("analyze", small_phantom.grey[0], small_phantom.labels[0], "--out", tmp_path / "t.parquet",
+            "--scheduler", tmp_path / "sched.json")
+    assert r.returncode == 2 and "does not exist" in r.stderr and "sched.json" in r.stderr
+    assert time.perf_counter() - t0 < 30  # dask alone waits for the file to appear
+    assert "dashboard" not in r.stderr  # the link comes only after the inputs are checked
+
+
+def test_unreachable_scheduler_is_a_user_error(tmp_path, small_phantom):
+    r = run("analyze", small_phantom.grey[0], small_phantom.labels[0], "--out", tmp_path / "t.parquet", "--quiet",
+            "--scheduler", "tcp://127.0.0.1:9")
+    assert r.returncode == 2, r.stderr
+    assert "cannot reach the dask scheduler 'tcp://127.0.0.1:9'" in r.stderr and "leave out --scheduler" in r.stderr
+
+
+def test_input_errors_come_before_the_dashboard_link(tmp_path, small_phantom):
+    r = run("analyze", tmp_path / "missing.zarr", small_phantom.labels[0], "--out", tmp_path / "t.parquet")
+    assert r.returncode == 2 and "missing.zarr" in r.stderr
+    assert "dashboard" not in r.stderr and "Traceback" not in r.stderr
+
+
+def test_small_demo_size_is_refused(tmp_path):
+    r = run("demo", "--out", tmp_path / "d", "--size", "20", "--quiet")
+    assert r.returncode == 2 and "--size 20: give at least 48 voxels" in r.stderr
+
+
+def test_spelling_and_spacing_forms(tmp_path, small_phantom):
+    g, lab = small_phantom.grey[0], small_phantom.labels[0]
+    r = run("analyze", g, lab, "--out", tmp_path / "a.parquet", "--quiet", "--start-at", "centre",
+            "--normalize", "surface", "--spacing", "0.5")
+    assert r.returncode == 0, r.stderr
+    params = pd_read(tmp_path / "a.parquet").attrs["grapes_dask"]
+    assert params["start_at"] == "center" and params["normalise"] == "surface"
+    assert params["spacing"] == [0.5, 0.5, 0.5]
+    r = run("analyze", g, lab, "--spacing", "1", "0.8", "0.8", "--out", tmp_path / "b.parquet", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert pd_read(tmp_path / "b.parquet").attrs["grapes_dask"]["spacing"] == [1.0, 0.8, 0.8]
+
+
+def test_2d_image_spacing_two_values_and_pixel_summary(tmp_path):
+    from grapes_dask import synthetic
+
+    ph = synthetic.make_phantom(tmp_path / "ph2", shape=(120, 130), seed=1, mean_radius=8.0, chunks=64)
+    r = run("analyze", ph.grey[0], ph.labels[0], "--out", tmp_path / "t.csv", "--quiet", "--spacing", "0.5", "0.25")
+    assert r.returncode == 0, r.stderr
+    assert "kpixels" in r.stdout and "Mvoxels" not in r.stdout and "0.0 M" not in r.stdout
+    import pandas as pd
+
+    t = pd.read_csv(tmp_path / "t.csv")
+    assert {"area", "perimeter", "equivalent_diameter_area", "circularity"} <= set(t.columns)
+    assert "volume" not in t.columns and "surface_area" not in t.columns
+    np.testing.assert_allclose(t["area"], t["voxel_count"] * 0.125)
+
+
+def test_every_analyze_option_reaches_the_engine(tmp_path, small_phantom, monkeypatch):
+    """Each option of `analyze` arrives at analyze_tables (and the cluster) with its value."""
+    import contextlib
+
+    from click.testing import CliRunner
+
+    import grapes_dask.cluster
+    import grapes_dask.table
+    from grapes_dask.cli import cli
+
+    seen = {}
+
+    def fake_analyze_tables(grey, labels, **kw):
+        seen["engine"] = kw
+        raise KeyboardInterrupt  # stop before any compute
+
+    @contextlib.contextmanager
+    def fake_cluster(scheduler=None, **kw):
+        seen["cluster"] = dict(scheduler=scheduler, **kw)
+        yield None
+
+    monkeypatch.setattr(grapes_dask.table, "analyze_tables", fake_analyze_tables)
+    monkeypatch.setattr(grapes_dask.cluster, "cluster_client", fake_cluster)
+    args = ["analyze", str(small_phantom.grey[0]), str(small_phantom.labels[0]), "--out", str(tmp_path / "t.parquet"),
+            "--spacing", "2", "1", "1", "--chunks", "8", "--workers", "3", "--memory-limit", "3GiB",
+            "--layer-width", "1.5", "--start-at", "center", "--normalise", "surface", "--exclude-outer-layers", "2",
+            "--exclude-labels", "4,9", "--no-black-border", "--fill-holes", "--max-hole-size", "12",
+            "--region-size", "24", "--no-check-labels", "--quiet"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 130, r.output
+    kw = seen["engine"]
+    assert kw["spacing"] == (2.0, 1.0, 1.0) and kw["chunks"] == 8 and kw["layer_width"] == 1.5
+    assert kw["start_at"] == "center" and kw["normalise"] == "surface" and kw["exclude_outer_layers"] == 2
+    assert kw["exclude_labels"] == [4, 9] and kw["black_border"] is False
+    assert kw["fill_holes"] is True and kw["max_hole_size"] == 12 and kw["region_size"] == 24
+    assert kw["check_labels"] is False and kw["progress"] is False
+    assert seen["cluster"] == {"scheduler": None, "workers": 3, "memory_limit": "3GiB"}
+    # the defaults
+    r = CliRunner().invoke(cli, args[:5])
+    kw = seen["engine"]
+    assert kw["spacing"] is None and kw["chunks"] is None and kw["layer_width"] is None
+    assert kw["start_at"] == "edge" and kw["normalise"] == "radial_max" and kw["exclude_outer_layers"] == 0
+    assert kw["exclude_labels"] is None and kw["black_border"] is True and kw["fill_holes"] is False
+    assert kw["max_hole_size"] is None and kw["region_size"] == 400 and kw["check_labels"] is True
+    assert kw["progress"] is True
+    assert seen["cluster"] == {"scheduler": None, "workers": None, "memory_limit": "auto"}
+
+
+def test_progress_goes_to_stderr_as_plain_lines(tmp_path, small_phantom):
+    r = run("analyze", small_phantom.grey[0], small_phantom.labels[0], "--out", tmp_path / "t.parquet")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("\n") == 1 and r.stdout.startswith("wrote ")  # only the closing line
+    assert "\r" not in r.stderr and "pass 1 (statistics):" in r.stderr and "pass 2 (radial layers):" in r.stderr
+    assert "done in" in r.stderr and "dask dashboard: http://127.0.0.1:" in r.stderr
+    assert "inputs: 40x44x36 voxels" in r.stderr
+
+
+def test_ctrl_c_exits_130_without_tracebacks(tmp_path):
+    """SIGINT to the whole process group, as a terminal's Ctrl-C, while the tasks run."""
+    import signal
+    import time
+
+    from grapes_dask import synthetic
+
+    ph = synthetic.make_phantom(tmp_path / "ph", shape=(160, 160, 160), seed=3, mean_radius=8.0, chunks=40)
+    for workers in ("1", "2"):
+        err_path = tmp_path / f"err{workers}.txt"
+        with open(err_path, "w") as err:
+            p = subprocess.Popen(EXE + ["analyze", str(ph.grey[0]), str(ph.labels[0]), "--out",
+                                        str(tmp_path / f"t{workers}.parquet"), "--workers", workers, "--region-size", "40"],
+                                 stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True,
+                                 env={**os.environ, "PYTHONWARNINGS": "ignore"},
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+            deadline = time.time() + 120
+            while "pass 1 (statistics)" not in err_path.read_text() and time.time() < deadline and p.poll() is None:
+                time.sleep(0.05)
+            assert p.poll() is None, "finished before it could be interrupted"
+            os.killpg(p.pid, signal.SIGINT)
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                raise AssertionError("hung after Ctrl-C")
+        text = err_path.read_text()
+        assert p.returncode == 130, text
+        assert text.rstrip().endswith("interrupted: no output was left half-written"), text
+        assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
+        assert not (tmp_path / f"t{workers}.parquet").exists()

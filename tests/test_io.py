@@ -435,8 +435,9 @@ def test_spacing_plain_resolution_tags(tmp_path):
     # 2 pixels per cm along x, 4 along y -> 5000 um and 2500 um
     tifffile.imwrite(tmp_path / "cm.tif", a[0], resolution=(2.0, 4.0), resolutionunit="CENTIMETER")
     assert read_spacing(str(tmp_path / "cm.tif")) == pytest.approx((2500.0, 5000.0))
+    # inch tags are print resolutions (72 dpi from any image program), never voxel sizes
     tifffile.imwrite(tmp_path / "inch.tif", a[0], resolution=(2.0, 4.0), resolutionunit="INCH")
-    assert read_spacing(str(tmp_path / "inch.tif")) == pytest.approx((6350.0, 12700.0))
+    assert read_spacing(str(tmp_path / "inch.tif")) is None
     tifffile.imwrite(tmp_path / "cm3.tif", a, resolution=(2.0, 4.0), resolutionunit="CENTIMETER",
                      photometric="minisblack")
     # TIFF tags hold no z size; y and x must be right (z is assumed equal to y)
@@ -647,11 +648,16 @@ def test_error_chunks_do_not_fit(tmp_path, chunks):
 
 
 @pytest.mark.parametrize("spacing", [(1, 1), (1, 1, 1, 1), (1, -1, 1), (1, 0, 1), (1, float("nan"), 1),
-                                     (1, float("inf"), 1), 0.5, "abc", ("a", 1, 1)])
+                                     (1, float("inf"), 1), -0.5, "abc", ("a", 1, 1)])
 def test_error_bad_spacing(tmp_path, spacing):
     with pytest.raises(GrapesInputError, match=r"spacing=.* does not fit a 3D volume: give 3 positive voxel sizes"):
         convert(np.zeros((3, 4, 5), np.uint8), tmp_path / "o.zarr", spacing=spacing)
     assert listing(tmp_path) == []
+
+
+def test_one_spacing_for_every_axis(tmp_path):
+    convert(np.zeros((3, 4, 5), np.uint8), tmp_path / "o.zarr", spacing=0.5)
+    assert read_spacing(str(tmp_path / "o.zarr")) == (0.5, 0.5, 0.5)
 
 
 def test_error_mismatched_slice(tmp_path):
@@ -659,8 +665,14 @@ def test_error_mismatched_slice(tmp_path):
     folder.mkdir()
     for i in range(6):
         tifffile.imwrite(folder / f"s{i}.tif", np.zeros((8, 9) if i != 4 else (8, 10), np.uint8))
-    with pytest.raises(GrapesInputError, match=r"slice .*s4\.tif.* has shape \(8, 10\).*all slices of a stack must match"):
-        open_volume(str(folder), chunks=2).compute()
+    with pytest.raises(GrapesInputError, match=r"5 of the 6 TIFF files .* are slices of shape \(8, 9\).*'s4\.tif' \(\(8, 10\), uint8\)"):
+        open_volume(str(folder), chunks=2)
+    # a slice replaced after the stack was opened is caught by the task that reads it
+    tifffile.imwrite(folder / "s4.tif", np.zeros((8, 9), np.uint8))
+    v = open_volume(str(folder), chunks=2)
+    tifffile.imwrite(folder / "s0.tif", np.zeros((8, 10), np.uint8))
+    with pytest.raises(GrapesInputError, match=r"slice .*s0\.tif.* has shape \(8, 10\).*all slices of a stack must match"):
+        v.compute()
 
 
 # --------------------------------------------------------------------------------------------

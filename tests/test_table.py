@@ -184,17 +184,21 @@ def reference(grey, labels, spacing, *, layer_width=1.0, start_at="edge", black_
     assert (rp["label"].to_numpy() == np.arange(1, len(ids) + 1)).all()
     t = pd.DataFrame({"label": ids})
     t["voxel_count"] = np.bincount(seq.ravel(), minlength=len(ids) + 1)[1:].astype(np.int64)
-    t["volume"] = rp["area"].to_numpy()
+    size, boundary, diameter, shape = ("volume", "surface_area", "equivalent_diameter_volume", "sphericity") \
+        if nd == 3 else ("area", "perimeter", "equivalent_diameter_area", "circularity")  # scikit-image's 2D names
+    t[size] = rp["area"].to_numpy()
     for a in range(nd):
         t[f"centroid-{a}"] = rp[f"centroid-{a}"].to_numpy() / spacing[a]  # ours: voxel index units
     for a in range(2 * nd):
         t[f"bbox-{a}"] = rp[f"bbox-{a}"].to_numpy().astype(np.int64)
-    t["equivalent_diameter_volume"] = rp["equivalent_diameter_area"].to_numpy()
+    t[diameter] = rp["equivalent_diameter_area"].to_numpy()
     for c in ("intensity_min", "intensity_max", "intensity_mean", "intensity_std"):
         t[c] = rp[c].to_numpy()
-    t["surface_area"] = [_ref_perimeter_or_area(labels == lid, spacing) for lid in ids]
+    t[boundary] = [_ref_perimeter_or_area(labels == lid, spacing) for lid in ids]
     if nd == 3:
-        t["sphericity"] = np.pi ** (1 / 3) * (6 * t["volume"]) ** (2 / 3) / t["surface_area"]
+        t[shape] = np.pi ** (1 / 3) * (6 * t[size]) ** (2 / 3) / t[boundary]
+    else:
+        t[shape] = 4 * np.pi * t[size] / t[boundary] ** 2
     for a in range(nd):
         t[f"inertia_tensor_eigvals-{a}"] = rp[f"inertia_tensor_eigvals-{a}"].to_numpy()
     t["axis_major_length"] = rp["axis_major_length"].to_numpy()
@@ -315,7 +319,7 @@ def assert_matches_reference(got: pd.DataFrame, ref: pd.DataFrame, *, float_grey
         elif c.startswith("inertia") or c.startswith("axis_"):
             scale = np.nanmax(np.abs(r)) if len(r) else 1.0
             _close(c, g, r, 1e-10, 1e-12 * scale)
-        elif c in ("surface_area", "sphericity"):
+        elif c in ("surface_area", "sphericity", "perimeter", "circularity"):
             _close(c, g, r, 1e-12, 0)
         elif c.startswith("intensity_") or c.startswith("roi_"):
             _close(c, g, r, rt, 1e-9 if float_grey else 1e-10)
@@ -434,7 +438,8 @@ def test_3d_random_chunkings_match_reference(data):
 def test_2d_random_chunkings_match_reference(data):
     """2D, float32 grey, anisotropic spacing, one label in two blobs."""
     got, ref, base = _random_run(data, "2d", [4, 64])
-    assert "sphericity" not in got.columns
+    assert "sphericity" not in got.columns and "volume" not in got.columns and "surface_area" not in got.columns
+    assert {"area", "perimeter", "equivalent_diameter_area", "circularity"} <= set(got.columns)
     assert_matches_reference(got, ref, float_grey=True)
     assert_close_tables(got, base)
 

@@ -501,18 +501,23 @@ def stats_columns(ndim):
     -------
     dict of str to numpy dtype
     """
-    cols = {"label": np.uint64, "voxel_count": np.int64, "volume": np.float64}
+    size, boundary, diameter, shape = _size_names(ndim)
+    cols = {"label": np.uint64, "voxel_count": np.int64, size: np.float64}
     cols.update({f"centroid-{a}": np.float64 for a in range(ndim)})
     cols.update({f"bbox-{a}": np.int64 for a in range(2 * ndim)})
-    for c in ("equivalent_diameter_volume", "intensity_min", "intensity_max",
-              "intensity_mean", "intensity_std", "surface_area"):
+    for c in (diameter, "intensity_min", "intensity_max", "intensity_mean", "intensity_std", boundary, shape):
         cols[c] = np.float64
-    if ndim == 3:
-        cols["sphericity"] = np.float64
     cols.update({f"inertia_tensor_eigvals-{a}": np.float64 for a in range(ndim)})
     cols.update({"axis_major_length": np.float64, "axis_minor_length": np.float64})
     cols.update({"touches_border": bool, "n_neighbours": np.int64})
     return cols
+
+
+def _size_names(ndim: int) -> tuple:
+    """(size, boundary, equivalent diameter, shape factor) column names: 3D or 2D (scikit-image's)."""
+    if ndim == 2:
+        return "area", "perimeter", "equivalent_diameter_area", "circularity"
+    return "volume", "surface_area", "equivalent_diameter_volume", "sphericity"
 
 
 def finalize_stats(combined, spacing=None):
@@ -530,17 +535,21 @@ def finalize_stats(combined, spacing=None):
     pandas.DataFrame
         One row per label, sorted by label, columns of :func:`stats_columns`:
 
-        - ``label`` (uint64), ``voxel_count``, ``volume`` = count * prod(spacing);
+        - ``label`` (uint64), ``voxel_count``, ``volume`` = count * prod(spacing) (``area`` in
+          2D);
         - ``centroid-a``: mean voxel index along axis ``a`` (index units, like
           ``regionprops(...).centroid`` without spacing; multiply by ``spacing[a]`` for the
           physical centroid that ``regionprops(spacing=...)`` reports);
         - ``bbox-0 .. bbox-(2 ndim - 1)``: min (inclusive) then max (exclusive) indices;
-        - ``equivalent_diameter_volume`` = (2 ndim volume / pi) ** (1 / ndim) (skimage
-          ``equivalent_diameter_area``);
+        - ``equivalent_diameter_volume`` = (6 volume / pi) ** (1 / 3) (2D:
+          ``equivalent_diameter_area`` = (4 area / pi) ** (1 / 2), as scikit-image);
         - ``intensity_min/max/mean/std`` (std with ddof 0);
-        - ``surface_area``: marching-cubes area (3D, length unit**2) or marching-squares
-          perimeter (2D, length unit) of the 1-padded mask;
-        - ``sphericity`` (3D only) = pi**(1/3) (6 volume)**(2/3) / surface_area;
+        - ``surface_area``: marching-cubes area (3D, length unit**2); in 2D ``perimeter``, the
+          length of the marching-squares contour at 0.5 of the 1-padded mask (length unit), as
+          ``skimage.measure.find_contours`` traces it (``regionprops``' ``perimeter`` counts
+          boundary pixels instead and differs);
+        - ``sphericity`` (3D) = pi**(1/3) (6 volume)**(2/3) / surface_area; in 2D
+          ``circularity`` = 4 pi area / perimeter**2 (1 for a disc, as ImageJ's "Circ.");
         - ``inertia_tensor_eigvals-a``, ``axis_major_length``, ``axis_minor_length``: as
           ``regionprops(..., spacing=spacing)`` (physical units);
         - ``touches_border`` (bool), ``n_neighbours``: distinct labels sharing a face.
@@ -565,8 +574,9 @@ def finalize_stats(combined, spacing=None):
             f"finalize_stats: labels {bad} have no voxel: the partials do not cover the volume"
         )
     spacing_arr = np.asarray(sp)
+    size, boundary, diameter, shape = _size_names(ndim)
     out = {"label": t["label"].to_numpy(), "voxel_count": n}
-    out["volume"] = n * np.prod(spacing_arr)
+    out[size] = n * np.prod(spacing_arr)
     n_obj = n.astype(object)
     sums = [t[f"sum_{a}"].to_numpy().astype(object) for a in range(ndim)]
     for a in range(ndim):
@@ -574,15 +584,17 @@ def finalize_stats(combined, spacing=None):
     for a in range(ndim):
         out[f"bbox-{a}"] = t[f"bbox_min_{a}"].to_numpy()
         out[f"bbox-{a + ndim}"] = t[f"bbox_max_{a}"].to_numpy()
-    out["equivalent_diameter_volume"] = (2 * ndim * out["volume"] / np.pi) ** (1 / ndim)
+    out[diameter] = (2 * ndim * out[size] / np.pi) ** (1 / ndim)
     out["intensity_min"] = t["grey_min"].to_numpy().astype(np.float64)
     out["intensity_max"] = t["grey_max"].to_numpy().astype(np.float64)
     out["intensity_mean"], out["intensity_std"] = acc.grey_mean_std(t)
     area = fixed_to_area(acc.words_to_int(t["area_hi"].to_numpy(), t["area_lo"].to_numpy()), sp)
-    out["surface_area"] = area
-    if ndim == 3:
-        with np.errstate(divide="ignore"):
-            out["sphericity"] = np.pi ** (1 / 3) * (6 * out["volume"]) ** (2 / 3) / area
+    out[boundary] = area
+    with np.errstate(divide="ignore"):
+        if ndim == 3:
+            out[shape] = np.pi ** (1 / 3) * (6 * out[size]) ** (2 / 3) / area
+        else:
+            out[shape] = 4 * np.pi * out[size] / area**2
     eig = _inertia_eigvals(t, n_obj, sums, spacing_arr)
     for a in range(ndim):
         out[f"inertia_tensor_eigvals-{a}"] = eig[:, a]
