@@ -10,8 +10,9 @@ Stages (tasks are per chunk or per region, never per label):
 3. combine the partials exactly by label in a tree (fan-in 8) and finalise the per-label
    properties; this ends the first compute;
 4. plan pass 2 (:mod:`grapes_dask.plan`): regions of whole chunks, each with a halo as wide
-   as the largest inscribed-radius bound of the labels it meets; a region too large for the
-   memory limit stops the run here, naming the label;
+   as the largest inscribed-radius bound of the labels it meets; a region over the memory
+   budget is cut (below the chunk if it must), and the run stops here only for a particle
+   whose smallest region cannot fit, naming the label;
 5. pass 2, one task per region: exact EDT of the core and per-(label, layer) grey sums, fused
    in one sweep for isotropic spacing and grey of at most 16 bits
    (:func:`grapes_dask.kernels.fused_layer_sums`), else
@@ -42,7 +43,7 @@ from . import kernels
 from ._errors import Alt, GrapesInputError
 from .io import Volume, provenance, resolve_volume, settle_spacing
 from .kernels.distance import distance_core
-from .plan import block_edges, check_region_memory, inscribed_bound, plan_regions
+from .plan import TaskMemory, memory_budget, pass1_blocks, plan_pass2
 
 __all__ = ["particle_table", "analyze", "analyze_tables", "check_inputs", "CheckedInputs", "ParticleTables",
            "PROFILE_COLUMNS"]
@@ -56,7 +57,6 @@ PROFILE_COLUMNS = (
 )
 ROI_COLUMNS = {"roi_voxels": "int64", "roi_mean": "float64", "roi_std": "float64"}
 _FAN_IN = 8
-_GiB = 1 << 30
 
 
 @dataclass
@@ -509,42 +509,41 @@ def _fill_holes_task(lab_src, lab_sl, grey_src, grey_sl, border, spacing, width,
     return kernels.layer_sums(lab, grey, d, layer_width=width, only_labels=owned, from_center=center)
 
 
-def _pass2_fill_holes(inp, edges, all_labels, bbox_min, bbox_max, exclude, params, center, centre_table,
-                      black_border, max_hole_size, memory_limit):
-    """Pass 2 with hole filling: ownership regions (one task per block that owns labels).
+def _pass2_fill_holes(inp, groups, all_labels, exclude, params, center, centre_table, black_border, max_hole_size):
+    """Pass 2 with hole filling: one task per ownership group (:func:`grapes_dask.plan.plan_fill_groups`).
 
-    A label is owned by the block holding the low corner of its box; the region of a block is
-    the union of its labels' boxes padded by one voxel, so each owned particle and its cavities
-    are whole in one task, where they are filled and the EDT and layer sums are taken.
+    A label is owned by one group; the box of a group is the union of its labels' boxes padded
+    by one voxel, so each owned particle and its cavities are whole in one task, where they are
+    filled and the EDT and layer sums are taken.
     """
-    from .plan import region_bytes
-
     nd = inp.labels.ndim
     shape = inp.labels.shape
-    keep = ~np.isin(all_labels, exclude)
-    owner = np.stack([np.searchsorted(e, bbox_min[:, a], side="right") - 1 for a, e in enumerate(edges)], axis=1)
     parts = []
-    for idx in np.ndindex(*[len(e) - 1 for e in edges]):
-        sel = keep & np.all(owner == np.asarray(idx), axis=1)
-        if not sel.any():
-            continue
-        lo = np.maximum(bbox_min[sel].min(axis=0) - 1, 0)
-        hi = np.minimum(bbox_max[sel].max(axis=0) + 1, shape)
-        outer = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-        need = region_bytes(hi - lo, hi - lo, inp.labels.dtype.itemsize, inp.grey.dtype.itemsize)
-        if need > memory_limit:
-            worst = all_labels[sel][np.argmax(np.prod(bbox_max[sel] - bbox_min[sel], axis=1))]
-            raise GrapesInputError(
-                f"with fill_holes the region {outer} needs about {need / 2**30:.1f} GiB (memory_limit "
-                f"{memory_limit / 2**30:.1f} GiB), largest particle {int(worst)}: skip it with "
-                f"exclude_labels=[{int(worst)}], raise memory_limit, or use smaller region_size"
-            )
+    for g in groups:
+        lo = [s.start for s in g.box]
+        hi = [s.stop for s in g.box]
         border = tuple(x and bool(black_border) for a in range(nd) for x in (lo[a] == 0, hi[a] == shape[a]))
         parts.append(dask.delayed(_fill_holes_task, pure=True)(
-            *inp.block("labels", outer), *inp.block("grey", outer), border, inp.spacing, params["layer_width"],
-            exclude, all_labels[sel], center, tuple(int(x) for x in lo), centre_table, max_hole_size,
+            *inp.block("labels", g.box), *inp.block("grey", g.box), border, inp.spacing, params["layer_width"],
+            exclude, all_labels[g.owned], center, tuple(int(x) for x in lo), centre_table, max_hole_size,
         ))
     return parts
+
+
+def _read_bytes(inp) -> int:
+    """Transient bytes of reading one block in a task: a decoded chunk and its compressed bytes."""
+    from dask.delayed import Delayed
+
+    total = 0
+    for which in ("labels", "grey"):
+        arr, rd = getattr(inp, which), inp.readers.get(which)
+        if isinstance(rd, Delayed):  # an in-memory array: the tasks slice views of it
+            continue
+        chunk = getattr(rd, "chunks", None) if rd is not None else None
+        if not (isinstance(chunk, tuple) and all(isinstance(c, (int, np.integer)) for c in chunk)):
+            chunk = arr.chunksize
+        total += 2 * int(np.prod(chunk)) * arr.dtype.itemsize
+    return total
 
 
 def _check_hole_options(fill_holes, max_hole_size) -> None:
@@ -560,21 +559,28 @@ def _check_hole_options(fill_holes, max_hole_size) -> None:
 
 def _run(grey, labels, *, spacing=None, chunks=None, layer_width=None, start_at="edge", black_border=True,
          normalise="radial_max", exclude_outer_layers=0, exclude_labels=None, fill_holes=False, max_hole_size=None,
-         client=None, progress=False, memory_limit=2 * _GiB, region_size=400, check_labels=True):
+         client=None, progress=False, memory_limit=None, region_size=400, check_labels=True):
+    budget, threads, budget_source = memory_budget(memory_limit, client)
     inp = _normalize_inputs(
         grey, labels, spacing=spacing, chunks=chunks, layer_width=layer_width, start_at=start_at,
         black_border=black_border, normalise=normalise, exclude_outer_layers=exclude_outer_layers,
-        exclude_labels=exclude_labels, memory_limit=memory_limit, region_size=region_size,
+        exclude_labels=exclude_labels, memory_limit=budget, region_size=region_size,
     )
     _check_hole_options(fill_holes, max_hole_size)
-    params = {**inp.params, "fill_holes": bool(fill_holes),
+    params = {**inp.params, "memory_limit_source": budget_source, "fill_holes": bool(fill_holes),
               "max_hole_size": None if max_hole_size is None else int(max_hole_size),
               **provenance(command="analyze", grey=inp.names["grey"], labels=inp.names["labels"])}
     center = start_at == "center"
 
     # 2-3. pass 1 and its reduction
     t0 = time.perf_counter()
-    edges = block_edges(inp.labels.chunks, region_size)
+    # blocks of whole chunks: about region_size per side, at least one per thread, each within
+    # the budget for pass 1 (pass 2 splits its regions further where it must)
+    read_bytes = _read_bytes(inp)
+    edges = pass1_blocks(inp.labels.chunks, region_size, budget=budget, threads=threads,
+                         label_itemsize=inp.labels.dtype.itemsize, grey_itemsize=inp.grey.dtype.itemsize,
+                         float_grey=inp.grey.dtype.kind == "f", read_bytes=read_bytes,
+                         name=repr(inp.names["labels"]))
     combined, infos, keys = _pass1(inp, edges)
     combined, infos = _compute(combined, infos, client=client, progress=progress, desc="pass 1 (statistics)")
     t1 = time.perf_counter()
@@ -599,8 +605,6 @@ def _run(grey, labels, *, spacing=None, chunks=None, layer_width=None, start_at=
     # 4. plan
     bbox_min = stats[[f"bbox-{a}" for a in range(inp.labels.ndim)]].to_numpy()
     bbox_max = stats[[f"bbox-{a + inp.labels.ndim}" for a in range(inp.labels.ndim)]].to_numpy()
-    bounds = inscribed_bound(bbox_min, bbox_max, inp.spacing, inp.labels.shape, black_border)
-    bounds[np.isin(all_labels, exclude)] = 0.0
     full = stats["voxel_count"].to_numpy() == int(np.prod(inp.labels.shape))
     if not center and not black_border and full.any():
         raise GrapesInputError(
@@ -614,24 +618,22 @@ def _run(grey, labels, *, spacing=None, chunks=None, layer_width=None, start_at=
         cols = [f"centroid-{a}" for a in range(inp.labels.ndim)]
         centre_table = dask.delayed((all_labels, stats[cols].to_numpy()), pure=True)
 
-    # 5. pass 2: ownership regions with hole filling, else label-aware halo regions
-    if fill_holes:
-        regions = []
-        parts = _pass2_fill_holes(inp, edges, all_labels, bbox_min, bbox_max, exclude, params, center, centre_table,
-                                  black_border, max_hole_size, memory_limit)
-    else:
-        regions = plan_regions(edges, block_labels, all_labels, bounds, inp.spacing, inp.labels.shape,
-                               halo=not center)
-        check_region_memory(regions, memory_limit, inp.labels.dtype.itemsize, inp.grey.dtype.itemsize,
-                            block_labels, all_labels, bounds, isotropic=len(set(inp.spacing)) == 1)
-        parts = []
+    # 5. pass 2: ownership groups with hole filling, else label-aware halo regions; both split
+    # until every task fits the budget (grapes_dask.plan)
+    memory = TaskMemory(inp.labels.dtype.itemsize, inp.grey.dtype.itemsize, inp.labels.ndim, inp.spacing,
+                        inp.grey.dtype.kind, center, params["layer_width"], bool(len(exclude)), read_bytes)
+    _, tasks = plan_pass2(edges, block_labels, all_labels, bbox_min, bbox_max, inp.labels.shape, spacing=inp.spacing,
+                          budget=budget, memory=memory, black_border=black_border, exclude=exclude,
+                          fill_holes=fill_holes, chunks=inp.labels.chunks)
+    regions, parts = ([], _pass2_fill_holes(inp, tasks, all_labels, exclude, params, center, centre_table,
+                                            black_border, max_hole_size)) if fill_holes else (tasks, [])
     for reg in regions:
         origin = tuple(s.start for s in reg.core)
         # a side on the volume border is a boundary of the EDT only with black_border
         border = tuple(b and bool(black_border) for b in reg.border)
-        # the core's labels and their largest distance bound size the fused kernel's accumulators
-        keys = np.setdiff1d(block_labels.get(reg.index, np.zeros(0, np.uint64)), exclude).astype(np.uint64)
-        max_distance = float(bounds[np.searchsorted(all_labels, keys)].max()) if len(keys) else 0.0
+        # the labels the core can meet and their largest distance bound size the fused kernel's accumulators
+        keys = reg.labels.astype(np.uint64)
+        max_distance = float(reg.bound) if len(keys) else 0.0
         parts.append(dask.delayed(_pass2_task, pure=True)(
             *inp.block("labels", reg.outer), *inp.block("grey", reg.core), reg.core_in_outer, border, inp.spacing,
             params["layer_width"], exclude, center, origin, centre_table, keys, max_distance,
@@ -669,7 +671,7 @@ def analyze(
     max_hole_size: int | None = None,
     client=None,
     progress: bool = False,
-    memory_limit: int = 2 * _GiB,
+    memory_limit: int | str | None = None,
     region_size: int = 400,
     check_labels: bool = True,
 ) -> pd.DataFrame:
@@ -721,12 +723,19 @@ def analyze(
         Cluster to run on (default: the current dask scheduler).
     progress : bool
         Progress bars.
-    memory_limit : int
-        Bytes one pass-2 task may use; a region over it stops the run before pass 2 and names
-        the label responsible.
+    memory_limit : int, str or None
+        Bytes one task may use (``int``, or a size such as ``"4GiB"``). Default: half of the
+        smallest worker memory limit per thread of `client` (the tasks a worker runs at once),
+        or without a client, half of this machine's memory per core. The planner cuts blocks
+        and regions until each task's estimated peak fits (a region around a large particle
+        becomes several smaller ones); it stops before pass 2 only when the smallest region
+        around a particle, or that particle's own box with `fill_holes`, does not fit, and
+        names the label. The budget used is recorded in the parameters (``memory_limit``, and
+        ``memory_limit_source`` says where it came from).
     region_size : int
         Target side in voxels of the blocks of whole chunks that pass 1 reads and pass 2 takes
-        as region cores (each axis is cut into ``round(size / region_size)`` balanced blocks).
+        as region cores (each axis is cut into ``round(size / region_size)`` balanced blocks,
+        then into more blocks until every thread has one and each fits the memory budget).
         Larger blocks make the halo relatively cheaper and cost memory: two 400^3 regions of
         the paper-scale phantom in flight peak at about 1.3 GiB.
     check_labels : bool
@@ -815,7 +824,7 @@ class CheckedInputs:
 def check_inputs(grey, labels, *, grey_dataset=None, labels_dataset=None, spacing=None, chunks=None,
                  layer_width=None, start_at="edge", black_border=True, normalise="radial_max",
                  exclude_outer_layers=0, exclude_labels=None, fill_holes=False, max_hole_size=None,
-                 memory_limit=2 * _GiB, region_size=400, **_ignored) -> CheckedInputs:
+                 memory_limit=None, region_size=400, **_ignored) -> CheckedInputs:
     """Open and check the inputs and parameters of :func:`analyze` without reading a voxel.
 
     Parameters
@@ -841,7 +850,8 @@ def check_inputs(grey, labels, *, grey_dataset=None, labels_dataset=None, spacin
     lab = resolve_volume(labels, dataset=labels_dataset)
     inp = _normalize_inputs(g, lab, spacing=spacing, chunks=chunks, layer_width=layer_width, start_at=start_at,
                             black_border=black_border, normalise=normalise, exclude_outer_layers=exclude_outer_layers,
-                            exclude_labels=exclude_labels, memory_limit=memory_limit, region_size=region_size)
+                            exclude_labels=exclude_labels, memory_limit=memory_budget(memory_limit)[0],
+                            region_size=region_size)
     _check_hole_options(fill_holes, max_hole_size)
     source = inp.params["spacing_source"]
     return CheckedInputs(g, lab, tuple(inp.labels.shape), (inp.grey.dtype, inp.labels.dtype), tuple(inp.spacing),

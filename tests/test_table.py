@@ -35,6 +35,7 @@ from skimage.measure import find_contours, marching_cubes, mesh_surface_area, re
 
 from grapes_dask import io, synthetic
 from grapes_dask._errors import GrapesInputError
+from grapes_dask.plan import region_bytes
 from grapes_dask.table import PROFILE_COLUMNS, analyze, analyze_tables, particle_table
 
 SPACING3 = (1.0, 0.7, 1.3)  # 5 x 0.7 = 3.5: exact layer ties
@@ -785,7 +786,8 @@ def test_memory_limit_names_the_label_and_exclude_labels_works():
                 lid += 1
     grey = rng.integers(0, 4096, shape).astype(np.uint16)
     kw = dict(chunks=8, region_size=8)
-    limit = 150_000  # small regions need < 75 kB, the binder's > 290 kB (plan.region_bytes)
+    # small regions need < 75 kB above a task's fixed overhead, the binder's > 290 kB (plan.region_bytes)
+    limit = region_bytes((1, 1, 1), (1, 1, 1), 8, 2) + 150_000
     with pytest.raises(GrapesInputError, match=rf"(?s)\b{binder}\b.*exclude_labels=\[{binder}\]"):
         analyze(grey, labels, memory_limit=limit, **kw)
     got = analyze(grey, labels, memory_limit=limit, exclude_labels=[binder], **kw)
