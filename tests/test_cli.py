@@ -375,3 +375,51 @@ def test_ctrl_c_exits_130_without_tracebacks(tmp_path):
         assert text.rstrip().endswith("interrupted: no output was left half-written"), text
         assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
         assert not (tmp_path / f"t{workers}.parquet").exists()
+
+
+def test_each_input_names_its_own_dataset_and_keeps_the_voxel_size(tmp_path, small_phantom):
+    grey, labels = (np.asarray(a) for a in small_phantom.open(state=0))
+    p = tmp_path / "v.h5"
+    with h5py.File(p, "w") as f:
+        f["grey"] = grey
+        f["labels"] = labels
+        f["grey"].attrs["element_size_um"] = [0.7, 0.7, 0.7]
+        f["labels"].attrs["element_size_um"] = [0.7, 0.7, 0.7]
+    # before: --dataset applied to both and the grey volume was analysed as its own labels
+    r = run("analyze", p, p, "--out", tmp_path / "a.parquet", "--grey-dataset", "/grey", "--labels-dataset",
+            "/labels")
+    assert r.returncode == 0, r.stderr
+    assert "spacing (0.7, 0.7, 0.7) (labels: HDF5 attribute" in r.stderr
+    t = pd_read(tmp_path / "a.parquet")
+    assert len(t) == len(np.unique(labels)) - 1
+    assert t.attrs["grapes_dask"]["spacing"] == [0.7, 0.7, 0.7]
+    assert "HDF5" in t.attrs["grapes_dask"]["spacing_source"]
+    r = run("analyze", f"{p}::/grey", f"{p}::/labels", "--out", tmp_path / "b.parquet", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert pd_read(tmp_path / "b.parquet").equals(t)
+    r = run("analyze", f"{p}::/grey", p, "--labels-dataset", "/grey", "--out", tmp_path / "c.parquet", "--quiet")
+    assert r.returncode == 2 and "same array" in r.stderr, r.stderr
+
+
+def test_voxel_sizes_that_disagree_stop_unless_spacing_settles_it(tmp_path, small_phantom):
+    grey, labels = (np.asarray(a) for a in small_phantom.open(state=0))
+    tifffile.imwrite(tmp_path / "g.tif", grey, imagej=True, resolution=(2.0, 2.0),
+                     metadata={"spacing": 0.5, "unit": "um", "axes": "ZYX"})
+    tifffile.imwrite(tmp_path / "l.tif", labels, resolution=(72, 72))  # a print resolution: no voxel size
+    r = run("analyze", tmp_path / "g.tif", tmp_path / "l.tif", "--out", tmp_path / "a.parquet")
+    assert r.returncode == 0, r.stderr
+    assert "spacing (0.5, 0.5, 0.5) (grey: ImageJ" in r.stderr  # not 352.8 um from the 72 dpi tag
+    tifffile.imwrite(tmp_path / "l2.tif", labels, imagej=True, resolution=(1.0, 1.0),
+                     metadata={"spacing": 1.0, "unit": "um", "axes": "ZYX"})
+    r = run("analyze", tmp_path / "g.tif", tmp_path / "l2.tif", "--out", tmp_path / "b.parquet", "--quiet")
+    assert r.returncode == 2 and "--spacing" in r.stderr and "0.5" in r.stderr and "1.0" in r.stderr, r.stderr
+    assert "spacing=" not in r.stderr
+    r = run("analyze", tmp_path / "g.tif", tmp_path / "l2.tif", "--out", tmp_path / "b.parquet", "--quiet",
+            "--spacing", "0.5")
+    assert r.returncode == 0, r.stderr
+
+
+def test_convert_refuses_an_output_that_is_not_zarr(tmp_path, tiff):
+    r = run("convert", tiff, tmp_path / "g.h5", "--quiet")
+    assert r.returncode == 2 and "g.zarr" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "g.h5").exists()

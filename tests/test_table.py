@@ -340,6 +340,7 @@ def assert_layers_match(got: pd.DataFrame, ref: pd.DataFrame, *, float_grey=Fals
 
 def assert_bitwise_equal(a: pd.DataFrame, b: pd.DataFrame):
     """Same columns, dtypes and every value to the bit (list columns element-wise)."""
+    a, b = a.reset_index(drop=True), b.reset_index(drop=True)
     assert list(a.columns) == list(b.columns)
     assert (a.dtypes == b.dtypes).all()
     assert len(a) == len(b)
@@ -347,6 +348,7 @@ def assert_bitwise_equal(a: pd.DataFrame, b: pd.DataFrame):
         x, y = a[c].to_numpy(), b[c].to_numpy()
         if x.dtype == object:
             for i, (xi, yi) in enumerate(zip(x, y)):
+                xi, yi = np.asarray(xi), np.asarray(yi)
                 assert xi.dtype == yi.dtype and xi.shape == yi.shape, (c, i)
                 assert xi.tobytes() == yi.tobytes(), (c, i, xi, yi)
         else:

@@ -38,6 +38,7 @@ from scipy import ndimage as ndi
 import grapes_dask.kernels
 from grapes_dask import analyze_tables
 from grapes_dask.plan import block_edges
+from test_table import assert_bitwise_equal  # same column-by-column, bit-for-bit comparison
 
 SPARSE_IDS = (65535, 65536, 2**33 + 7, 2**40, 2**63 + 5, 2**64 - 1, 3, 2**33 + 8, 2**32 - 1, 2**32)
 # no explain phase: it reruns a failing example a hundred times (minutes here)
@@ -238,23 +239,6 @@ def assert_layers_match(got, ref):
     np.testing.assert_allclose(got["std"].to_numpy(), ref["std"].to_numpy(), rtol=1e-12, atol=1e-9, err_msg="std")
 
 
-def assert_bitwise_equal(a: pd.DataFrame, b: pd.DataFrame):
-    """Same columns, dtypes and every value to the bit (list columns element-wise)."""
-    a, b = a.reset_index(drop=True), b.reset_index(drop=True)
-    assert list(a.columns) == list(b.columns)
-    assert (a.dtypes == b.dtypes).all()
-    assert len(a) == len(b)
-    for c in a.columns:
-        x, y = a[c].to_numpy(), b[c].to_numpy()
-        if x.dtype == object:
-            for i, (xi, yi) in enumerate(zip(x, y)):
-                xi, yi = np.asarray(xi), np.asarray(yi)
-                assert xi.dtype == yi.dtype and xi.shape == yi.shape, (c, i)
-                assert xi.tobytes() == yi.tobytes(), (c, i, xi, yi)
-        else:
-            assert x.tobytes() == y.tobytes(), c
-
-
 # ---------------------------------------------------------------------------------------------
 # the engine, watched: every pass-2 region must go through fused_layer_sums
 # ---------------------------------------------------------------------------------------------
@@ -281,21 +265,31 @@ class FusedSpy:
         return max((max(max(h) for h in halo) for _, halo in self.calls), default=0)
 
 
-def run_fused(grey, labels, *, expect_regions, scheduler="threads", check_halo=True, **kw):
-    """``analyze_tables`` with the spy in place; checks that the fused kernel computed every region
-    (`expect_regions` of them) and that, with more than one region, some region had a halo."""
+def run_fused(grey, labels, *, scheduler="threads", check_halo=True, plan_hook=None, **kw):
+    """``analyze_tables`` with the spies in place; checks that the fused kernel computed every
+    region the planner made (:func:`grapes_dask.plan.plan_pass2`) and that, with more than one
+    region, some region had a halo. `plan_hook` may rewrite the planned regions."""
+    import grapes_dask.table as table
+
     spy = FusedSpy()
-    with mock.patch.object(grapes_dask.kernels, "fused_layer_sums", spy), dask.config.set(scheduler=scheduler):
+    planned = []
+    real_plan = table.plan_pass2
+
+    def plan_spy(*args, **kwargs):
+        bounds, tasks = real_plan(*args, **kwargs)
+        if plan_hook is not None:
+            tasks = plan_hook(tasks)
+        planned[:] = tasks
+        return bounds, tasks
+
+    with mock.patch.object(grapes_dask.kernels, "fused_layer_sums", spy), \
+            mock.patch.object(table, "plan_pass2", plan_spy), dask.config.set(scheduler=scheduler):
         res = analyze_tables(grey, labels, **kw)
-    assert len(spy.calls) == expect_regions, (len(spy.calls), expect_regions)
+    assert len(planned) >= 1 and len(spy.calls) == len(planned), (len(spy.calls), len(planned))
     assert sum(int(np.prod(sh)) for sh, _ in spy.calls) == int(np.prod(np.shape(labels)))  # cores tile the volume
-    if check_halo and expect_regions > 1:
+    if check_halo and len(planned) > 1:
         assert spy.max_halo() > 0
     return res, spy
-
-
-def n_regions(chunks, region_size):
-    return int(np.prod([len(e) - 1 for e in block_edges(chunks, region_size)]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,7 +310,7 @@ def test_fused_random_chunkings_match_reference(ph, data):
     chunks = data.draw(chunkings(labels.shape), label="chunks")
     region = data.draw(st.integers(1, 16), label="region_size")
     res, spy = run_fused(da.from_array(grey, chunks=chunks), da.from_array(labels, chunks=chunks),
-                         expect_regions=n_regions(chunks, region), spacing=s, layer_width=width,
+                         spacing=s, layer_width=width,
                          black_border=bb, region_size=region)
     ref = reference_layers(grey, labels, s, width, bb)
     assert_layers_match(res.layers, ref)
@@ -346,11 +340,11 @@ def test_fused_bitwise_identical_across_chunkings_and_region_sizes(ph, data):
     chunks = data.draw(chunkings(labels.shape), label="chunks")
     r1 = data.draw(st.integers(1, 16), label="region_size 1")
     a, _ = run_fused(da.from_array(grey, chunks=chunks), da.from_array(labels, chunks=chunks),
-                     expect_regions=n_regions(chunks, r1), region_size=r1, **kw)
+                     region_size=r1, **kw)
     regular = tuple(data.draw(st.integers(6, 16), label=f"regular chunk {i}") for i in range(3))
     r2 = data.draw(st.integers(1, 16), label="region_size 2")
     dchunks = da.from_array(labels, chunks=regular).chunks
-    b, _ = run_fused(grey, labels, chunks=regular, expect_regions=n_regions(dchunks, r2), region_size=r2,
+    b, _ = run_fused(grey, labels, chunks=regular, region_size=r2,
                      scheduler="sync", **kw)
     assert_bitwise_equal(a.particles, b.particles)
     assert_bitwise_equal(a.layers, b.layers)
@@ -366,7 +360,7 @@ def test_fused_exclude_labels_and_border_cases():
     chunks = ((1,) * 20, (8, 9), (3, 20))
     for bb in (True, False):
         res, spy = run_fused(da.from_array(grey, chunks=chunks), da.from_array(labels, chunks=chunks),
-                             expect_regions=n_regions(chunks, 1), spacing=0.7, layer_width=1.0,
+                             spacing=0.7, layer_width=1.0,
                              black_border=bb, region_size=1, exclude_labels=[big])
         assert spy.max_halo() >= 3
         assert_layers_match(res.layers, reference_layers(grey, labels, 0.7, 1.0, bb, exclude={big}))
@@ -376,25 +370,24 @@ def test_fused_exclude_labels_and_border_cases():
 def test_reference_is_sensitive_to_the_halo():
     """The comparison would catch a missing halo: with the plan's halos removed the fused route
     gives other layers for the large particle (or refuses), so the tests above do test the halo."""
-    import grapes_dask.table as table
+    from dataclasses import replace
 
     labels, _ = make_phantom((24, 22, 26), 5, 3, "sequential", "uint16")
     grey = make_grey(labels.shape, np.dtype(np.uint16), "uniform", 5)
     chunks = ((6, 6, 6, 6), (5, 6, 11), (7, 7, 12))
-    real = table.plan_regions
 
-    def no_halo(*args, **kwargs):
-        return real(*args, **{**kwargs, "halo": False})
+    def no_halo(tasks):
+        return [replace(t, outer=t.core,
+                        border=tuple(x for c, n in zip(t.core, labels.shape) for x in (c.start == 0, c.stop == n)))
+                for t in tasks]
 
     ref = reference_layers(grey, labels, 1.0, 1.0, True)
-    with mock.patch.object(table, "plan_regions", no_halo):
-        try:
-            res, spy = run_fused(da.from_array(grey, chunks=chunks), da.from_array(labels, chunks=chunks),
-                                 expect_regions=n_regions(chunks, 6), check_halo=False, spacing=1.0,
-                                 region_size=6)
-        except RuntimeError as e:  # the kernel's own consistency check: layers beyond the bound
-            assert "layer bound" in str(e)
-            return
+    try:
+        res, spy = run_fused(da.from_array(grey, chunks=chunks), da.from_array(labels, chunks=chunks),
+                             plan_hook=no_halo, check_halo=False, spacing=1.0, region_size=6)
+    except RuntimeError as e:  # the kernel's own consistency check: layers beyond the bound
+        assert "layer bound" in str(e)
+        return
     assert spy.max_halo() == 0
     with pytest.raises(AssertionError):
         assert_layers_match(res.layers, ref)
@@ -416,7 +409,7 @@ def test_fused_int32_packed_lines():
     grey = make_grey(shape, np.dtype(np.uint16), "uniform", 7)
     chunks = ((40, 50, 38), (64, 64), (30, 60, 38))
     res, spy = run_fused(da.from_array(grey, chunks=chunks), da.from_array(lab, chunks=chunks),
-                         expect_regions=n_regions(chunks, 64), spacing=1.0, layer_width=1.0,
+                         spacing=1.0, layer_width=1.0,
                          black_border=False, region_size=64)
     assert max(np.ceil(md) + 1 for md in spy.max_distances) >= 128  # (bound + 1)^2 >= 2**14 - 1: int32 lines
     assert_layers_match(res.layers, reference_layers(grey, lab, 1.0, 1.0, False))
