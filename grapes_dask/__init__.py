@@ -2,8 +2,10 @@
 
 Public API (see the README):
 
-- :func:`open_volume`, :func:`convert`, :func:`volume_info`, :func:`read_spacing` (``grapes_dask.io``)
-- :func:`analyze`, :func:`analyze_tables`, :func:`particle_table` (``grapes_dask.table``)
+- :func:`resolve_volume` (a :class:`Volume`: lazy array, voxel size and its source, reader),
+  :func:`open_volume`, :func:`convert`, :func:`volume_info`, :func:`read_spacing` (``grapes_dask.io``)
+- :func:`analyze`, :func:`analyze_tables`, :func:`particle_table`, :func:`check_inputs`
+  (``grapes_dask.table``)
 - :func:`write_table`, :func:`read_table`, :func:`prop_to_image`, :func:`particle` (``grapes_dask.output``)
 - :func:`grapes_dask.synthetic.make_phantom` and friends
 """
@@ -15,34 +17,48 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0+unknown"
 
-from ._errors import GrapesInputError  # noqa: E402
+from ._errors import GrapesInputError, GrapesInputWarning  # noqa: E402
 
 # The heavy modules (numba kernels, dask, zarr) load on first use, so that the command starts
 # at once and a Ctrl-C while they load is handled like any other.
 _LAZY = {
-    "convert": "io", "open_volume": "io", "read_spacing": "io", "volume_info": "io",
+    "convert": "io", "open_volume": "io", "read_spacing": "io", "volume_info": "io", "Volume": "io",
+    "resolve_volume": "io",
     "ParticleTables": "table", "analyze": "table", "analyze_tables": "table", "particle_table": "table",
+    "check_inputs": "table", "CheckedInputs": "table",
     "Particle": "output", "particle": "output", "prop_to_image": "output", "read_table": "output",
     "write_table": "output",
 }
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
+_SUBMODULES = {"cli", "cluster", "demo", "formats", "io", "kernels", "output", "plan", "plotting", "synthetic",
+               "table"}
 
+
+def __getattr__(name):
+    import importlib
+
+    if name in _LAZY:
         value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | _SUBMODULES)
 
 
 __all__ = [
+    "CheckedInputs",
     "GrapesInputError",
+    "GrapesInputWarning",
+    "Volume",
+    "check_inputs",
+    "resolve_volume",
     "Particle",
     "ParticleTables",
     "__version__",

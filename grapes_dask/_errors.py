@@ -88,6 +88,14 @@ class GrapesInputError(ValueError):
         self.options = options
         super().__init__(self.render("api"))
 
+    def renamed(self, **names) -> "GrapesInputError":
+        """The same error with parameters renamed (``dataset="grey_dataset"``), for a caller
+        whose own parameter carries the value on to the one that raised."""
+        template = re.sub(r"\{(\w+)\}", lambda m: "{" + names.get(m.group(1), m.group(1)) + "}", self.template)
+        err = GrapesInputError(template, **{names.get(k, k): v for k, v in self.options.items()})
+        err.__cause__ = self.__cause__
+        return err
+
     def render(self, style: str = "api") -> str:
         """The message for ``"api"`` (keywords) or ``"cli"`` (command-line options)."""
         if not self.options:

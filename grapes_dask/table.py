@@ -821,6 +821,16 @@ class CheckedInputs:
                 f"{self.dtypes[1]}; spacing {tuple(self.spacing)} ({self.spacing_source})")
 
 
+def _resolve_as(source, dataset, role: str):
+    """Resolve one input; a fix naming its dataset names this input's own option."""
+    try:
+        return resolve_volume(source, dataset=dataset)
+    except GrapesInputError as exc:
+        if "dataset" in exc.options:
+            raise exc.renamed(dataset=f"{role}_dataset") from None
+        raise
+
+
 def check_inputs(grey, labels, *, grey_dataset=None, labels_dataset=None, spacing=None, chunks=None,
                  layer_width=None, start_at="edge", black_border=True, normalise="radial_max",
                  exclude_outer_layers=0, exclude_labels=None, fill_holes=False, max_hole_size=None,
@@ -846,8 +856,8 @@ def check_inputs(grey, labels, *, grey_dataset=None, labels_dataset=None, spacin
     GrapesInputError
         Any input or parameter :func:`analyze` would refuse before reading voxels.
     """
-    g = resolve_volume(grey, dataset=grey_dataset)
-    lab = resolve_volume(labels, dataset=labels_dataset)
+    g = _resolve_as(grey, grey_dataset, "grey")
+    lab = _resolve_as(labels, labels_dataset, "labels")
     inp = _normalize_inputs(g, lab, spacing=spacing, chunks=chunks, layer_width=layer_width, start_at=start_at,
                             black_border=black_border, normalise=normalise, exclude_outer_layers=exclude_outer_layers,
                             exclude_labels=exclude_labels, memory_limit=memory_budget(memory_limit)[0],
