@@ -399,6 +399,8 @@ def test_each_input_names_its_own_dataset_and_keeps_the_voxel_size(tmp_path, sma
     assert pd_read(tmp_path / "b.parquet").equals(t)
     r = run("analyze", f"{p}::/grey", p, "--labels-dataset", "/grey", "--out", tmp_path / "c.parquet", "--quiet")
     assert r.returncode == 2 and "same array" in r.stderr, r.stderr
+    r = run("analyze", p, f"{p}::/labels", "--out", tmp_path / "c.parquet", "--quiet")
+    assert r.returncode == 2 and "choose one with --grey-dataset" in r.stderr, r.stderr
 
 
 def test_voxel_sizes_that_disagree_stop_unless_spacing_settles_it(tmp_path, small_phantom):
