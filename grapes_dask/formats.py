@@ -502,6 +502,18 @@ def _ome_multiscales(attrs: dict):
     return ms[0] if ms else None
 
 
+def _choose_one(what: str, kind: str, name: str, sizes: dict) -> GrapesInputError:
+    """The error for a container holding zero or several arrays: lists them and, as the example,
+    names the largest (a scan rather than its dark or flat fields)."""
+    names = list(sizes)
+    ex = max(names, key=sizes.get) if names else None
+    return GrapesInputError(
+        f"{what} holds {len(names)} {kind} {names[:20]}: choose one with {{dataset}}"
+        + (f" or in the path, {name + '::' + ex!r}" if names else ""),
+        dataset=ex,
+    )
+
+
 def _resolve_zarr_group(group, name: str, dataset, level) -> _Resolved:
     import zarr
 
@@ -522,12 +534,7 @@ def _resolve_zarr_group(group, name: str, dataset, level) -> _Resolved:
         members = dict(group.arrays())
         arrays = sorted(members)
         if len(arrays) != 1:
-            ex = max(arrays, key=lambda k: members[k].size) if arrays else None
-            raise GrapesInputError(
-                f"Zarr group {name!r} holds {len(arrays)} arrays {arrays}: choose one with {{dataset}}"
-                + (f" or in the path, {name + '::' + ex!r}" if arrays else ""),
-                dataset=ex,
-            )
+            raise _choose_one(f"Zarr group {name!r}", "arrays", name, {k: members[k].size for k in arrays})
         dataset = arrays[0]
     try:
         node = group[dataset.strip("/")]
@@ -850,13 +857,7 @@ def _resolve_hdf5(p: Path, name: str, dataset) -> _Resolved:
         if dataset is None:
             cands = _h5_candidates(f)
             if len(cands) != 1:
-                # the example is the largest (a scan rather than its dark or flat fields)
-                ex = max(cands, key=lambda c: f[c].size) if cands else None
-                raise GrapesInputError(
-                    f"HDF5 file {name!r} holds {len(cands)} 2D/3D datasets {cands[:20]}: choose one with {{dataset}}"
-                    + (f" or in the path, {name + '::' + ex!r}" if cands else ""),
-                    dataset=ex,
-                )
+                raise _choose_one(f"HDF5 file {name!r}", "2D/3D datasets", name, {c: f[c].size for c in cands})
             dataset = cands[0]
         if dataset not in f or not isinstance(f[dataset], h5py.Dataset):
             raise GrapesInputError(
