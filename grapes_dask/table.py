@@ -126,10 +126,6 @@ def _get(src, slices):
     return out
 
 
-def _name(vol: Volume) -> str:
-    return vol.name
-
-
 def _normalize_inputs(grey, labels, *, spacing, chunks, layer_width, start_at, black_border, normalise,
                       exclude_outer_layers, exclude_labels, memory_limit, region_size) -> _Inputs:
     """Open and check every input; the one place that validates parameters.
@@ -141,7 +137,7 @@ def _normalize_inputs(grey, labels, *, spacing, chunks, layer_width, start_at, b
     gv = resolve_volume(grey, chunks=chunks)
     lv = resolve_volume(labels, chunks=chunks)
     g, lab = gv.array, lv.array
-    gname, lname = _name(gv), _name(lv)
+    gname, lname = gv.name, lv.name
     if gv.key == lv.key:
         raise GrapesInputError(
             f"grey and labels are the same array ({gname!r}): pass the grey-level volume as grey and the "
