@@ -425,3 +425,27 @@ def test_convert_refuses_an_output_that_is_not_zarr(tmp_path, tiff):
     r = run("convert", tiff, tmp_path / "g.h5", "--quiet")
     assert r.returncode == 2 and "g.zarr" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "g.h5").exists()
+
+
+def test_readme_and_help_list_the_same_options():
+    """The README's command-line synopsis and each command's --help name the same options."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("## Command line", 1)[1].split("```", 2)[1]
+    synopsis, cmd = {}, None
+    for line in block.splitlines():
+        m = re.match(r"grapes-dask (\w+)", line.strip())
+        cmd = m.group(1) if m else cmd
+        if cmd:
+            synopsis.setdefault(cmd, set()).update(re.findall(r"--[a-z][a-z-]+", line))
+    assert set(synopsis) == {"demo", "analyze", "convert", "synth", "info"}
+    for cmd, opts in synopsis.items():
+        r = run(cmd, "--help")
+        assert r.returncode == 0
+        shown = set(re.findall(r"(?<![\w-])--[a-z][a-z-]+", r.stdout)) - {"--help", "--verbose", "--normalize"}
+        assert opts == shown, (cmd, "README only:", opts - shown, "--help only:", shown - opts)
+    r = run("analyze", "--help")
+    assert "default: cores" not in r.stdout and "thread per core" in r.stdout
+    assert "centre" in r.stdout and "--normalize" in r.stdout
