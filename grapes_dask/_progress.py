@@ -85,12 +85,6 @@ class Reporter:
         except ValueError:  # closed stream at interpreter exit
             pass
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
 
 def dask_callback(desc: str, unit: str = "task"):
     """A dask callback (local schedulers) that reports finished tasks to a :class:`Reporter`."""
