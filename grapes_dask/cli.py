@@ -264,6 +264,14 @@ def analyze(grey, labels, out, spacing, chunks, grey_dataset, labels_dataset, da
             f"--memory-limit {memory_limit} sets the memory of the local cluster; the workers of --scheduler "
             "have theirs (dask worker --memory-limit): leave out one of the two"
         )
+    if memory_limit is not None:
+        from dask.utils import parse_bytes
+
+        try:
+            if parse_bytes(memory_limit) <= 0:
+                raise ValueError(memory_limit)
+        except (ValueError, TypeError):
+            raise GrapesInputError(f"--memory-limit {memory_limit}: give a size such as 8GiB or 16000MB") from None
     if scheduler and workers is not None:
         raise GrapesInputError(f"--workers {workers} sizes the local cluster: leave it out with --scheduler")
     check_table_path(out, overwrite)

@@ -215,6 +215,7 @@ def test_verbose_works_after_the_subcommand(tmp_path):
     (["--exclude-outer-layers", "-1"], "--exclude-outer-layers -1"),
     (["--spacing", "1", "2"], "--spacing"),
     (["--scheduler", "nosuch.json"], "scheduler file 'nosuch.json' does not exist"),
+    (["--memory-limit", "lots"], "--memory-limit lots: give a size such as 8GiB"),
     (["--dataset", "/grey"], "--grey-dataset and --labels-dataset"),
     (["--scheduler", "tcp://127.0.0.1:9", "--memory-limit", "4GiB"], "--memory-limit 4GiB sets the memory"),
 ])
