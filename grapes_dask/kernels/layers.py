@@ -1,6 +1,6 @@
 """Pass 2: per (label, radial layer) grey-level sums from a precomputed distance map.
 
-Reference semantics (DESIGN.md): the radial layer of a voxel of particle L at Euclidean
+Reference semantics (docs/design.md): the radial layer of a voxel of particle L at Euclidean
 distance ``d`` from the nearest voxel not in L is ``k = max(1, round_half_even(d /
 layer_width))``; per layer we report voxel count, mean and std (ddof 0) of grey.
 

@@ -1,6 +1,6 @@
 """Surface area (3D) and perimeter (2D) of labelled particles by lookup table.
 
-Reference semantics (DESIGN.md): the surface area of a particle is the area of the
+Reference semantics (docs/design.md): the surface area of a particle is the area of the
 marching-cubes surface at level 0.5 of its binary mask padded by one voxel of zeros, with
 spacing, as ``skimage.measure.marching_cubes`` + ``skimage.measure.mesh_surface_area`` give it.
 
