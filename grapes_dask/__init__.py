@@ -31,8 +31,8 @@ _LAZY = {
 }
 
 
-_SUBMODULES = {"cli", "cluster", "demo", "formats", "io", "kernels", "output", "plan", "plotting", "synthetic",
-               "table"}
+_SUBMODULES = {"cli", "cluster", "demo", "formats", "io", "kernels", "output", "plan", "plotting", "report",
+               "stats", "synthetic", "table", "track"}
 
 
 def __getattr__(name):
