@@ -707,7 +707,8 @@ def plot_property_slice(labels, table, column: str, axis: int = 0, index: int | 
 
     fig, ax = _figure(ax, figsize=(5.6, 4.6))
     im = ax.imshow(painted, cmap=matplotlib.colormaps[cmap].with_extremes(bad=_BACKGROUND), interpolation="nearest")
-    fig.colorbar(im, ax=ax, label=_label(column) if column in _LABELS else column)
+    unit = _LABELS.get(column, "").rpartition("(")[2].rstrip(")")
+    fig.colorbar(im, ax=ax, label=f"{column} ({unit})" if unit else column)
     rows, cols = _plane_axes(np.ndim(labels), ax_used)
     ax.set_xlabel(f"{cols} (voxels)")
     ax.set_ylabel(f"{rows} (voxels)")
