@@ -617,14 +617,15 @@ def plot_normal_models(summary, reference=None, states=None, spread: str = "ses"
     hi = max(float(frame.loc[s, "mean"]) + 4 * float(frame.loc[s, spread]) for s in usable)
     m0 = float(ref["mean"])
     lo, hi = min(lo, m0 - (n_sigma + 0.5) * sigma), max(hi, m0 + (n_sigma + 0.5) * sigma)
-    x = np.linspace(lo, hi, 600)
     peak = 0.0
     for s in usable:
         row = frame.loc[s]
         mu, w = float(row["mean"]), float(row[spread])
-        if w > 0:
+        if w > 0:  # the whole axis, and finely around the curve's own mean (narrow curves keep their peak)
+            x = np.union1d(np.linspace(lo, hi, 600), mu + w * np.linspace(-5, 5, 201))
             y = np.exp(-0.5 * ((x - mu) / w) ** 2) / (w * math.sqrt(2 * math.pi))
         else:  # no spread: a spike at the mean
+            x = np.linspace(lo, hi, 600)
             y = np.where(np.abs(x - mu) == np.abs(x - mu).min(), 1.0, 0.0)
         text = f"{s}: N({mu:.2f}, {w:.3g})"
         if s != reference:

@@ -17,7 +17,6 @@ import pandas as pd
 import pytest
 from matplotlib.container import ErrorbarContainer
 from matplotlib.figure import Figure
-from matplotlib.image import AxesImage
 from matplotlib.patches import StepPatch, Wedge
 
 from grapes_dask import GrapesInputError
@@ -399,8 +398,8 @@ def test_normal_models_paper_numbers(tmp_path):
     for line, (mean, sd) in zip(curves, ((174.41, 11.08), (173.00, 11.27))):
         x, y = line.get_data()
         ses = sd / math.sqrt(3650)
-        assert x[np.argmax(y)] == pytest.approx(mean, abs=(x[1] - x[0]))
-        assert y.max() == pytest.approx(1 / (ses * math.sqrt(2 * math.pi)), rel=1e-3)
+        assert x[np.argmax(y)] == pytest.approx(mean, abs=1e-9)
+        assert y.max() == pytest.approx(1 / (ses * math.sqrt(2 * math.pi)), rel=1e-9)
         i = len(x) // 3
         assert y[i] == pytest.approx(math.exp(-0.5 * ((x[i] - mean) / ses) ** 2) / (ses * math.sqrt(2 * math.pi)))
     assert any(t.get_text() == "z = -5.39" for t in ax.texts)
@@ -415,7 +414,7 @@ def test_normal_models_options_and_errors():
     ax = fig.axes[0]
     curves = [line for line in ax.get_lines() if len(line.get_xdata()) > 2]
     assert len(curves) == 4
-    assert max(curves[0].get_ydata()) == pytest.approx(1 / (11.08 * math.sqrt(2 * math.pi)), rel=1e-3)
+    assert max(curves[0].get_ydata()) == pytest.approx(1 / (11.08 * math.sqrt(2 * math.pi)), rel=1e-9)
     sigma = math.sqrt(11.5 ** 2 / 3650 + 11.08 ** 2 / 3650)
     vlines = sorted(line.get_xdata()[0] for line in ax.get_lines() if len(line.get_xdata()) == 2)
     np.testing.assert_allclose(vlines, [174.41 + k * sigma for k in range(-2, 3)])
