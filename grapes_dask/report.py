@@ -455,7 +455,7 @@ def tracking_report(tracking, out_dir, overwrite: bool = False, *, n_maps: int =
                 continue
             items.append(figs.item(f"fig10_change_map_{label}", f"Figure 10 (particle {label})", P.plot_change_maps,
                                    maps, caption=f"Fig. 10: grey-level change of particle {label} against "
-                                                 f"{reference}, central z slice of its box."))
+                                                 f"{reference}, central slice of its box (along z)."))
         if not len(largest):
             items.append("no kept particle: no change map")
     sec_maps = Section("Change maps of the largest kept particles", tuple(items) or ("no change map drawn",))
@@ -625,7 +625,8 @@ def tables_report(tables, out_dir, overwrite: bool = False, *, labels=None, colu
                 figs.notes.append(items[-1])
                 continue
             items.append(figs.item(f"property_map_{k}", f"property map of {name!r}", P.plot_property_slice, vol,
-                                   tables[name], property_column, title=f"{name}: {property_column}",
+                                   tables[name], property_column,
+                                   title=f"{name}: {property_column} per particle, central slice",
                                    caption=f"{name}: {property_column} of each particle on the central slice."))
         sections.append(Section(f"{property_column} on a slice", tuple(items)))
 
