@@ -59,7 +59,7 @@ REASONS = ("inconsistent", "neighbour", "border", "empty_roi", "smallest")
 
 # analysis parameters that change roi_mean / roi_voxels / touches_border: tables must agree on them
 _COMPARED = ("layer_width", "start_at", "black_border", "fill_holes", "max_hole_size", "exclude_outer_layers")
-_TABLE_COLUMNS = ("label", "roi_mean", "roi_voxels", "touches_border", "volume")
+_TABLE_COLUMNS = ("label", "roi_mean", "roi_voxels", "touches_border")
 _SPACING_RTOL = 1e-6
 
 
@@ -178,6 +178,8 @@ def _load_table(name: str, obj):
             "volumes"
         )
     missing = [c for c in _TABLE_COLUMNS if c not in table.columns]
+    if "volume" not in table.columns and "area" not in table.columns:
+        missing.append("volume")
     if missing:
         raise GrapesInputError(
             f"the table of state {name!r} lacks the columns {missing}: give the full table of "
@@ -404,15 +406,14 @@ def _noise_inputs(states: list[_State], noise_sigma, noise_region) -> dict:
     """Per state: a given sigma (float) or None (estimate). Checked before any compute."""
     names = [s.name for s in states]
     if isinstance(noise_sigma, Mapping):
-        missing = [n for n in names if n not in noise_sigma]
         extra = [k for k in noise_sigma if k not in names]
         if extra:
             raise GrapesInputError(f"{{noise_sigma}} names states {extra} that are not among the states {names}: "
                                    "use the state names", noise_sigma=dict(noise_sigma))
         given = {n: noise_sigma.get(n) for n in names}
     else:
-        missing = [] if noise_sigma is not None else names
         given = {n: noise_sigma for n in names}
+    missing = [n for n in names if given[n] is None]
     for n, v in given.items():
         if v is None:
             continue
@@ -486,6 +487,17 @@ def _near_block(src, sl, core, offsets, targets) -> np.ndarray:
     coords = np.stack(np.nonzero(hit), axis=1) + np.array([s.start for s in core])
     a = lab[tuple(coords.T)]
     shape = np.array(lab.shape)
+    # only surface voxels (a 6-neighbour of another label, in the volume) can be nearest: along a
+    # monotone lattice path from a voxel of A to one of B the distance to B never grows, and the
+    # last voxel of A on it is such a surface voxel; the halo holds every core voxel's 6-neighbours
+    surface = np.zeros(len(coords), bool)
+    for ax in range(lab.ndim):
+        for step in (-1, 1):
+            c = coords.copy()
+            c[:, ax] += step
+            ok = (c[:, ax] >= 0) & (c[:, ax] < shape[ax])
+            surface[ok] |= lab[tuple(c[ok].T)] != a[ok]
+    coords, a = coords[surface], a[surface]
     out = []
     for o in offsets:
         c = coords + o
@@ -1100,7 +1112,8 @@ def track(states, reference=None, *, spacing=None, exclude_outer_layers: int = 5
             neighbour = np.isin(all_labels, np.concatenate(found).astype(np.uint64))
     ref_j = names.index(reference)
     ref_t = parsed[ref_j].table.set_index("label")
-    ref_volume = ref_t["volume"].reindex(all_labels).to_numpy(dtype=float)
+    size = "volume" if "volume" in ref_t.columns else "area"  # 2D tables have an area
+    ref_volume = ref_t[size].reindex(all_labels).to_numpy(dtype=float)
     flags, excluded = _clean(all_labels, present, touches, empty, neighbour, np.nan_to_num(ref_volume, nan=-1.0),
                              float(drop_smallest))
     reason = np.array([";".join(r for r, f in zip(REASONS, row) if f) for row in flags], dtype=object)

@@ -358,6 +358,64 @@ def test_noise_estimated_when_not_given(scene):
         assert tr.params["noise"][s]["source"] != "given"
 
 
+def test_noise_estimate_plumbing(scene, monkeypatch):
+    """Without noise_sigma, each state's sigma comes from stats.estimate_noise (here a stand-in
+    computing the background's std with numpy) and its source is recorded."""
+    from dataclasses import dataclass
+
+    from grapes_dask import stats
+
+    @dataclass(frozen=True)
+    class Estimate:
+        sigma: float
+        source: str
+
+    calls = []
+
+    def fake(grey, labels=None, *, region=None, margin=3, client=None):
+        g, lab = np.asarray(grey.array), np.asarray(labels.array)
+        calls.append(region)
+        return Estimate(float(g[lab == 0].std()), "stand-in: background")
+
+    monkeypatch.setattr(stats, "estimate_noise", fake, raising=False)
+    rng = np.random.default_rng(2)
+    states = {}
+    for s, noise in zip("ab", (2.0, 5.0)):
+        g, lab, _ = scene[s]
+        states[s] = ((g + rng.normal(0, noise, g.shape)).astype(np.float32), lab)
+    tr = track(states, exclude_outer_layers=N_OUT, drop_smallest=0.0, noise_sigma={"a": 7.0, "b": None},
+               noise_region={"b": (slice(0, 4),)})
+    assert calls == [(slice(0, 4),)]
+    g, lab = states["b"]
+    sigma_b = float(g[lab == 0].std())
+    assert tr.params["noise"]["a"] == {"sigma": 7.0, "source": "given"}
+    assert tr.params["noise"]["b"] == {"sigma": sigma_b, "source": "stand-in: background"}
+    rows = tr.particles[(tr.particles["state"] == "b") & (tr.particles["roi_voxels"] > 0)]
+    assert np.allclose(rows["roi_sem"], sigma_b / np.sqrt(rows["roi_voxels"]))
+
+
+def test_two_dimensional_states():
+    yy, xx = np.mgrid[:60, :60]
+
+    def state(dy, drop):
+        lab = np.zeros((60, 60), np.uint8)
+        for L, (c, r) in enumerate([((15, 15), 6), ((15, 30), 5), ((40, 40), 9), ((45, 12), 6)], start=1):
+            if L != drop:
+                lab[(yy - c[0] - dy) ** 2 + (xx - c[1]) ** 2 <= r * r] = L
+        return np.where(lab > 0, 100.0 + 10 * lab, 50.0).astype(np.float32), lab
+
+    tr = track({"p": state(0, 0), "q": state(0, 2), "r": state(1, 0)}, noise_sigma=1.0, exclude_outer_layers=2,
+               drop_smallest=0.0, neighbour_gap=3)
+    assert [c for c in tr.particles.columns if c.startswith("centroid")] == ["centroid-0", "centroid-1"]
+    lab = state(0, 0)[1]
+    # 1 and 2 are 3 pixels apart: a neighbour of the inconsistent 2 with gap 3
+    assert min_distance(lab, 2, 1) == 4.0
+    assert reasons(tr) == {1: "neighbour", 2: "inconsistent", 3: "", 4: ""}
+    assert tr.particles.loc[tr.particles["label"] == 3, "volume"].iloc[0] == (lab == 3).sum()  # the area
+    cm = tr.change_map(3, "r", margin=4)
+    assert np.allclose(cm.shift, (-1.0, 0.0), atol=0.05) and np.nanmax(np.abs(cm.delta)) < 1e-3
+
+
 # --------------------------------------------------------------------------------------------
 # change map
 # --------------------------------------------------------------------------------------------
@@ -467,6 +525,9 @@ def test_errors_before_any_compute(scene, tracked):
     # noise to estimate without the grey volume
     with pytest.raises(GrapesInputError, match="noise of state 'a' is to be estimated but its grey volume"):
         track({"a": scene["a"][2], "b": scene["b"][2]}, neighbour_gap=0, exclude_outer_layers=N_OUT)
+    with pytest.raises(GrapesInputError, match="noise of state 'b' is to be estimated but its grey volume"):
+        track({"a": scene["a"][2], "b": scene["b"][2]}, neighbour_gap=0, noise_sigma={"a": 1.0, "b": None},
+              exclude_outer_layers=N_OUT)
     for bad in ({"a": 1.0, "b": 1.0, "zz": 1.0}, -1.0, {"a": 1.0, "b": "x"}):
         with pytest.raises(GrapesInputError, match="noise_sigma"):
             track({"a": (g, lab), "b": (g, lab)}, noise_sigma=bad, exclude_outer_layers=N_OUT)
@@ -522,6 +583,16 @@ def test_neighbour_search_uneven_chunks_equals_whole_volume(gap):
     # chunks given explicitly (also uneven in the number of blocks per axis) agree too
     got2 = neighbour_pairs(lab, targets, gap, chunks=(7, 32, 13))
     assert got2.equals(got)
+
+
+def test_neighbour_search_reads_a_zarr_store_by_block(tmp_path):
+    from grapes_dask.io import write_zarr
+
+    lab = _blobs((24, 24, 24), seed=7)
+    path = write_zarr(da.from_array(lab, chunks=(8, 12, 24)), tmp_path / "labels.zarr")
+    targets = np.unique(lab)[1::4]
+    got = neighbour_pairs(str(path), targets, 2)
+    assert set(zip(got["label"].astype(int), got["neighbour"].astype(int))) == _reference_pairs(lab, targets, 2)
 
 
 def test_neighbour_search_gap0_equals_contacts_table():
