@@ -44,7 +44,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping
 
 import dask
@@ -396,8 +396,8 @@ def _need_labels(states: list[_State], gap) -> None:
         raise GrapesInputError(
             f"state {s.name!r} is given as a table without its label volume, but the neighbour rule "
             f"(neighbour_gap={gap}) needs it to find the particles near inconsistent labels: give the state as "
-            "(grey, labels, table)" + (", or its ParticleTables (with contacts) and neighbour_gap=0" if gap == 0 else "")
-            + ", or pass {neighbour_gap} to skip the rule",
+            "(grey, labels, table), or as its ParticleTables (with the contacts) with neighbour_gap=0, or pass "
+            "{neighbour_gap} to skip the rule",
             neighbour_gap=Alt("neighbour_gap=None", "--neighbour-gap none"),
         )
 
