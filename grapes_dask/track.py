@@ -624,7 +624,7 @@ class Tracking:
         (uint64), ``state`` (ordered Categorical), ``roi_mean`` (grey levels, NaN where the label
         is missing or its ROI empty), ``roi_voxels`` (int64, 0 where missing), ``roi_sem`` (eq. 1),
         ``delta`` (``roi_mean`` minus the reference's; 0 in the reference), ``delta_sem`` (eq. 2;
-        0 in the reference), ``volume`` (reference volume, spacing units^3), ``centroid-*``
+        0 in the reference), ``volume`` (reference volume, spacing units^3; the area in 2D), ``centroid-*``
         (reference centroid, voxel indices; NaN where missing in the reference), ``excluded``
         (bool) and ``reason`` (``""`` or the reasons joined by ``";"``, in the order
         ``inconsistent;neighbour;border;empty_roi;smallest``), identical in every row of a label.
