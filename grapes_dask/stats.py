@@ -490,15 +490,16 @@ def quantile_groups(table, column: str, q: int = 4, *, profiles=GROUP_PROFILES, 
     quantiles ``0, 1/q, ..., 1`` of the finite values (linear interpolation), right-closed
     intervals, the smallest value in group 1. Ties therefore stay together: a value equal to an
     edge goes to the lower group, so groups can differ in size when values repeat. Rows whose
-    value is NaN or infinite go to no group. When ties make two edges equal (at most as many
-    distinct values as groups, or one value repeated over more than a group's share) a group
-    would be empty: that is an error (lower `q`), as in ``pandas.qcut``.
+    value is NaN or infinite go to no group. A group that would be empty is an error (lower
+    `q`): fewer distinct values than groups, or ties that make two edges equal (one value
+    repeated over more than a group's share; ``pandas.qcut`` refuses these too) or that leave
+    no value between two edges.
 
     Raises
     ------
     GrapesInputError
         A column that is missing or not numeric, a q that is not an integer >= 1, fewer
-        distinct values than groups, tied edges.
+        distinct values than groups, an empty group.
     """
     table = _check_table(table)
     _check_column(table, column)
@@ -534,18 +535,19 @@ def quantile_groups(table, column: str, q: int = 4, *, profiles=GROUP_PROFILES, 
             f"column {column!r} has {distinct.size} distinct finite value(s) in {len(values)} rows, fewer than "
             f"q={q} groups: lower {{q}} to at most {max(distinct.size, 1)}", q=None)
     edges = np.quantile(x, np.linspace(0.0, 1.0, q + 1))
-    tied = np.flatnonzero(np.diff(edges) <= 0)
-    if tied.size:
-        g = int(tied[0]) + 1
-        raise GrapesInputError(
-            f"column {column!r}: the quantile edges of groups {g} and {g + 1} are both {edges[g]!r} (tied values), "
-            f"so group {g + 1} would be empty: lower {{q}}, or group by a column with fewer ties", q=None)
     group = np.zeros(len(values), np.int64)
     group[finite] = np.maximum(np.searchsorted(edges, x, side="left"), 1)
+    counts = np.bincount(group[finite], minlength=q + 1)[1:]
+    if not counts.all():
+        g = int(np.flatnonzero(counts == 0)[0]) + 1
+        raise GrapesInputError(
+            f"column {column!r}: group {g} of {q}, ({edges[g - 1]!r}, {edges[g]!r}], would be empty (tied values make "
+            f"the quantile edges meet): lower {{q}}, or group by a column with fewer ties", q=None)
     groups = pd.Series(pd.arrays.IntegerArray(group, ~finite), index=table.index, name="group")
 
     # profiles, per (group, layer)
-    mats = {p: profile_matrix(table, p)[finite] for p in profiles}
+    grouped = table.iloc[np.flatnonzero(finite)]
+    mats = {p: profile_matrix(grouped, p) for p in profiles}
     k = max_layer if max_layer is not None else max((m.shape[1] for m in mats.values()), default=0)
     g_in = group[finite]
     parts = {"group": np.repeat(np.arange(1, q + 1, dtype=np.int64), k),
@@ -564,7 +566,7 @@ def quantile_groups(table, column: str, q: int = 4, *, profiles=GROUP_PROFILES, 
     prof = pd.DataFrame(parts)
 
     # scalars, per group
-    sc = {"n": np.bincount(g_in, minlength=q + 1)[1:].astype(np.int64), "lo": edges[:-1], "hi": edges[1:]}
+    sc = {"n": counts.astype(np.int64), "lo": edges[:-1], "hi": edges[1:]}
     for c in columns:
         v = table[c].to_numpy(dtype=float)[finite]
         stats = {s: np.empty(q) for s in ("mean", "std", "se", "median")}
@@ -663,7 +665,7 @@ def _parse_region(region, shape: tuple) -> tuple:
 def _far_mask(block: np.ndarray, margin2: float) -> np.ndarray:
     """Background voxels (label 0) whose squared Euclidean distance to every particle voxel of
     the block is at least `margin2` (voxels^2). Exact for the core of a block read with a halo
-    of ``ceil(margin)``: a nearer particle voxel lies inside the halo."""
+    of ``ceil(margin) - 1``: a nearer particle voxel lies inside the halo."""
     import edt
 
     bg = np.asarray(block) == 0
@@ -731,10 +733,11 @@ def estimate_noise(grey, labels=None, *, region=None, margin=3, max_voxels: int 
 
     Stages, per chunk with dask (no task holds more than a chunk and its halo):
 
-    1. the far-background mask: the labels read with a halo of ``ceil(margin)`` voxels
-       (:func:`dask.array.map_overlap`), an exact squared distance transform of each block
-       (``edt``); a particle nearer than `margin` to a chunk's voxel lies within the halo, so
-       the mask is exact;
+    1. the far-background mask: the labels read with a halo of ``ceil(margin) - 1`` voxels
+       (:func:`dask.array.map_overlap`; the outside of the volume is background), an exact
+       squared distance transform of each block (``edt``); a particle voxel nearer than
+       `margin` to a chunk's voxel is less than `margin` away along every axis, so it lies
+       within the halo and the mask is exact;
     2. per chunk, the count, mean and sum of squared deviations of the selected finite grey
        levels in float64;
     3. their exact combination (Chan et al.'s parallel formula) into the mean and ``sigma``.
@@ -799,9 +802,10 @@ def estimate_noise(grey, labels=None, *, region=None, margin=3, max_voxels: int 
         if isinstance(margin, bool) or not isinstance(margin, (int, float, np.integer, np.floating)) \
                 or not (np.isfinite(margin) and margin >= 0):
             raise GrapesInputError(f"margin={margin!r}: give a distance from the particles in voxels (>= 0)")
-        depth = int(math.ceil(margin))
+        # a particle voxel nearer than `margin` is less than `margin` away along every axis
+        depth = max(int(math.ceil(margin)) - 1, 0)
         if depth == 0:
-            far = lab.map_blocks(_far_mask, 0.0, dtype=bool)
+            far = lab.map_blocks(_far_mask, float(margin) ** 2, dtype=bool)
         else:
             far = lab.map_overlap(_far_mask, depth=depth, boundary=0, dtype=bool, margin2=float(margin) ** 2)
         if g.chunks != far.chunks:
