@@ -23,6 +23,7 @@ as the paper's fig. 6 and GRAPES' ``radial_layers_quartiles``/``deciles``), both
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,6 +124,13 @@ def _as_float_array(values, name: str) -> np.ndarray:
     return arr
 
 
+def _real(value) -> float:
+    """`value` as a float, NaN when it is not a real number (so that checks reject it)."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.number)):
+        return math.nan
+    return float(value)
+
+
 def particle_sem(n_voxels, noise_sigma: float) -> np.ndarray:
     """Measurement standard error of each particle's mean grey level (paper eq. 1).
 
@@ -139,7 +147,7 @@ def particle_sem(n_voxels, noise_sigma: float) -> np.ndarray:
         ``noise_sigma / sqrt(n_voxels)``, grey levels; NaN where ``n_voxels`` is 0.
     """
     n = _as_float_array(n_voxels, "n_voxels")
-    if not (np.isfinite(noise_sigma) and noise_sigma >= 0):
+    if not (np.isfinite(_real(noise_sigma)) and noise_sigma >= 0):
         raise GrapesInputError(f"noise_sigma={noise_sigma!r}: give the noise standard deviation (>= 0, grey levels)")
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(n > 0, float(noise_sigma) / np.sqrt(n), np.nan)
@@ -265,13 +273,13 @@ def z_test(mean1: float, sd1: float, n1: int, mean2: float, sd2: float, n2: int,
 
     if alternative not in _ALTERNATIVES:
         raise GrapesInputError(f"alternative={alternative!r}: choose one of {list(_ALTERNATIVES)}")
-    if not (np.isfinite(sigma) and sigma > 0):
+    if not (np.isfinite(_real(sigma)) and sigma > 0):
         raise GrapesInputError(f"sigma={sigma!r}: give the significance level in standard deviations (> 0)")
     for name, n in (("n1", n1), ("n2", n2)):
-        if not (np.isfinite(n) and n >= 1):
+        if not (np.isfinite(_real(n)) and n >= 1):
             raise GrapesInputError(f"{name}={n!r}: a sample needs at least one particle")
     for name, v in (("mean1", mean1), ("sd1", sd1), ("mean2", mean2), ("sd2", sd2)):
-        if not np.isfinite(v):
+        if not np.isfinite(_real(v)):
             raise GrapesInputError(f"{name}={v!r}: give a finite number")
     if sd1 < 0 or sd2 < 0:
         raise GrapesInputError(f"sd1={sd1!r}, sd2={sd2!r}: standard deviations are >= 0")
@@ -493,7 +501,9 @@ def quantile_groups(table, column: str, q: int = 4, *, profiles=GROUP_PROFILES, 
     value is NaN or infinite go to no group. A group that would be empty is an error (lower
     `q`): fewer distinct values than groups, or ties that make two edges equal (one value
     repeated over more than a group's share; ``pandas.qcut`` refuses these too) or that leave
-    no value between two edges.
+    no value between two edges. One exception to "like pandas": when only the two lowest edges
+    are equal (the smallest value repeated), group 1 holds that value and no group is empty, so
+    the groups are made where ``pandas.qcut`` refuses.
 
     Raises
     ------

@@ -128,6 +128,7 @@ def test_change_stats_pairs_particles_by_hand():
 @pytest.mark.parametrize("call, words", [
     (lambda: particle_sem([1, 2], -1.0), "noise_sigma"),
     (lambda: particle_sem([1, 2], float("nan")), "noise_sigma"),
+    (lambda: particle_sem([1, 2], "6"), "noise_sigma"),
     (lambda: particle_sem(["a", "b"], 1.0), "n_voxels"),
     (lambda: change_sem([1.0, 2.0], [1.0]), "sem_a"),
     (lambda: population_stats([1.0, 2.0], [0.1]), "one SEM per value"),
@@ -226,6 +227,8 @@ def test_z_test_p_value_is_uniform_under_the_null():
     (dict(n2=float("nan")), "n2"),
     (dict(sd1=-1.0), "standard deviations"),
     (dict(mean2=float("inf")), "mean2"),
+    (dict(mean1="173"), "mean1"),
+    (dict(n1=None), "n1"),
 ])
 def test_z_test_input_errors(kwargs, words):
     args = dict(mean1=1.0, sd1=1.0, n1=10, mean2=2.0, sd2=1.0, n2=10)
@@ -472,7 +475,8 @@ def test_quantile_groups_against_numpy_loops(seed, n, q, rounding):
     r = quantile_groups(t, "v", q, profiles=("radial_layers_graylevel",), columns=["s"])
     np.testing.assert_allclose(r.edges, edges, rtol=1e-15)
     np.testing.assert_array_equal(r.groups.fillna(-1).to_numpy(int), group)
-    np.testing.assert_array_equal(pd.qcut(values, q, labels=False)[fin] + 1, group[fin])
+    if q == 1 or np.all(np.diff(edges) > 0):  # pandas refuses tied edges even when no group is empty
+        np.testing.assert_array_equal(pd.qcut(values, q, labels=False)[fin] + 1, group[fin])
     ref = pd.DataFrame(rows, columns=["group", "layer", "mean", "std", "se", "n"])
     P = "radial_layers_graylevel"
     np.testing.assert_array_equal(r.profiles[["group", "layer"]].to_numpy(), ref[["group", "layer"]].to_numpy())
