@@ -581,7 +581,8 @@ def test_estimate_noise_region():
     grey[:6] = rng.normal(1000.0, 3.0, (6, 30, 40))  # empty space above the sample: a different level and noise
     g = da.from_array(grey, chunks=(4, 7, 11))
     ref = grey[1:5, 2:29, 0:40].astype(np.float64)
-    for region in [((1, 5), (2, 29), (0, 40)), (slice(1, 5), slice(2, 29), slice(None)), [(1, 5), (2, 29), (None, None)]]:
+    boxes = [((1, 5), (2, 29), (0, 40)), (slice(1, 5), slice(2, 29), slice(None)), [(1, 5), (2, 29), (None, None)]]
+    for region in boxes:
         r = estimate_noise(g, region=region)
         assert r.source == "region" and r.region == ((1, 5), (2, 29), (0, 40)) and r.margin is None
         assert r.n_voxels == ref.size
