@@ -25,6 +25,7 @@ import math
 import numpy as np
 
 from ._errors import GrapesInputError
+from .stats import radial_profile_stats
 
 __all__ = [
     "radial_profile_stats",
@@ -141,38 +142,6 @@ def _plane_axes(ndim: int, axis) -> tuple[str, str]:
 # --------------------------------------------------------------------------------------------
 # radial profiles (fig. 6)
 # --------------------------------------------------------------------------------------------
-
-
-def radial_profile_stats(table, column: str = "radial_layers_graylevelnormed", max_layer: int | None = None):
-    """Population mean and standard error of a radial profile column, per layer.
-
-    Parameters
-    ----------
-    table : pandas.DataFrame
-        Particle table with the list column `column`.
-    column : str
-        Profile column (one array per particle, layer 1 first).
-    max_layer : int, optional
-        Number of layers to report (default: the deepest layer of any particle).
-
-    Returns
-    -------
-    layers, mean, se, n : ndarray, shape (K,)
-        Layer numbers 1..K, mean over particles having a finite value in that layer, its
-        standard error (sample std / sqrt(n)), and n.
-    """
-    profiles = [np.asarray(p, float) for p in table[column]]
-    k = max_layer or max((len(p) for p in profiles), default=0)
-    mat = np.full((len(profiles), k), np.nan)
-    for i, p in enumerate(profiles):
-        mat[i, : min(k, len(p))] = p[:k]
-    n = np.isfinite(mat).sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.nanmean(np.where(n > 0, mat, 0.0), axis=0) if len(mat) else np.zeros(k)
-        mean = np.where(n > 0, mean, np.nan)
-        sd = np.array([np.nanstd(mat[:, j], ddof=1) if n[j] > 1 else np.nan for j in range(k)])
-        se = sd / np.sqrt(n)
-    return np.arange(1, k + 1), mean, se, n
 
 
 def plot_radial_profiles(tables: dict, column: str = "radial_layers_graylevelnormed", n_se: float = 2.0,

@@ -13,16 +13,24 @@ of per-particle values (for example the mean grey level of each particle's regio
 4. total: ``SE_tot = sqrt(SES**2 + SEM**2)`` (eq. 5).
 
 :func:`z_test` is the two-sample z-test of eq. 6, with its critical value given in sigmas.
+
+Per-layer statistics of the radial profiles: :func:`radial_profile_stats` (one population) and
+:func:`quantile_groups` (groups of particles by quantiles of any column, e.g. volume quartiles,
+as the paper's fig. 6 and GRAPES' ``radial_layers_quartiles``/``deciles``), both built on
+:func:`profile_matrix`. :func:`estimate_noise` measures ``sigma_bg`` out of core.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 from ._errors import GrapesInputError
+from .columns import GROUP_PROFILES, POPULATION_FIELDS
 
 __all__ = [
     "PopulationStats",
@@ -32,6 +40,12 @@ __all__ = [
     "population_stats",
     "change_stats",
     "z_test",
+    "profile_matrix",
+    "radial_profile_stats",
+    "QuantileGroups",
+    "quantile_groups",
+    "NoiseEstimate",
+    "estimate_noise",
 ]
 
 
@@ -64,7 +78,7 @@ class PopulationStats:
 
     def as_dict(self, prefix: str = "") -> dict:
         """The fields as a dict, names prefixed (``prefix + "mean"`` ...)."""
-        return {prefix + k: getattr(self, k) for k in ("n", "mean", "sd", "ses", "sem", "se_tot")}
+        return {prefix + k: getattr(self, k) for k in POPULATION_FIELDS}
 
 
 @dataclass(frozen=True)
@@ -110,6 +124,13 @@ def _as_float_array(values, name: str) -> np.ndarray:
     return arr
 
 
+def _real(value) -> float:
+    """`value` as a float, NaN when it is not a real number (so that checks reject it)."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.number)):
+        return math.nan
+    return float(value)
+
+
 def particle_sem(n_voxels, noise_sigma: float) -> np.ndarray:
     """Measurement standard error of each particle's mean grey level (paper eq. 1).
 
@@ -126,7 +147,7 @@ def particle_sem(n_voxels, noise_sigma: float) -> np.ndarray:
         ``noise_sigma / sqrt(n_voxels)``, grey levels; NaN where ``n_voxels`` is 0.
     """
     n = _as_float_array(n_voxels, "n_voxels")
-    if not (np.isfinite(noise_sigma) and noise_sigma >= 0):
+    if not (np.isfinite(_real(noise_sigma)) and noise_sigma >= 0):
         raise GrapesInputError(f"noise_sigma={noise_sigma!r}: give the noise standard deviation (>= 0, grey levels)")
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(n > 0, float(noise_sigma) / np.sqrt(n), np.nan)
@@ -252,13 +273,13 @@ def z_test(mean1: float, sd1: float, n1: int, mean2: float, sd2: float, n2: int,
 
     if alternative not in _ALTERNATIVES:
         raise GrapesInputError(f"alternative={alternative!r}: choose one of {list(_ALTERNATIVES)}")
-    if not (np.isfinite(sigma) and sigma > 0):
+    if not (np.isfinite(_real(sigma)) and sigma > 0):
         raise GrapesInputError(f"sigma={sigma!r}: give the significance level in standard deviations (> 0)")
     for name, n in (("n1", n1), ("n2", n2)):
-        if not (np.isfinite(n) and n >= 1):
+        if not (np.isfinite(_real(n)) and n >= 1):
             raise GrapesInputError(f"{name}={n!r}: a sample needs at least one particle")
     for name, v in (("mean1", mean1), ("sd1", sd1), ("mean2", mean2), ("sd2", sd2)):
-        if not np.isfinite(v):
+        if not np.isfinite(_real(v)):
             raise GrapesInputError(f"{name}={v!r}: give a finite number")
     if sd1 < 0 or sd2 < 0:
         raise GrapesInputError(f"sd1={sd1!r}, sd2={sd2!r}: standard deviations are >= 0")
@@ -277,3 +298,544 @@ def z_test(mean1: float, sd1: float, n1: int, mean2: float, sd2: float, n2: int,
         p, critical, alpha = float(min(1.0, 2 * norm.sf(abs(z)))), float(sigma), 2 * one
     return ZTestResult(z=float(z), p=p, critical=critical, reject=bool(p < alpha), alpha=alpha,
                        alternative=alternative, sigma=float(sigma))
+
+
+# --------------------------------------------------------------------------------------------
+# radial profiles: one population, groups by quantiles
+# --------------------------------------------------------------------------------------------
+
+
+def _check_table(table, name: str = "table") -> pd.DataFrame:
+    if not isinstance(table, pd.DataFrame):
+        raise GrapesInputError(f"{name} is a {type(table).__name__}: give a pandas DataFrame (a particle table "
+                               "from grapes_dask.analyze or grapes_dask.read_table)")
+    return table
+
+
+def _check_column(table: pd.DataFrame, column, what: str = "column") -> None:
+    if column not in table.columns:
+        raise GrapesInputError(f"{what}={column!r} is not a column of the table: choose one of "
+                               f"{[str(c) for c in table.columns]}")
+
+
+def _check_max_layer(max_layer) -> int | None:
+    if max_layer is None:
+        return None
+    if isinstance(max_layer, bool) or not isinstance(max_layer, (int, np.integer)) or max_layer < 1:
+        raise GrapesInputError(f"max_layer={max_layer!r}: give a number of layers (an integer >= 1), or None "
+                               "for the deepest layer of any particle")
+    return int(max_layer)
+
+
+def _profile_rows(table: pd.DataFrame, column: str) -> list:
+    out = []
+    for i, cell in enumerate(table[column].to_numpy(dtype=object)):
+        if cell is None or (np.ndim(cell) == 0 and not isinstance(cell, str) and pd.isna(cell)):
+            out.append(np.empty(0))  # a particle without a profile (e.g. no voxel)
+            continue
+        try:
+            p = np.asarray(cell, dtype=float)
+        except (TypeError, ValueError):
+            raise GrapesInputError(
+                f"column {column!r}, row {i}: {str(cell)[:40]!r} is not a list of numbers: give a particle table "
+                "with profile lists (read a written table with grapes_dask.read_table)") from None
+        if p.ndim != 1:
+            raise GrapesInputError(f"column {column!r}, row {i}: a profile is one list of numbers per particle, "
+                                   f"got shape {p.shape}: choose a radial profile column")
+        out.append(p)
+    return out
+
+
+def profile_matrix(table, column: str, max_layer: int | None = None) -> np.ndarray:
+    """A radial profile list column as a matrix, one row per particle, NaN-padded.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame, N rows
+        Particle table with the list column `column` (one array per particle, layer 1 first).
+        A missing cell (None, NaN) is an empty profile.
+    column : str
+        Profile column (e.g. ``"radial_layers_graylevel"``).
+    max_layer : int, optional
+        Number of layers K kept (deeper layers are cut). Default: the deepest layer of any
+        particle.
+
+    Returns
+    -------
+    numpy.ndarray, float64, shape (N, K)
+        Row i holds particle i's profile; layers it does not reach are NaN (as are its own NaN
+        layers, e.g. empty layers).
+    """
+    table = _check_table(table)
+    _check_column(table, column)
+    k = _check_max_layer(max_layer)
+    rows = _profile_rows(table, column)
+    if k is None:
+        k = max((len(p) for p in rows), default=0)
+    mat = np.full((len(rows), k), np.nan)
+    for i, p in enumerate(rows):
+        m = min(k, len(p))
+        mat[i, :m] = p[:m]
+    return mat
+
+
+def _column_moments(mat: np.ndarray):
+    """n, mean, sample std (ddof=1) and standard error per column over the finite values."""
+    ok = np.isfinite(mat)
+    n = ok.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(ok, mat, 0.0).sum(axis=0) / n
+        dev = np.where(ok, mat - mean, 0.0)
+        sd = np.sqrt((dev * dev).sum(axis=0) / (n - 1))
+        sd = np.where(n > 1, sd, np.nan)
+        mean = np.where(n > 0, mean, np.nan)
+        se = sd / np.sqrt(n)
+    return n.astype(np.int64), mean, sd, se
+
+
+def radial_profile_stats(table, column: str = "radial_layers_graylevelnormed", max_layer: int | None = None):
+    """Population mean and standard error of a radial profile column, per layer.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        Particle table with the list column `column`.
+    column : str
+        Profile column (one array per particle, layer 1 first).
+    max_layer : int, optional
+        Number of layers to report (default: the deepest layer of any particle).
+
+    Returns
+    -------
+    layers, mean, se, n : ndarray, shape (K,)
+        Layer numbers 1..K, mean over the particles having a finite value in that layer, its
+        standard error (sample standard deviation, ddof=1, over sqrt(n); NaN when n < 2), and n.
+        A layer no particle has is NaN with n = 0.
+    """
+    mat = profile_matrix(table, column, max_layer)
+    n, mean, _sd, se = _column_moments(mat)
+    return np.arange(1, mat.shape[1] + 1), mean, se, n
+
+
+@dataclass(frozen=True, eq=False)
+class QuantileGroups:
+    """Particles grouped by quantiles of a column, with per-group statistics (:func:`quantile_groups`).
+
+    Attributes
+    ----------
+    column : str
+        The column the groups are quantiles of.
+    q : int
+        Number of groups (4: quartiles, 10: deciles).
+    edges : numpy.ndarray, float64, shape (q + 1,)
+        Quantile edges of `column` (linear interpolation, as :func:`numpy.quantile`); group g
+        holds the values in ``(edges[g-1], edges[g]]``, group 1 also ``edges[0]``.
+    groups : pandas.Series, Int64
+        Group of every row of the table (same index), 1..q with 1 the smallest values; ``<NA>``
+        where `column` is not finite.
+    profiles : pandas.DataFrame
+        Long table, one row per (group, layer), sorted by group then layer (layers 1..K for
+        every group): ``group``, ``layer``, then for each profile column P ``P-mean``, ``P-std``
+        (ddof=1), ``P-se`` (``P-std / sqrt(P-n)``) and ``P-n`` (particles of the group with a
+        finite value in that layer). Statistics of fewer than 2 values are NaN (the mean of none).
+    scalars : pandas.DataFrame
+        Indexed by ``group`` (1..q): ``n`` (particles), ``lo``, ``hi`` (the group's edges), then
+        for each scalar column C ``C-n`` (finite values), ``C-mean``, ``C-std`` (ddof=1),
+        ``C-se`` and ``C-median``.
+    """
+
+    column: str
+    q: int
+    edges: np.ndarray
+    groups: pd.Series
+    profiles: pd.DataFrame
+    scalars: pd.DataFrame
+
+
+def _default_scalar_columns(table: pd.DataFrame) -> list:
+    out = []
+    for c in table.columns:
+        dt = table[c].dtype
+        if c == "label" or pd.api.types.is_bool_dtype(dt) or not pd.api.types.is_numeric_dtype(dt):
+            continue
+        out.append(c)
+    return out
+
+
+def quantile_groups(table, column: str, q: int = 4, *, profiles=GROUP_PROFILES, columns=None,
+                    max_layer: int | None = None) -> QuantileGroups:
+    """Group particles by quantiles of a column; per group the radial profiles and scalar statistics.
+
+    What GRAPES' ``radial_layers_quartiles``/``radial_layers_deciles`` and
+    ``compute_quartile_statistics`` meant to give, for any number of groups (paper fig. 6: the
+    profiles of the largest volume quartile).
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        Particle table (:func:`grapes_dask.analyze`), one row per particle.
+    column : str
+        Numeric column whose quantiles define the groups (e.g. ``"volume"``, ``"centroid-2"``).
+    q : int
+        Number of groups (>= 1): 4 for quartiles, 10 for deciles.
+    profiles : sequence of str
+        Radial profile list columns summarised per (group, layer). ``()`` for none.
+    columns : sequence of str, optional
+        Scalar columns summarised per group. Default: every numeric column of the table except
+        ``label`` and boolean columns (pass them explicitly: a boolean's mean is a fraction).
+    max_layer : int, optional
+        Number of layers K of the profile statistics (default: the deepest layer of any grouped
+        particle).
+
+    Returns
+    -------
+    QuantileGroups
+        ``edges``, ``groups``, ``profiles`` (long, per group and layer), ``scalars`` (per group).
+
+    Notes
+    -----
+    Membership is that of ``pandas.qcut(table[column], q, labels=False) + 1``: edges at the
+    quantiles ``0, 1/q, ..., 1`` of the finite values (linear interpolation), right-closed
+    intervals, the smallest value in group 1. Ties therefore stay together: a value equal to an
+    edge goes to the lower group, so groups can differ in size when values repeat. Rows whose
+    value is NaN or infinite go to no group. A group that would be empty is an error (lower
+    `q`): fewer distinct values than groups, or ties that make two edges equal (one value
+    repeated over more than a group's share; ``pandas.qcut`` refuses these too) or that leave
+    no value between two edges. One exception to "like pandas": when only the two lowest edges
+    are equal (the smallest value repeated), group 1 holds that value and no group is empty, so
+    the groups are made where ``pandas.qcut`` refuses.
+
+    Raises
+    ------
+    GrapesInputError
+        A column that is missing or not numeric, a q that is not an integer >= 1, fewer
+        distinct values than groups, an empty group.
+    """
+    table = _check_table(table)
+    _check_column(table, column)
+    if isinstance(q, bool) or not isinstance(q, (int, np.integer)) or q < 1:
+        raise GrapesInputError(f"q={q!r}: give the number of groups, an integer >= 1 (4 for quartiles, "
+                               "10 for deciles)")
+    q = int(q)
+    max_layer = _check_max_layer(max_layer)
+    if isinstance(profiles, str):
+        profiles = (profiles,)
+    profiles = tuple(profiles)
+    for p in profiles:
+        _check_column(table, p, "profiles")
+    if columns is None:
+        columns = _default_scalar_columns(table)
+    else:
+        columns = [columns] if isinstance(columns, str) else list(columns)
+        for c in columns:
+            _check_column(table, c, "columns")
+            dt = table[c].dtype
+            if not (pd.api.types.is_numeric_dtype(dt) or pd.api.types.is_bool_dtype(dt)):
+                raise GrapesInputError(f"columns: {c!r} holds {dt} values, not numbers: leave it out of {{columns}}",
+                                       columns=None)
+    if not pd.api.types.is_numeric_dtype(table[column].dtype) or pd.api.types.is_bool_dtype(table[column].dtype):
+        raise GrapesInputError(f"column={column!r} holds {table[column].dtype} values: choose a numeric column")
+
+    values = table[column].to_numpy(dtype=float)
+    finite = np.isfinite(values)
+    x = values[finite]
+    distinct = np.unique(x)
+    if distinct.size < q:
+        raise GrapesInputError(
+            f"column {column!r} has {distinct.size} distinct finite value(s) in {len(values)} rows, fewer than "
+            f"q={q} groups: lower {{q}} to at most {max(distinct.size, 1)}", q=None)
+    edges = np.quantile(x, np.linspace(0.0, 1.0, q + 1))
+    group = np.zeros(len(values), np.int64)
+    group[finite] = np.maximum(np.searchsorted(edges, x, side="left"), 1)
+    counts = np.bincount(group[finite], minlength=q + 1)[1:]
+    if not counts.all():
+        g = int(np.flatnonzero(counts == 0)[0]) + 1
+        raise GrapesInputError(
+            f"column {column!r}: group {g} of {q}, ({edges[g - 1]!r}, {edges[g]!r}], would be empty (tied values make "
+            f"the quantile edges meet): lower {{q}}, or group by a column with fewer ties", q=None)
+    groups = pd.Series(pd.arrays.IntegerArray(group, ~finite), index=table.index, name="group")
+
+    # profiles, per (group, layer)
+    grouped = table.iloc[np.flatnonzero(finite)]
+    mats = {p: profile_matrix(grouped, p) for p in profiles}
+    k = max_layer if max_layer is not None else max((m.shape[1] for m in mats.values()), default=0)
+    g_in = group[finite]
+    parts = {"group": np.repeat(np.arange(1, q + 1, dtype=np.int64), k),
+             "layer": np.tile(np.arange(1, k + 1, dtype=np.int64), q)}
+    for p, m in mats.items():
+        full = np.full((m.shape[0], k), np.nan)
+        full[:, :min(k, m.shape[1])] = m[:, :k]
+        cols = {s: [] for s in ("mean", "std", "se", "n")}
+        for gi in range(1, q + 1):
+            n, mean, sd, se = _column_moments(full[g_in == gi])
+            for s, v in (("mean", mean), ("std", sd), ("se", se), ("n", n)):
+                cols[s].append(v)
+        for s in ("mean", "std", "se", "n"):
+            parts[f"{p}-{s}"] = (np.concatenate(cols[s]) if cols[s] else np.empty(0)).astype(
+                np.int64 if s == "n" else np.float64)
+    prof = pd.DataFrame(parts)
+
+    # scalars, per group
+    sc = {"n": counts.astype(np.int64), "lo": edges[:-1], "hi": edges[1:]}
+    for c in columns:
+        v = table[c].to_numpy(dtype=float)[finite]
+        stats = {s: np.empty(q) for s in ("mean", "std", "se", "median")}
+        ns = np.zeros(q, np.int64)
+        for gi in range(1, q + 1):
+            col = v[g_in == gi][:, None]
+            n, mean, sd, se = _column_moments(col)
+            ns[gi - 1] = n[0]
+            stats["mean"][gi - 1], stats["std"][gi - 1], stats["se"][gi - 1] = mean[0], sd[0], se[0]
+            fin = col[np.isfinite(col)]
+            stats["median"][gi - 1] = float(np.median(fin)) if fin.size else np.nan
+        sc[f"{c}-n"] = ns
+        for s in ("mean", "std", "se", "median"):
+            sc[f"{c}-{s}"] = stats[s]
+    scalars = pd.DataFrame(sc, index=pd.Index(np.arange(1, q + 1, dtype=np.int64), name="group"))
+    return QuantileGroups(column=str(column), q=q, edges=edges, groups=groups, profiles=prof, scalars=scalars)
+
+
+# --------------------------------------------------------------------------------------------
+# image noise sigma_bg, out of core
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NoiseEstimate:
+    """Standard deviation of the image noise, ``sigma_bg`` of the paper (:func:`estimate_noise`).
+
+    Attributes
+    ----------
+    sigma : float
+        Sample standard deviation (ddof=1) of the grey levels used, grey levels.
+    mean : float
+        Their mean, grey levels.
+    n_voxels : int
+        Voxels used (finite grey levels).
+    source : str
+        ``"region"`` (a box given by the user) or ``"background"`` (label-0 voxels at least
+        `margin` voxels from every particle).
+    region : tuple of (int, int) or None
+        The box, ``(start, stop)`` voxel indices per axis (z, y, x), for ``source="region"``.
+    margin : float or None
+        The distance to the particles, voxels, for ``source="background"``.
+    """
+
+    sigma: float
+    mean: float
+    n_voxels: int
+    source: str
+    region: tuple | None
+    margin: float | None
+
+    def as_dict(self, prefix: str = "noise_") -> dict:
+        """The fields as a JSON-friendly dict (for a table's metadata), names prefixed."""
+        region = None if self.region is None else [list(r) for r in self.region]
+        return {prefix + "sigma": self.sigma, prefix + "mean": self.mean, prefix + "n_voxels": self.n_voxels,
+                prefix + "source": self.source, prefix + "region": region, prefix + "margin": self.margin}
+
+
+def _parse_region(region, shape: tuple) -> tuple:
+    """``((start, stop), ...)`` from slices or pairs, checked against `shape`."""
+    how = ("give one slice or (start, stop) pair of voxel indices per axis, inside the volume, e.g. "
+           "((0, 20), (0, 200), (0, 200))")
+    try:
+        items = list(region)
+    except TypeError:
+        raise GrapesInputError(f"region={region!r}: {how}") from None
+    if len(items) != len(shape):
+        raise GrapesInputError(f"region={region!r} has {len(items)} axes, the volume {len(shape)} (shape {shape}): "
+                               f"{how}")
+    box = []
+    for ax, (item, size) in enumerate(zip(items, shape)):
+        if isinstance(item, slice):
+            if item.step not in (None, 1):
+                raise GrapesInputError(f"region: axis {ax} has step {item.step}: {how} (no step)")
+            start, stop = item.start, item.stop
+        else:
+            try:
+                start, stop = item
+            except (TypeError, ValueError):
+                raise GrapesInputError(f"region: axis {ax} is {item!r}: {how}") from None
+        start = 0 if start is None else start
+        stop = size if stop is None else stop
+        for v in (start, stop):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise GrapesInputError(f"region: axis {ax} has {v!r}: {how} (integers)")
+        start, stop = int(start), int(stop)
+        if start < 0 or stop > size:
+            raise GrapesInputError(f"region: axis {ax} spans {start}..{stop}, outside the volume (0..{size}, shape "
+                                   f"{shape}): {how}")
+        if stop <= start:
+            raise GrapesInputError(f"region: axis {ax} spans {start}..{stop}, which is empty: {how}")
+        box.append((start, stop))
+    return tuple(box)
+
+
+def _far_mask(block: np.ndarray, margin2: float) -> np.ndarray:
+    """Background voxels (label 0) whose squared Euclidean distance to every particle voxel of
+    the block is at least `margin2` (voxels^2). Exact for the core of a block read with a halo
+    of ``ceil(margin) - 1``: a nearer particle voxel lies inside the halo."""
+    import edt
+
+    bg = np.asarray(block) == 0
+    if margin2 <= 0 or bg.all():
+        return bg
+    return bg & (edt.edtsq(bg, black_border=False, parallel=1) >= margin2)
+
+
+def _block_moments(grey: np.ndarray, far: np.ndarray | None = None) -> np.ndarray:
+    """Count, mean and sum of squared deviations (float64) of a block's finite grey levels
+    (where `far`), shaped ``(1,) * ndim + (3,)``."""
+    v = np.asarray(grey)
+    v = (v[far] if far is not None else v.ravel()).astype(np.float64)
+    if v.dtype.kind == "f" and np.asarray(grey).dtype.kind == "f":
+        v = v[np.isfinite(v)]
+    n = v.size
+    mean = float(v.mean()) if n else 0.0
+    d = v - mean
+    m2 = float(d @ d) if n else 0.0
+    return np.array([n, mean, m2], np.float64).reshape((1,) * np.ndim(grey) + (3,))
+
+
+def _combine_moments(m: np.ndarray) -> tuple:
+    """Exact combination of per-block (count, mean, M2) (Chan et al.): count, mean, M2."""
+    m = np.asarray(m, np.float64).reshape(-1, 3)
+    m = m[m[:, 0] > 0]
+    n = float(m[:, 0].sum())
+    if n == 0:
+        return 0, math.nan, math.nan
+    mean = float((m[:, 0] * m[:, 1]).sum() / n)
+    dev = m[:, 1] - mean
+    m2 = float(m[:, 2].sum() + (m[:, 0] * dev * dev).sum())
+    return int(n), mean, m2
+
+
+def _spread_blocks(chunks: tuple, max_voxels: int) -> tuple:
+    """Per axis, the indices of an evenly spread subset of blocks holding at most `max_voxels`
+    voxels (at least one block)."""
+    sizes = [np.asarray(c, np.int64) for c in chunks]
+    count = [len(c) for c in sizes]
+
+    def pick(nb, m):
+        return np.unique(np.floor((np.arange(m) + 0.5) * nb / m).astype(np.int64))
+
+    def voxels():
+        return math.prod(int(s[pick(len(s), m)].sum()) for s, m in zip(sizes, count))
+
+    while voxels() > max_voxels and max(count) > 1:
+        ax = int(np.argmax(count))
+        count[ax] -= 1
+    return tuple(pick(len(s), m) for s, m in zip(sizes, count))
+
+
+def estimate_noise(grey, labels=None, *, region=None, margin=3, max_voxels: int | None = None,
+                   client=None) -> NoiseEstimate:
+    """Standard deviation of the image noise ``sigma_bg`` (paper eq. 1), out of core.
+
+    The sample standard deviation (ddof=1) of grey levels where the image should be flat:
+
+    - ``region`` given: every voxel of that box, e.g. empty space above the sample
+      (``source="region"``; `labels` is not needed);
+    - else: the background voxels (label 0) at least `margin` voxels (Euclidean, in voxel
+      indices) from every particle voxel, away from the particles' rims and blur
+      (``source="background"``). The volume's outside counts as background.
+
+    Stages, per chunk with dask (no task holds more than a chunk and its halo):
+
+    1. the far-background mask: the labels read with a halo of ``ceil(margin) - 1`` voxels
+       (:func:`dask.array.map_overlap`; the outside of the volume is background), an exact
+       squared distance transform of each block (``edt``); a particle voxel nearer than
+       `margin` to a chunk's voxel is less than `margin` away along every axis, so it lies
+       within the halo and the mask is exact;
+    2. per chunk, the count, mean and sum of squared deviations of the selected finite grey
+       levels in float64;
+    3. their exact combination (Chan et al.'s parallel formula) into the mean and ``sigma``.
+
+    Parameters
+    ----------
+    grey : path, numpy.ndarray, dask.array.Array or Volume, shape (Z, Y, X) or (Y, X)
+        Grey-level volume (anything :func:`grapes_dask.open_volume` opens).
+    labels : same kinds, same shape, optional
+        Label volume, 0 for background. Needed without `region`.
+    region : tuple, optional
+        The box, one ``slice`` or ``(start, stop)`` pair of voxel indices per axis (z, y, x);
+        ``None`` for a bound means the volume's edge. No negative indices, no steps.
+    margin : float
+        Distance from every particle voxel, voxels (background mode). 0 takes every background
+        voxel; a background voxel next to a particle is at distance 1.
+    max_voxels : int, optional
+        At most this many voxels are examined (of the box, or of the volume in background
+        mode): beyond it, an evenly spread subset of whole chunks is used (at least one
+        chunk). Default: all.
+    client : distributed.Client, optional
+        Compute on this cluster (default: the current dask scheduler).
+
+    Returns
+    -------
+    NoiseEstimate
+        ``sigma`` and ``mean`` in grey levels, ``n_voxels``, ``source``, ``region``, ``margin``.
+
+    Raises
+    ------
+    GrapesInputError
+        Before any compute: grey and labels of different shapes, no labels and no region, a
+        region outside the volume or empty, a negative margin. After it: no background voxel
+        (or fewer than 2) far enough from the particles (lower `margin` or give `region`), or a
+        region of fewer than 2 finite grey levels.
+    """
+    import dask.array as da
+
+    from .io import open_volume
+    from .table import _compute
+
+    g = open_volume(grey)
+    lab = None if labels is None else open_volume(labels)
+    if lab is not None and lab.shape != g.shape:
+        raise GrapesInputError(f"grey has shape {g.shape} and labels {lab.shape}: give the labels of this grey "
+                               "volume (same shape)")
+    if max_voxels is not None and (isinstance(max_voxels, bool) or not isinstance(max_voxels, (int, np.integer))
+                                   or max_voxels < 2):
+        raise GrapesInputError(f"max_voxels={max_voxels!r}: give a number of voxels >= 2, or None for all")
+    nd = g.ndim
+    if region is not None:
+        box = _parse_region(region, g.shape)
+        if math.prod(b - a for a, b in box) < 2:
+            raise GrapesInputError(f"region={box}: the box holds one voxel; give a larger box (a standard deviation "
+                                   "needs at least 2)")
+        g = g[tuple(slice(a, b) for a, b in box)]
+        far, used_margin, source = None, None, "region"
+    else:
+        if lab is None:
+            raise GrapesInputError("give {labels} (background voxels are label 0), or a {region} of empty space "
+                                   "(e.g. above the sample)", labels=None, region=None)
+        if isinstance(margin, bool) or not isinstance(margin, (int, float, np.integer, np.floating)) \
+                or not (np.isfinite(margin) and margin >= 0):
+            raise GrapesInputError(f"margin={margin!r}: give a distance from the particles in voxels (>= 0)")
+        # a particle voxel nearer than `margin` is less than `margin` away along every axis
+        depth = max(int(math.ceil(margin)) - 1, 0)
+        if depth == 0:
+            far = lab.map_blocks(_far_mask, float(margin) ** 2, dtype=bool)
+        else:
+            far = lab.map_overlap(_far_mask, depth=depth, boundary=0, dtype=bool, margin2=float(margin) ** 2)
+        if g.chunks != far.chunks:
+            g = g.rechunk(far.chunks)
+        box, used_margin, source = None, float(margin), "background"
+    out_chunks = tuple((1,) * len(c) for c in g.chunks) + ((3,),)
+    args = (g,) if far is None else (g, far)
+    moments = da.map_blocks(_block_moments, *args, new_axis=nd, chunks=out_chunks, dtype=np.float64)
+    if max_voxels is not None and g.size > max_voxels:
+        for ax, idx in enumerate(_spread_blocks(g.chunks, int(max_voxels))):
+            moments = moments[(slice(None),) * ax + (idx,)]
+    (m,) = _compute(moments, client=client)
+    n, mean, m2 = _combine_moments(m)
+    if n < 2:
+        if source == "region":
+            raise GrapesInputError(f"region={box} holds {n} finite grey level(s): give a box of empty space with "
+                                   "finite grey levels")
+        raise GrapesInputError(
+            f"{n} background voxel(s) (label 0) at least margin={float(margin):g} voxels from every particle"
+            f"{' in the chunks examined' if max_voxels is not None else ''}: lower {{margin}} (0 takes every "
+            "background voxel), or give a {region} of empty space", margin=None, region=None)
+    return NoiseEstimate(sigma=math.sqrt(m2 / (n - 1)), mean=mean, n_voxels=n, source=source, region=box,
+                         margin=used_margin)
