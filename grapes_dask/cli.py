@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import sys
+from pathlib import Path
 import time
 import traceback
 import warnings
@@ -310,6 +311,163 @@ def _parse_ids(text):
     if not ids:
         raise GrapesInputError(f"--exclude-labels {text!r}: give label ids separated by commas, e.g. 12,40")
     return ids
+
+
+def _parse_state(text: str):
+    """``NAME=GREY,LABELS`` -> (name, (grey, labels)); ``NAME=TABLE`` -> (name, table path)."""
+    name, sep, rest = text.partition("=")
+    parts = [p for p in rest.split(",")] if sep else []
+    if not sep or not name.strip() or not rest or len(parts) > 2 or not all(p.strip() for p in parts):
+        raise GrapesInputError(
+            f"--state {text!r}: write NAME=GREY,LABELS (two volumes) or NAME=TABLE (a table made by "
+            "grapes-dask analyze), e.g. --state pristine=grey_s0.zarr,labels_s0.zarr"
+        )
+    parts = [p.strip() for p in parts]
+    if len(parts) == 1 and not parts[0].lower().endswith((".parquet", ".csv")):
+        raise GrapesInputError(
+            f"--state {text!r}: {parts[0]!r} is not a table (.parquet or .csv made by grapes-dask analyze); for "
+            "volumes give both, NAME=GREY,LABELS"
+        )
+    return name.strip(), (tuple(parts) if len(parts) == 2 else parts[0])
+
+
+def _parse_region(text):
+    """``z0:z1,y0:y1,x0:x1`` -> tuple of (start, stop)."""
+    if text is None:
+        return None
+    try:
+        out = []
+        for part in text.split(","):
+            a, b = part.split(":")
+            out.append((int(a), int(b)))
+        return tuple(out)
+    except ValueError:
+        raise GrapesInputError(
+            f"--noise-region {text!r}: give one start:stop range of voxel indices per axis, e.g. 0:20,0:300,0:300"
+        ) from None
+
+
+def _file_name(name: str) -> str:
+    """A state name as a file name: letters, digits, ``.``, ``-`` and ``_`` kept, others ``_``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "state"
+
+
+def _parse_gap(text):
+    if str(text).strip().lower() == "none":
+        return None
+    try:
+        gap = int(text)
+    except ValueError:
+        gap = -1
+    if gap < 0:
+        raise GrapesInputError(f"--neighbour-gap {text}: give a whole number of voxels >= 0, or none")
+    return gap
+
+
+@cli.command()
+@_verbose_option
+@click.option("--state", "state_specs", multiple=True, required=True, metavar="NAME=GREY,LABELS",
+              help="One state, in order (repeat): its grey and label volumes, or NAME=TABLE for a table "
+                   "already made by 'grapes-dask analyze'.")
+@click.option("--reference", default=None, metavar="NAME", help="Reference state (default: the first).")
+@click.option("--out", "out_dir", required=True, metavar="DIR",
+              help="Output folder: tables, summary, figures and report.html.")
+@click.option("--exclude-outer-layers", type=int, default=5, show_default=True,
+              help="Each particle's ROI leaves out this many surface layers (the phase-contrast rim).")
+@click.option("--noise-sigma", type=float, default=None,
+              help="Image noise sigma_bg, grey levels (default: estimated from the background of each state).")
+@click.option("--noise-region", default=None, metavar="Z0:Z1,Y0:Y1,X0:X1",
+              help="Box of empty space to estimate the noise in (default: background far from particles).")
+@click.option("--drop-smallest", type=float, default=0.25, show_default=True,
+              help="Exclude this fraction of the particles, smallest by reference volume.")
+@click.option("--neighbour-gap", default="1", show_default=True, metavar="N|none",
+              help="Exclude particles within N voxels of an inconsistent label (0: sharing a face; "
+                   "none: no neighbour rule).")
+@_spacing_option
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="Address or scheduler file of a running dask scheduler; default: a local cluster.")
+@click.option("--workers", type=int, default=None, help=_WORKERS_HELP)
+@click.option("--overwrite", is_flag=True, help="Replace DIR if it exists.")
+@click.option("--quiet", is_flag=True, help="No progress, no dashboard link.")
+def operando(state_specs, reference, out_dir, exclude_outer_layers, noise_sigma, noise_region, drop_smallest,
+             neighbour_gap, spacing, scheduler, workers, overwrite, quiet):
+    """Track the same particles through states of charge: cleaning, statistics, figures, report.
+
+    Writes to DIR: particles.parquet (one row per particle and state, with the cleaning
+    reason), state tables (tables/NAME.parquet), summary.csv, z_tests.csv, the figures (png)
+    and a self-contained report.html.
+    """
+    from .cluster import check_scheduler, cluster_client, dashboard_link
+    from .io import _check_can_write, atomic_output
+    from .output import write_table
+    from .report import tracking_report
+    from .track import check_states, track
+
+    states = {}
+    for spec in state_specs:
+        name, value = _parse_state(spec)
+        if name in states:
+            raise GrapesInputError(f"--state {spec!r}: the state {name!r} is given twice; give each state once")
+        states[name] = value
+    region = _parse_region(noise_region)
+    neighbour_gap = _parse_gap(neighbour_gap)
+    _check_can_write(Path(out_dir), overwrite)
+    kw = dict(reference=reference, spacing=spacing, exclude_outer_layers=exclude_outer_layers,
+              noise_sigma=noise_sigma, noise_region=region, drop_smallest=drop_smallest,
+              neighbour_gap=neighbour_gap)
+    check_states(states, **kw)
+    if scheduler:
+        check_scheduler(scheduler)
+    t0 = time.perf_counter()
+    with cluster_client(scheduler, workers=workers) as client:
+        if not quiet:
+            link = dashboard_link(client)
+            if link:
+                click.echo(f"dask dashboard: {link}", err=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", GrapesInputWarning)
+            tr = track(states, client=client, progress=not quiet, **kw)
+    with atomic_output(out_dir, overwrite=overwrite) as tmp:
+        tmp.mkdir()
+        write_table(tr.particles, tmp / "particles.parquet")
+        (tmp / "tables").mkdir()
+        for name, table in tr.tables.items():
+            write_table(table, tmp / "tables" / f"{_file_name(name)}.parquet")
+        tr.z_tests().to_csv(tmp / "z_tests.csv", index=False)
+        tracking_report(tr, tmp)
+    counts = tr.counts()
+    kept = int(counts.loc[counts["reason"] == "kept", "n"].sum())
+    click.echo(f"tracked {tr.particles['label'].nunique()} particles through {len(tr.states)} states "
+               f"({kept} kept) in {time.perf_counter() - t0:.1f} s")
+    click.echo(f"report: {Path(out_dir) / 'report.html'}")
+
+
+@cli.command()
+@_verbose_option
+@click.argument("tables", nargs=-1, required=True, metavar="TABLE...")
+@click.option("--out", "out_dir", required=True, metavar="DIR", help="Output folder: figures and report.html.")
+@click.option("--name", "names", multiple=True, metavar="NAME",
+              help="Name of each table in the report, in order (default: the file names).")
+@click.option("--overwrite", is_flag=True, help="Replace DIR if it exists.")
+def report(tables, out_dir, names, overwrite):
+    """Report (figures, distributions, radial profiles by volume quartile) of particle tables."""
+    from .io import _check_can_write, atomic_output
+    from .output import read_table
+    from .report import tables_report
+
+    if names and len(names) != len(tables):
+        raise GrapesInputError(f"{len(names)} --name for {len(tables)} tables: give one name per table, or none")
+    _check_can_write(Path(out_dir), overwrite)
+    frames = {}
+    for i, path in enumerate(tables):
+        name = names[i] if names else Path(path).name.split(".")[0]
+        if name in frames:
+            raise GrapesInputError(f"two tables are named {name!r}: name them with --name")
+        frames[name] = read_table(path)
+    with atomic_output(out_dir, overwrite=overwrite) as tmp:
+        tmp.mkdir()
+        tables_report(frames, tmp)
+    click.echo(f"report: {Path(out_dir) / 'report.html'}")
 
 
 @cli.command()

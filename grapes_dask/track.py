@@ -979,6 +979,18 @@ def _prepare(states, reference, spacing, exclude_outer_layers, noise_sigma, nois
     return parsed, reference, shape, spacing, sigmas
 
 
+def check_states(states, reference=None, *, spacing=None, exclude_outer_layers: int = 5, noise_sigma=None,
+                 noise_region=None, drop_smallest: float = 0.25, neighbour_gap: int | None = 1,
+                 **analyze_options) -> None:
+    """Run every check of :func:`track` that needs no voxel, and return (the CLI's first step).
+
+    Parameters are those of :func:`track`. Raises :class:`GrapesInputError` on the first bad
+    input, before any cluster is started or any voxel is read.
+    """
+    _prepare(states, reference, spacing, exclude_outer_layers, noise_sigma, noise_region, drop_smallest,
+             neighbour_gap, analyze_options)
+
+
 def track(states, reference=None, *, spacing=None, exclude_outer_layers: int = 5, noise_sigma=None,
           noise_region=None, drop_smallest: float = 0.25, neighbour_gap: int | None = 1, client=None,
           progress: bool = False, **analyze_options) -> Tracking:
