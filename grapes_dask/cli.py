@@ -473,16 +473,16 @@ def report(tables, out_dir, names, overwrite):
 @cli.command()
 @_verbose_option
 @click.option("--out", "out_dir", default="grapes-demo", show_default=True, help="Folder for the demo outputs.")
-@click.option("--size", type=int, default=192, show_default=True, help="Side of the phantom volume, voxels (>= 48).")
+@click.option("--size", type=int, default=160, show_default=True, help="Side of the phantom volume, voxels (>= 64).")
 @click.option("--workers", type=int, default=None, help=_WORKERS_HELP)
 @click.option("--seed", type=int, default=0, show_default=True, help="Phantom seed.")
 @click.option("--overwrite", is_flag=True, help="Replace the outputs of an earlier demo in OUT.")
 @click.option("--quiet", is_flag=True, help="No progress, no dashboard link.")
 def demo(out_dir, size, workers, seed, overwrite, quiet):
-    """Phantom of a pristine and a charged (cracked) electrode, analysed on a local cluster.
+    """A synthetic operando series (four states of charge) tracked on a local cluster, with a report.
 
-    Writes the phantom (Zarr), one particle table per state (parquet) and a figure of the mean
-    radial grey-level profiles (the paper's fig. 6) to OUT.
+    Writes the phantom (Zarr) to OUT/phantom and the results (tables, summary, z-tests,
+    figures and a self-contained report.html) to OUT/results.
     """
     from .demo import run_demo
 

@@ -1,10 +1,19 @@
-"""The demo: a pristine and a charged (cracked) electrode phantom, analysed on a local cluster.
+"""The demo: an operando series of a cracking electrode, tracked on a local cluster, with a report.
 
 Stages, each announced on standard output:
 
-1. generate a two-state phantom (Zarr) with :func:`grapes_dask.synthetic.make_phantom`;
-2. compute the particle table of each state on an embedded local Dask cluster;
-3. draw the mean radial grey-level profiles (the paper's figure 6) and print a few rows.
+1. generate a synthetic operando series (:func:`grapes_dask.synthetic.make_phantom`): the same
+   particles in four states of charge (pristine, 4.0 V, 4.4 V charged, 2.5 V discharged) with a
+   known damage per state that falls along x (away from the current collector), written to
+   Zarr; one segmentation error is made on purpose in the 4.4 V labels (a particle given to its
+   neighbour), as real seeded segmentations make them;
+2. track the particles (:func:`grapes_dask.track.track`) on an embedded local Dask cluster:
+   one particle table per state, noise estimated from the background, the paper's cleaning
+   rules, each excluded particle kept with its reason;
+3. print the statistics: population means and changes against pristine with their total
+   standard errors (paper eq. 1-5), z-tests (eq. 6), cleaning counts, and the injected damage
+   beside them;
+4. write the tables, the summary, the figures and a self-contained ``report.html``.
 """
 
 from __future__ import annotations
@@ -13,18 +22,20 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from ._errors import GrapesInputError
 
-__all__ = ["run_demo", "MIN_SIZE"]
+__all__ = ["run_demo", "MIN_SIZE", "STATES"]
 
-MIN_SIZE = 48
-_STATES = {"pristine": 0, "charged 4.4 V": 1}
+MIN_SIZE = 64
+#: The demo's states of charge and the damage level injected in each (0-1).
+STATES = {"pristine": 0.0, "4.0 V": 0.35, "4.4 V": 0.8, "2.5 V": 0.5}
+_ERROR_STATE = 2  # the 4.4 V labels get the segmentation error
 
 
 def summary(n_particles: int, shape, seconds: float) -> str:
     """``483 particles, 7.1 Mvoxels in 1.7 s (4.1 Mvoxels/s)`` (pixels for 2D images)."""
-    import numpy as np
-
     n = int(np.prod(shape))
     unit = "voxels" if len(shape) == 3 else "pixels"
     scale, prefix = (1e6, "M") if n >= 1e5 else (1e3, "k")
@@ -32,15 +43,48 @@ def summary(n_particles: int, shape, seconds: float) -> str:
             f"({n / max(seconds, 1e-9) / scale:.1f} {prefix}{unit}/s)")
 
 
-def run_demo(out_dir, *, size: int = 192, workers: int | None = None, seed: int = 0, overwrite: bool = False,
-             quiet: bool = False, echo: Callable[[str], None] = print) -> dict:
+def _merge_pair(truth, shape) -> tuple[int, int] | None:
+    """An interior particle and its nearest neighbour (by centre distance) in state 0, if any."""
+    t = truth[(truth["state"] == 0) & ~truth["cut"]].sort_values("label")
+    if len(t) < 2:
+        return None
+    c = t[["z", "y", "x"]].to_numpy(float)
+    mid = np.asarray(shape, float) / 2
+    a = int(np.argmin(np.linalg.norm(c - mid, axis=1)))
+    d = np.linalg.norm(c - c[a], axis=1)
+    d[a] = np.inf
+    b = int(np.argmin(d))
+    labs = t["label"].to_numpy()
+    return int(labs[a]), int(labs[b])
+
+
+def _give_to_neighbour(store: Path, lost: int, taker: int, overwrite: bool) -> None:
+    """Rewrite a label store with every voxel of `lost` given to `taker` (atomically)."""
+    from .io import open_volume, read_spacing, write_zarr
+
+    lab = open_volume(store)
+    dtype = lab.dtype
+    merged = lab.map_blocks(lambda b: np.where(b == lost, np.asarray(taker, dtype), b), dtype=dtype)
+    attrs = {"spacing": list(read_spacing(store) or (1.0, 1.0, 1.0)),
+             "segmentation_error": f"label {lost} given to label {taker} (demo)"}
+    tmp = store.with_name(store.name.replace(".zarr", "_merged.zarr"))
+    write_zarr(merged, tmp, attrs=attrs, overwrite=True)
+    import shutil
+
+    shutil.rmtree(store)
+    tmp.rename(store)
+
+
+def run_demo(out_dir, *, size: int = 160, workers: int | None = None, seed: int = 0, overwrite: bool = False,
+             quiet: bool = False, echo: Callable[[str], None] = print):
     """Run the demo and write its outputs to `out_dir`.
 
     Parameters
     ----------
     out_dir : path
-        Folder for the phantom (``phantom/``), the tables (``particles_s0.parquet``,
-        ``particles_s1.parquet``) and the figure (``radial_profiles.png``).
+        Folder for the phantom (``phantom/``) and the results (``results/``: the long
+        ``particles.parquet`` (one row per particle and state), ``tables/`` (one particle table
+        per state), ``summary.csv``, ``z_tests.csv``, ``figures/`` and ``report.html``).
     size : int
         Side of the cubic phantom, voxels (at least :data:`MIN_SIZE`).
     workers : int, optional
@@ -56,54 +100,76 @@ def run_demo(out_dir, *, size: int = 192, workers: int | None = None, seed: int 
 
     Returns
     -------
-    dict
-        State name -> particle table (pandas.DataFrame).
+    grapes_dask.track.Tracking
+        The tracked series.
     """
     from . import synthetic
     from .cluster import cluster_client, dashboard_link
     from .io import _check_can_write, atomic_output
-    from .output import check_table_path, write_table
-    from .plotting import plot_radial_profiles
-    from .table import analyze_tables
+    from .output import write_table
+    from .report import tracking_report
+    from .track import track
 
     if int(size) < MIN_SIZE:
         raise GrapesInputError(f"{{size}}: give at least {MIN_SIZE} voxels so that particles fit", size=size)
+    size = int(size)
     out = Path(out_dir)
-    tables_out = [out / f"particles_s{s}.parquet" for s in _STATES.values()]
-    fig_path = out / "radial_profiles.png"
+    results = out / "results"
     out.mkdir(parents=True, exist_ok=True)
-    for p in tables_out:
-        check_table_path(p, overwrite)
-    _check_can_write(fig_path, overwrite)
+    _check_can_write(results, overwrite)
     t0 = time.perf_counter()
-    echo(f"1/3 phantom: {size}^3 voxels, 2 states (pristine, charged) -> {out / 'phantom'}")
+    names = list(STATES)
+    echo(f"1/4 phantom: {size}^3 voxels, {len(names)} states of charge ({', '.join(names)}), "
+         f"damage {', '.join(f'{v:g}' for v in STATES.values())}, less far from the current collector (x) "
+         f"-> {out / 'phantom'}")
     (out / "phantom").mkdir(exist_ok=True)
-    ph = synthetic.make_phantom(out / "phantom", shape=(size, size, size), n_states=2, seed=seed,
-                                mean_radius=12.0, damage=(0.0, 0.8), chunks=96, overwrite=overwrite,
-                                progress=not quiet)
-    tables = {}
+    ph = synthetic.make_phantom(out / "phantom", shape=(size,) * 3, n_states=len(names), seed=seed,
+                                mean_radius=9.0, damage=list(STATES.values()), damage_gradient=0.6,
+                                damage_axis=2, chunks=80, overwrite=overwrite, progress=not quiet)
+    pair = _merge_pair(ph.truth, (size,) * 3)
+    if pair is not None:
+        lost, taker = pair
+        _give_to_neighbour(Path(ph.labels[_ERROR_STATE]), lost, taker, overwrite)
+        echo(f"    segmentation error made on purpose: at {names[_ERROR_STATE]}, particle {lost} is merged into "
+             f"particle {taker}")
+    states = {name: (ph.grey[s], ph.labels[s]) for s, name in enumerate(names)}
     with cluster_client(workers=workers) as client:
         threads = sum(w["nthreads"] for w in client.scheduler_info()["workers"].values())
         link = "" if quiet else f"; dashboard: {dashboard_link(client)}"
-        echo(f"2/3 analysis on a local cluster ({threads} threads){link}")
-        for (name, s), path in zip(_STATES.items(), tables_out):
-            t1 = time.perf_counter()
-            res = analyze_tables(ph.grey[s], ph.labels[s], exclude_outer_layers=2, client=client, progress=not quiet)
-            write_table(res.particles, path, overwrite=overwrite)
-            tables[name] = res.particles
-            echo(f"    {name}: {summary(len(res.particles), (size,) * 3, time.perf_counter() - t1)} -> {path}")
-    echo("3/3 figure")
-    big = {k: t[(~t["touches_border"]) & (t["volume"] >= t["volume"].quantile(0.5))] for k, t in tables.items()}
-    fig = plot_radial_profiles(big, column="radial_layers_graylevel",
-                               title="largest half of particles, not touching the border")
-    with atomic_output(fig_path, overwrite=overwrite) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    echo(f"    {fig_path}")
-    t = tables["charged 4.4 V"]
-    cols = ["label", "voxel_count", "sphericity", "intensity_mean", "roi_mean"]
-    echo("\nfirst particles of the charged state:")
-    echo(t[cols].head(5).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    p0, p1 = (tables[k]["roi_mean"].mean() for k in _STATES)
-    echo(f"\nmean ROI grey level: pristine {p0:.2f}, charged {p1:.2f} (cracks darken the cores)")
+        echo(f"2/4 tracking on a local cluster ({threads} threads){link}")
+        t1 = time.perf_counter()
+        tr = track(states, reference="pristine", exclude_outer_layers=5, drop_smallest=0.25, neighbour_gap=1,
+                   client=client, progress=not quiet)
+        n = tr.particles["label"].nunique()
+        echo(f"    {len(names)} states: {summary(n, (size,) * 3, (time.perf_counter() - t1) / len(names))} "
+             "per state")
+    echo("3/4 statistics over the kept particles (grey levels; +- is 3 SE_tot, paper eq. 5)")
+    s = tr.summary()
+    truth = ph.truth.groupby("state")["damage"].mean()
+    for k, name in enumerate(names):
+        row = s.loc[name]
+        echo(f"    {name:>9}: mean ROI grey {row['mean']:7.2f} +- {3 * row['se_tot']:.2f}   change "
+             f"{row['delta_mean']:+6.2f} +- {3 * row['delta_se_tot']:.2f}   (mean injected damage {truth[k]:.2f})")
+    z = tr.z_tests(alternative="less", sigma=5.0)
+    for _, r in z.iterrows():
+        verdict = "darker, significant at 5 sigma" if r["reject"] else "not significantly darker"
+        echo(f"    z-test {r['state_b']} vs {r['state_a']}: z = {r['z']:+.2f} -> {verdict}")
+    c = tr.counts().set_index("reason")
+    excl = ", ".join(f"{k} {int(v)}" for k, v in c["n"].items() if k != "kept" and v)
+    echo(f"    cleaning: {int(c.loc['kept', 'n'])} of {n} particles kept; excluded: {excl}")
+    noise = tr.params.get("noise", {}).get("pristine", {})
+    if noise:
+        echo(f"    noise sigma_bg estimated from the {noise.get('source')}: {noise.get('sigma', float('nan')):.2f} "
+             "(rendered with 6)")
+    echo("4/4 report")
+    with atomic_output(results, overwrite=overwrite) as tmp:
+        tmp.mkdir()
+        write_table(tr.particles, tmp / "particles.parquet")
+        (tmp / "tables").mkdir()
+        for name, table in tr.tables.items():
+            write_table(table, tmp / "tables" / f"{name.replace(' ', '_')}.parquet")
+        z.to_csv(tmp / "z_tests.csv", index=False)
+        tracking_report(tr, tmp, title="grapes_dask demo: a synthetic operando series")
+    echo(f"    {results / 'report.html'} (open it in a browser)")
     echo(f"done in {time.perf_counter() - t0:.1f} s")
-    return tables
+    return tr

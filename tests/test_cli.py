@@ -115,22 +115,29 @@ def test_verbose_shows_traceback(tmp_path):
     assert "Traceback" in r.stderr and "error: input 'missing.zarr' does not exist" in r.stderr
 
 
-def test_demo_writes_tables_and_figure(tmp_path):
+def test_demo_tracks_the_series_and_writes_the_report(tmp_path):
     r = run("demo", "--out", tmp_path / "d", "--size", "64", "--workers", "1", "--quiet")
     assert r.returncode == 0, r.stderr
-    for name in ("particles_s0.parquet", "particles_s1.parquet", "radial_profiles.png"):
-        assert (tmp_path / "d" / name).stat().st_size > 0
-    assert "particles" in r.stdout
+    res = tmp_path / "d" / "results"
+    for name in ("particles.parquet", "summary.csv", "z_tests.csv", "report.html", "figures/fig7b_state_deltas.png"):
+        assert (res / name).stat().st_size > 0, name
+    assert len(list((res / "tables").glob("*.parquet"))) == 4
     assert "dashboard" not in r.stdout + r.stderr  # --quiet: no link
-    import pandas as pd
+    from grapes_dask.demo import STATES
+    from grapes_dask.output import read_table
 
-    t0 = pd.read_parquet(tmp_path / "d" / "particles_s0.parquet")
-    t1 = pd.read_parquet(tmp_path / "d" / "particles_s1.parquet")
-    assert len(t0) == len(t1) > 0
-    assert (t0["label"].to_numpy() == t1["label"].to_numpy()).all()
+    long = read_table(res / "particles.parquet")
+    assert list(long["state"].astype(str).unique()) == list(STATES)
+    assert long.groupby("label").size().eq(len(STATES)).all()  # one row per (particle, state)
+    # the segmentation error made on purpose: one label missing at 4.4 V, flagged with its reason
+    lost = long[long["reason"].str.contains("inconsistent")]["label"].unique()
+    assert len(lost) == 1
+    assert np.isnan(long[(long["label"] == lost[0]) & (long["state"] == "4.4 V")]["roi_mean"]).all()
+    assert "inconsistent" in r.stdout and "z-test" in r.stdout and "report.html" in r.stdout
     # a second run without --overwrite refuses and keeps the first outputs
     r = run("demo", "--out", tmp_path / "d", "--size", "64", "--workers", "1", "--quiet")
     assert r.returncode == 2 and "already exists" in r.stderr and "Traceback" not in r.stderr
+    assert (res / "report.html").exists()
 
 
 def pd_read(path):
@@ -257,7 +264,7 @@ def test_input_errors_come_before_the_dashboard_link(tmp_path, small_phantom):
 
 def test_small_demo_size_is_refused(tmp_path):
     r = run("demo", "--out", tmp_path / "d", "--size", "20", "--quiet")
-    assert r.returncode == 2 and "--size 20: give at least 48 voxels" in r.stderr
+    assert r.returncode == 2 and "--size 20: give at least 64 voxels" in r.stderr
 
 
 def test_spelling_and_spacing_forms(tmp_path, small_phantom):
