@@ -303,7 +303,8 @@ def ref_contacts(lab):
 @pytest.mark.parametrize("suffix", [".parquet", ".csv"])
 def test_analyze_writes_layers_and_contacts_beside(tmp_path, phantom, no_cluster, suffix):
     out = tmp_path / f"t{suffix}"
-    r = invoke(phantom.grey[0], phantom.labels[0], "--out", out, "--exclude-outer-layers", "1")
+    r = invoke(phantom.grey[0], phantom.labels[0], "--out", out, "--exclude-outer-layers", "1",
+               "--normalise", "roi_mean")
     assert r.exit_code == 0, r.output
     assert f"t.layers{suffix}" in r.output and f"t.contacts{suffix}" in r.output
     lab = zarr.open(str(phantom.labels[0]), mode="r")[...]
@@ -326,6 +327,11 @@ def test_analyze_writes_layers_and_contacts_beside(tmp_path, phantom, no_cluster
     for t, name in ((layers, "layers"), (contacts, "contacts")):
         params = t.attrs["grapes_dask"]
         assert params["table"] == name and params["exclude_outer_layers"] == 1 and params["command"] == "analyze"
+    # --normalise roi_mean: each layer's mean over the ROI mean
+    assert particles.attrs["grapes_dask"]["normalise"] == "roi_mean"
+    for _, row in particles.iterrows():
+        np.testing.assert_allclose(row["radial_layers_graylevelnormed"],
+                                   row["radial_layers_graylevel"] / row["roi_mean"], rtol=1e-15)
 
 
 def test_analyze_xlsx_sheets_and_no_long_tables(tmp_path, phantom, no_cluster):

@@ -78,6 +78,35 @@ def test_outer_layers_leave_the_rim_out_whatever_start_at(start_at, dtype, spaci
         assert (rim_end >= len(cnt) - 3) if start_at == "center" else (rim_end <= 1)
 
 
+def test_centre_start_with_exclusion_is_planned_within_the_budget(monkeypatch):
+    """The planner sizes the centre-and-edge tasks (both distances) and splits them to fit."""
+    import grapes_dask.table as table_mod
+
+    lab = two_rimmed_spheres()
+    k = edge_layers_ref(lab)
+    grey = rimmed_grey(lab, k, np.uint8)
+    planned = []
+    real = table_mod.plan_pass2
+
+    def spy(*args, **kwargs):
+        bounds, tasks = real(*args, **kwargs)
+        planned.append((kwargs["memory"], kwargs["budget"], tasks))
+        return bounds, tasks
+
+    monkeypatch.setattr(table_mod, "plan_pass2", spy)
+    t = analyze(grey, lab, start_at="center", exclude_outer_layers=5, memory_limit="17MiB")
+    memory, budget, tasks = planned[-1]
+    assert not memory.center  # halo regions: the EDT needs them
+    assert len(tasks) > 1 and all(0 < r.nbytes <= budget for r in tasks)
+    # each estimate holds the edge route's and the centre route's work on the core
+    r = tasks[0]
+    edge_only = table_mod.TaskMemory(1, 1, 3, (1.0, 1.0, 1.0)).region(r.outer_shape, r.core_shape, len(r.labels),
+                                                                     r.bound)
+    assert r.nbytes >= edge_only + 41 * int(np.prod(r.core_shape))
+    for _, row in t.iterrows():
+        assert row["roi_voxels"] == ((lab == row["label"]) & (k > 5)).sum()
+
+
 def test_centre_start_without_exclusion_keeps_every_voxel():
     lab = two_rimmed_spheres((30, 48, 30), 11.0)
     k = edge_layers_ref(lab)
