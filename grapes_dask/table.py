@@ -17,8 +17,12 @@ Stages (tasks are per chunk or per region, never per label):
    in one sweep for isotropic spacing and grey of at most 16 bits
    (:func:`grapes_dask.kernels.fused_layer_sums`), else
    :func:`grapes_dask.kernels.distance.distance_core` then :func:`grapes_dask.kernels.layer_sums`;
-6. combine the layer partials in a tree, finalise the long layers table, the radial profile
-   list columns, the ROI statistics and the normalised profiles; join with pass 1.
+   with ``start_at="center"`` the distance to each centroid instead (no halo), and the EDT as
+   well when ``exclude_outer_layers > 0``, since the ROI always leaves out the outer *edge*
+   layers (the task then returns the pair of partials);
+6. combine the layer partials in a tree, finalise the long layers table, the ROI statistics,
+   the radial profile list columns and the normalised profiles; join with pass 1.
+   :func:`normalise_profiles` redoes the normalisation of a finished table.
 
 Why halo regions and our own EDT rather than ownership regions and ``edt.edt``: the distance
 kernel (:func:`grapes_dask.kernels.distance.distance_core`) computes its first pass on the
