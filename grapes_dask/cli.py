@@ -227,10 +227,14 @@ def synth(output_dir, size, mean_radius, states, seed, chunks, overwrite, quiet)
 @click.option("--layer-width", type=float, default=None, help="Radial layer width in spacing units (default 1).")
 @click.option("--start-at", type=click.Choice(["edge", "center", "centre"]), default="edge", show_default=True,
               help="Layer 1 at the particle surface (edge) or at its centroid (center or centre).")
-@click.option("--normalise", "--normalize", "normalise", type=click.Choice(["radial_max", "surface"]),
-              default="radial_max", show_default=True, help="Normalisation of radial_layers_graylevelnormed.")
+@click.option("--normalise", "--normalize", "normalise", type=click.Choice(["radial_max", "surface", "roi_mean"]),
+              default="radial_max", show_default=True,
+              help="Normalisation of radial_layers_graylevelnormed: radial_max (GRAPES; NaN when the surface "
+                   "layer is the brightest), surface (divided by the surface layer) or roi_mean (divided by the "
+                   "particle's ROI mean: 1 = as bright as the interior).")
 @click.option("--exclude-outer-layers", type=int, default=0, show_default=True,
-              help="ROI columns use the layers deeper than this.")
+              help="ROI columns use the voxels deeper than this many layers from the surface (whatever "
+                   "--start-at says).")
 @click.option("--exclude-labels", default=None, metavar="ID[,ID...]",
               help="Labels to leave out of the layer analysis (e.g. a binder phase).")
 @click.option("--no-black-border", is_flag=True, help="Do not treat the outside of the volume as background.")
@@ -242,17 +246,26 @@ def synth(output_dir, size, mean_radius, states, seed, chunks, overwrite, quiet)
                    "blocks further where memory requires).")
 @click.option("--no-check-labels", is_flag=True,
               help="Analyse label volumes that look like grey levels or a binary mask anyway.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--no-long-tables", is_flag=True,
+              help="Write only the particle table, not the layers and contacts tables (beside OUT, or as "
+                   "sheets of an .xlsx OUT).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT (and its layers and contacts tables) if they exist.")
 @click.option("--quiet", is_flag=True, help="No progress, no dashboard link: only the closing line.")
 def analyze(grey, labels, out, spacing, chunks, grey_dataset, labels_dataset, dataset, scheduler, workers,
             memory_limit, layer_width, start_at, normalise, exclude_outer_layers, exclude_labels, no_black_border,
-            fill_holes, max_hole_size, region_size, no_check_labels, overwrite, quiet):
-    """Particle table (GREAT2 radial profiles and properties) of a grey and a label volume."""
+            fill_holes, max_hole_size, region_size, no_check_labels, no_long_tables, overwrite, quiet):
+    """Particle table (GREAT2 radial profiles and properties) of a grey and a label volume.
+
+    Beside OUT (e.g. t.parquet) go the long tables in the same format: t.layers.parquet (label,
+    layer, count, mean, std: one row per particle and radial layer) and t.contacts.parquet
+    (label_a, label_b, n_faces: particles sharing faces); in an .xlsx OUT they are the sheets
+    layers and contacts.
+    """
     from pathlib import Path
 
     from .cluster import check_scheduler, cluster_client, dashboard_link
     from .demo import summary
-    from .output import check_table_path, write_table
+    from .output import check_table_path, companion_path, write_table
     from .table import analyze_tables, check_inputs
 
     if dataset is not None:
@@ -275,7 +288,8 @@ def analyze(grey, labels, out, spacing, chunks, grey_dataset, labels_dataset, da
             raise GrapesInputError(f"--memory-limit {memory_limit}: give a size such as 8GiB or 16000MB") from None
     if scheduler and workers is not None:
         raise GrapesInputError(f"--workers {workers} sizes the local cluster: leave it out with --scheduler")
-    check_table_path(out, overwrite)
+    long_tables = () if no_long_tables else ("layers", "contacts")
+    check_table_path(out, overwrite, extra=long_tables)
     excl = _parse_ids(exclude_labels)
     params = dict(spacing=spacing, chunks=chunks, layer_width=layer_width,
                   start_at="center" if start_at == "centre" else start_at, normalise=normalise,
@@ -297,8 +311,18 @@ def analyze(grey, labels, out, spacing, chunks, grey_dataset, labels_dataset, da
             warnings.simplefilter("error", GrapesInputWarning)
             res = analyze_tables(checked.grey, checked.labels, client=client, progress=not quiet, **params)
     dt = time.perf_counter() - t0
-    write_table(res.particles, out, overwrite=overwrite)
-    click.echo(f"wrote {Path(out)}: {summary(len(res.particles), checked.shape, dt)}")
+    extra = {}
+    for name in long_tables:  # each long table carries the analysis' parameters too
+        t = getattr(res, name).copy()
+        t.attrs = {"grapes_dask": {**res.particles.attrs.get("grapes_dask", {}), "table": name}}
+        extra[name] = t
+    write_table(res.particles, out, overwrite=overwrite, extra=extra)
+    also = ""
+    if long_tables:
+        suffix = Path(out).suffix.lower()
+        also = (" (sheets " if suffix == ".xlsx" else " (+ ") + ", ".join(
+            n if suffix == ".xlsx" else companion_path(out, n).name for n in long_tables) + ")"
+    click.echo(f"wrote {Path(out)}{also}: {summary(len(res.particles), checked.shape, dt)}")
 
 
 def _parse_ids(text):

@@ -3,7 +3,10 @@
 Three jobs on the results of :func:`grapes_dask.analyze`:
 
 - :func:`write_table` / :func:`read_table`: the particle table as Parquet, CSV or Excel,
-  written atomically (temporary name, then rename);
+  written atomically (temporary name, then rename), with optional long tables (the ``layers``
+  and ``contacts`` of :func:`grapes_dask.analyze_tables`) beside it in the same format
+  (:func:`companion_path`: ``particles.parquet`` -> ``particles.layers.parquet``) or as extra
+  Excel sheets;
 - :func:`prop_to_image`: paint one number per particle into a volume, label by label
   (GRAPES' ``prop_2_image``), block by block, never the whole volume in memory;
 - :func:`particle`: one particle's crops (mask, grey, radial layer map), read by its bounding
@@ -22,27 +25,34 @@ File formats
     cells back as numpy arrays.
 ``.csv``
     Comma-separated, one header row, no index column (unless the index is not the default
-    ``0..n-1``: then its levels come first and are restored). A list cell is a JSON array,
-    e.g. ``"[163.1, 153.2, NaN]"``; non-finite numbers are written ``NaN``, ``Infinity`` and
-    ``-Infinity`` as Python's :mod:`json` (and JSON5) read them; a missing list is an empty
-    cell. Floats are written with the shortest text that reads back to the same double.
+    ``0..n-1``: then its levels come first and are restored). A list cell is a standard JSON
+    array (RFC 8259), e.g. ``"[163.1, 153.2, null]"``, that any JSON parser reads
+    (``json.loads`` in Python, ``JSON.parse`` in JavaScript, ``jsonlite::fromJSON`` in R;
+    ``pandas.read_csv`` gives the text, ``df[col].map(json.loads)`` the lists): NaN is written
+    ``null`` and the infinities ``1e999`` and ``-1e999``, valid JSON numbers that parsers read
+    as +-infinity; a missing list is an empty cell. Floats are written with the shortest text
+    that reads back to the same double. (Tables written before, format ``grapes_dask.csv/1``,
+    used the non-standard tokens ``NaN`` and ``Infinity``; :func:`read_table` still reads them.)
     The metadata goes to a sidecar ``<path>.json`` (e.g. ``particles.csv.json``): the
     dtype of every column (``"uint64"``, ``"list[float64]"``, ...), the index columns and
     ``attrs``. A sidecar rather than a comment header keeps the CSV readable by any program
     (spreadsheets, R, ``pandas.read_csv`` without options). :func:`read_table` uses the sidecar
     to restore dtypes, list columns and ``attrs``; without it the dtypes are guessed.
 ``.xlsx``
-    An export for people (openpyxl), not read back by :func:`read_table`. Sheet ``particles``:
-    the table, list cells as the same JSON text as in CSV, NaN as an empty cell, infinities as
-    the text ``inf``/``-inf``; an integer column holding a value of 10**15 or more (Excel keeps
-    15 significant digits) is written as text in full. Sheet ``parameters``: one row per
-    entry of ``attrs["grapes_dask"]`` (lists as JSON text). Sheet ``columns``: each column's
-    dtype. Excel limits: 1,048,575 rows and 32,767 characters per cell; a table over them
-    raises :class:`GrapesInputError` (use Parquet or CSV).
+    An export for people (openpyxl), not read back by :func:`read_table`. Sheets:
+    ``particles``, one per extra table (``layers``, ``contacts``, written the same way),
+    ``parameters`` and ``columns``. A table sheet: list cells as the same JSON text as in CSV
+    (NaN inside a list as ``null``), a scalar NaN as an empty cell, scalar infinities as the
+    text ``inf``/``-inf``; an integer column holding a value of 10**15 or more (Excel keeps 15
+    significant digits) is written as text in full. Sheet ``parameters``: one row per entry
+    of ``attrs["grapes_dask"]`` (lists as JSON text). Sheet ``columns``: the dtype of each
+    column of ``particles``. Excel limits: 1,048,575 rows and 32,767 characters per cell; a
+    particle table over them raises :class:`GrapesInputError` (use Parquet or CSV), a longer
+    extra table continues on sheets ``layers_2``, ``layers_3``, ...
 
-Every writer checks the destination before any work and writes to a temporary name in the
-same folder (:func:`grapes_dask.io.atomic_output`); a failure removes it and leaves an existing
-file untouched.
+Every writer checks the destinations before any work and writes to temporary names in the
+same folder (:func:`grapes_dask.io.atomic_output`), renamed together at the end; a failure
+removes them and leaves existing files untouched.
 """
 
 from __future__ import annotations
@@ -64,14 +74,15 @@ import pandas as pd
 from ._errors import GrapesInputError
 from .io import _check_can_write, atomic_output, open_volume, provenance, volume_info, write_zarr
 
-__all__ = ["write_table", "read_table", "prop_to_image", "particle", "Particle", "TABLE_FORMATS"]
+__all__ = ["write_table", "read_table", "check_table_path", "companion_path", "prop_to_image", "particle", "Particle",
+           "TABLE_FORMATS"]
 
 #: Table file suffixes :func:`write_table` writes.
 TABLE_FORMATS = (".parquet", ".csv", ".xlsx")
 _READ_FORMATS = (".parquet", ".csv")
 _META_KEY = b"grapes_dask"
 _ATTRS_KEY = b"grapes_dask.attrs"
-_CSV_FORMAT = "grapes_dask.csv/1"
+_CSV_FORMAT = "grapes_dask.csv/2"  # /1: list cells with JSON5's NaN and Infinity tokens (still read)
 _XLSX_MAX_ROWS = 1_048_575  # one header row
 _XLSX_MAX_CELL = 32_767
 _XLSX_MAX_EXACT_INT = 10**15
@@ -188,8 +199,8 @@ def _default_index(df: pd.DataFrame) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def write_table(table, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write a particle table to Parquet, CSV or Excel, atomically.
+def write_table(table, path: str | os.PathLike, *, overwrite: bool = False, extra=None) -> Path:
+    """Write a particle table to Parquet, CSV or Excel, atomically, with optional long tables.
 
     Parameters
     ----------
@@ -203,8 +214,18 @@ def write_table(table, path: str | os.PathLike, *, overwrite: bool = False) -> P
         Destination; the format follows the suffix: ``.parquet``, ``.csv`` (plus the sidecar
         ``<path>.json``) or ``.xlsx``. See the module documentation for the layout of each.
     overwrite : bool
-        Replace an existing file (and CSV sidecar). Otherwise an existing destination raises
+        Replace existing files (and CSV sidecars). Otherwise an existing destination raises
         :class:`GrapesInputError` before anything is computed or written.
+    extra : mapping of str to DataFrame, optional
+        More tables written with it, e.g. ``{"layers": res.layers, "contacts": res.contacts}``
+        of :func:`grapes_dask.analyze_tables`. Names are short identifiers (a letter, then
+        letters, digits or ``_``; at most 24 characters; not ``particles``, ``parameters`` or
+        ``columns``). For Parquet and CSV each goes beside the table in the same format, at
+        :func:`companion_path` (``particles.parquet`` -> ``particles.layers.parquet``, a CSV
+        with its own sidecar); for Excel each is a sheet of that name after ``particles`` (a
+        table over Excel's 1,048,575 rows continues on sheets ``NAME_2``, ``NAME_3``, ...).
+        All files are written under temporary names first and renamed together at the end:
+        a failure leaves none of them.
 
     Returns
     -------
@@ -216,29 +237,80 @@ def write_table(table, path: str | os.PathLike, *, overwrite: bool = False) -> P
     GrapesInputError
         Unsupported suffix (the message lists the supported ones), existing destination
         without `overwrite`, missing folder, attrs that are not JSON-serialisable, a table over
-        Excel's limits.
+        Excel's limits, a bad `extra` name.
     """
     path = Path(path)
-    suffix = check_table_path(path, overwrite)
+    extra = _check_extra(extra)
+    suffix = check_table_path(path, overwrite, extra=tuple(extra))
     df = _as_pandas(table)
-    if suffix == ".parquet":
-        _write_parquet(df, path, overwrite)
-    elif suffix == ".csv":
-        _write_csv(df, path, overwrite)
-    else:
-        _write_xlsx(df, path, overwrite)
+    extra = {name: _as_pandas(t) for name, t in extra.items()}
+    if suffix == ".xlsx":
+        _write_xlsx(df, path, overwrite, extra)
+        return path
+    write = _write_parquet if suffix == ".parquet" else _write_csv
+    with contextlib.ExitStack() as stack:
+        # entered first, renamed last: once the table is in place its companions are complete
+        write(df, path, overwrite, stack)
+        for name, t in extra.items():
+            write(t, companion_path(path, name), overwrite, stack)
     return path
 
 
-def check_table_path(path, overwrite: bool = False) -> str:
-    """Fail before any compute if a table cannot be written to `path`.
+_RESERVED_SHEETS = ("particles", "parameters", "columns")
+_EXTRA_NAME_MAX = 24  # Excel sheet names hold 31 characters; "_NN..." continuations need the rest
+
+
+def _check_extra(extra) -> dict:
+    if extra is None:
+        return {}
+    if not hasattr(extra, "items"):
+        raise GrapesInputError(
+            f"extra must map table names to DataFrames (e.g. {{'layers': res.layers}}), got {type(extra).__name__}"
+        )
+    out = {}
+    for name, t in extra.items():
+        ok = isinstance(name, str) and 0 < len(name) <= _EXTRA_NAME_MAX and name[0].isascii() and name[0].isalpha() \
+            and all(c.isascii() and (c.isalnum() or c == "_") for c in name)
+        if not ok or name.lower() in _RESERVED_SHEETS:
+            raise GrapesInputError(
+                f"extra table name {name!r}: use a short identifier (a letter, then letters, digits or _; at most "
+                f"{_EXTRA_NAME_MAX} characters) other than {', '.join(_RESERVED_SHEETS)}, e.g. 'layers'"
+            )
+        out[name] = t
+    return out
+
+
+def companion_path(path: str | os.PathLike, name: str) -> Path:
+    """Where :func:`write_table` puts the extra table `name` of a Parquet or CSV table `path`.
+
+    Parameters
+    ----------
+    path : path
+        The particle table's path, e.g. ``out/particles.parquet``.
+    name : str
+        The extra table's name, e.g. ``"layers"``.
+
+    Returns
+    -------
+    pathlib.Path
+        ``out/particles.layers.parquet`` (the name before the suffix, same folder and format).
+    """
+    path = Path(path)
+    return path.with_name(f"{path.stem}.{name}{path.suffix}")
+
+
+def check_table_path(path, overwrite: bool = False, *, extra=()) -> str:
+    """Fail before any compute if a table (and its extra tables) cannot be written to `path`.
 
     Parameters
     ----------
     path : path
         Destination of :func:`write_table`.
     overwrite : bool
-        Whether an existing file (and CSV sidecar) may be replaced.
+        Whether existing files (and CSV sidecars) may be replaced.
+    extra : sequence of str
+        Names of the extra tables :func:`write_table` will be given (their files beside a
+        Parquet or CSV table are checked too; in Excel they are sheets of the one file).
 
     Returns
     -------
@@ -248,13 +320,17 @@ def check_table_path(path, overwrite: bool = False) -> str:
     Raises
     ------
     GrapesInputError
-        Unsupported suffix, existing destination without `overwrite`, missing folder.
+        Unsupported suffix, existing destination without `overwrite`, missing folder, a bad
+        extra name.
     """
     path = Path(path)
     suffix = _suffix(path, TABLE_FORMATS, "write a table to")
-    _check_can_write(path, overwrite)
-    if suffix == ".csv":
-        _check_can_write(_sidecar(path), overwrite)
+    names = list(_check_extra({n: None for n in extra}))
+    targets = [path] + ([] if suffix == ".xlsx" else [companion_path(path, n) for n in names])
+    for target in targets:
+        _check_can_write(target, overwrite)
+        if suffix == ".csv":
+            _check_can_write(_sidecar(target), overwrite)
     return suffix
 
 
@@ -293,22 +369,37 @@ def _arrow_table(df: pd.DataFrame):
     return tbl.replace_schema_metadata(meta)
 
 
-def _write_parquet(df: pd.DataFrame, path: Path, overwrite: bool) -> None:
+def _write_parquet(df: pd.DataFrame, path: Path, overwrite: bool, stack: contextlib.ExitStack) -> None:
+    """Write `df` to a temporary name renamed to `path` when `stack` closes without error."""
     import pyarrow.parquet as pq
 
     tbl = _arrow_table(df)
-    with atomic_output(path, overwrite=overwrite) as tmp:
-        pq.write_table(tbl, tmp)
+    tmp = stack.enter_context(atomic_output(path, overwrite=overwrite))
+    pq.write_table(tbl, tmp)
 
 
 def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
+def _json_number(x: float) -> str:
+    """One float as standard JSON: the shortest text that reads back to the same double; NaN as
+    ``null``, infinities as ``1e999`` / ``-1e999`` (valid JSON numbers that overflow to +-inf)."""
+    if x != x:
+        return "null"
+    if x in (math.inf, -math.inf):
+        return "1e999" if x > 0 else "-1e999"
+    return repr(x)
+
+
 def _json_cell(v) -> str | None:
+    """A list cell as standard JSON text (RFC 8259), or None for a missing list."""
     if _is_missing(v):
         return None
-    return json.dumps(np.asarray(v).tolist())
+    a = np.asarray(v)
+    if a.dtype.kind == "f":
+        return "[" + ", ".join(_json_number(x) for x in a.astype(np.float64).tolist()) + "]"
+    return json.dumps(a.tolist(), allow_nan=False)
 
 
 def _text_frame(df: pd.DataFrame) -> tuple[pd.DataFrame, dict, list, list]:
@@ -332,23 +423,24 @@ def _text_frame(df: pd.DataFrame) -> tuple[pd.DataFrame, dict, list, list]:
     return out, dtypes, index_cols, index_names
 
 
-def _write_csv(df: pd.DataFrame, path: Path, overwrite: bool) -> None:
+def _write_csv(df: pd.DataFrame, path: Path, overwrite: bool, stack: contextlib.ExitStack) -> None:
+    """Write `df` and its sidecar to temporary names renamed when `stack` closes without error."""
     text, dtypes, index_cols, index_names = _text_frame(df)
     side = {
         "format": _CSV_FORMAT,
         "table": path.name,
-        "list_encoding": "json",
+        "list_encoding": "json, NaN as null, infinities as 1e999 and -1e999",
         "columns": dtypes,
         "index_columns": index_cols,
         "index_names": index_names,
         "attrs": df.attrs,
     }
     side_text = _to_json(side, "table.attrs", indent=1)
-    # the sidecar is renamed first, so that a complete CSV never lacks its metadata
-    with atomic_output(path, overwrite=overwrite) as tmp_csv:
-        with atomic_output(_sidecar(path), overwrite=overwrite) as tmp_json:
-            text.to_csv(tmp_csv, index=False)
-            tmp_json.write_text(side_text + "\n")
+    # entered last, the sidecar is renamed first, so that a complete CSV never lacks its metadata
+    tmp_csv = stack.enter_context(atomic_output(path, overwrite=overwrite))
+    tmp_json = stack.enter_context(atomic_output(_sidecar(path), overwrite=overwrite))
+    text.to_csv(tmp_csv, index=False)
+    tmp_json.write_text(side_text + "\n")
 
 
 def _xlsx_values(df: pd.DataFrame, lists: dict) -> list:
@@ -397,30 +489,44 @@ def _xlsx_values(df: pd.DataFrame, lists: dict) -> list:
     return convs
 
 
-def _write_xlsx(df: pd.DataFrame, path: Path, overwrite: bool) -> None:
-    from openpyxl import Workbook
-
+def _xlsx_sheet(df: pd.DataFrame, what: str):
+    """``(df, names, convs, columns, lists)`` of one sheet, Excel's cell limit checked before writing."""
     if not _default_index(df):
         df = df.reset_index()
-    if len(df) > _XLSX_MAX_ROWS:
-        raise GrapesInputError(
-            f"the table has {len(df)} rows but an Excel sheet holds at most {_XLSX_MAX_ROWS}: "
-            "write .parquet or .csv instead"
-        )
     lists = _list_columns(df)
     convs = _xlsx_values(df, lists)
     names = [str(c) for c in df.columns]
-    params = df.attrs.get("grapes_dask", {}) or {}
     columns = [df[c].to_numpy() for c in df.columns]
-    for name, conv, col in zip(names, convs, columns):  # Excel's cell limit, checked before writing
+    for name, conv, col in zip(names, convs, columns):
         if col.dtype == object:
             for i, v in enumerate(col):
                 text = conv(v)
                 if isinstance(text, str) and len(text) > _XLSX_MAX_CELL:
                     raise GrapesInputError(
-                        f"column {name!r} of row {i} needs {len(text)} characters, over Excel's "
+                        f"column {name!r} of row {i}{what} needs {len(text)} characters, over Excel's "
                         f"{_XLSX_MAX_CELL} per cell: write .parquet or .csv instead"
                     )
+    return df, names, convs, columns, lists
+
+
+def _write_xlsx(df: pd.DataFrame, path: Path, overwrite: bool, extra: dict | None = None) -> None:
+    from openpyxl import Workbook
+
+    extra = extra or {}
+    if len(df) > _XLSX_MAX_ROWS:
+        raise GrapesInputError(
+            f"the table has {len(df)} rows but an Excel sheet holds at most {_XLSX_MAX_ROWS}: "
+            "write .parquet or .csv instead"
+        )
+    df, names, convs, columns, lists = _xlsx_sheet(df, "")
+    sheets = [("particles", names, convs, columns, 0, len(df))]
+    for name, t in extra.items():
+        t, t_names, t_convs, t_cols, _ = _xlsx_sheet(t, f" of table {name!r}")
+        starts = range(0, max(len(t), 1), _XLSX_MAX_ROWS)
+        for j, start in enumerate(starts):  # a long table continues on NAME_2, NAME_3, ...
+            sheets.append((name if j == 0 else f"{name}_{j + 1}", t_names, t_convs, t_cols, start,
+                           min(len(t), start + _XLSX_MAX_ROWS)))
+    params = df.attrs.get("grapes_dask", {}) or {}
     param_rows = []
     for k, v in params.items():
         if not (v is None or isinstance(v, (str, bool, int, float))):
@@ -433,10 +539,11 @@ def _write_xlsx(df: pd.DataFrame, path: Path, overwrite: bool) -> None:
     with atomic_output(path, overwrite=overwrite) as tmp:
         wb = Workbook(write_only=True)
         try:
-            ws = wb.create_sheet("particles")
-            ws.append(names)
-            for i in range(len(df)):
-                ws.append([conv(col[i]) for conv, col in zip(convs, columns)])
+            for title, header, convs_, cols, start, stop in sheets:
+                ws = wb.create_sheet(title)
+                ws.append(header)
+                for i in range(start, stop):
+                    ws.append([conv(col[i]) for conv, col in zip(convs_, cols)])
             for title, header, rows in (("parameters", ["parameter", "value"], param_rows),
                                         ("columns", ["column", "dtype"], column_rows)):
                 sheet = wb.create_sheet(title)
@@ -513,9 +620,14 @@ def _read_parquet(path: Path) -> pd.DataFrame:
 
 
 def _parse_list(text, dtype) -> np.ndarray | None:
+    """A CSV list cell: standard JSON (``null`` is NaN), or the ``NaN``/``Infinity`` tokens of
+    tables written before (``grapes_dask.csv/1``), which Python's json reads as well."""
     if _is_missing(text):
         return None
-    return np.asarray(json.loads(text), dtype=dtype)
+    values = json.loads(text)
+    if dtype is None and isinstance(values, list) and any(v is None for v in values):
+        dtype = np.float64
+    return np.asarray(values, dtype=dtype)
 
 
 def _read_csv(path: Path) -> pd.DataFrame:

@@ -17,8 +17,12 @@ Stages (tasks are per chunk or per region, never per label):
    in one sweep for isotropic spacing and grey of at most 16 bits
    (:func:`grapes_dask.kernels.fused_layer_sums`), else
    :func:`grapes_dask.kernels.distance.distance_core` then :func:`grapes_dask.kernels.layer_sums`;
-6. combine the layer partials in a tree, finalise the long layers table, the radial profile
-   list columns, the ROI statistics and the normalised profiles; join with pass 1.
+   with ``start_at="center"`` the distance to each centroid instead (no halo), and the EDT as
+   well when ``exclude_outer_layers > 0``, since the ROI always leaves out the outer *edge*
+   layers (the task then returns the pair of partials);
+6. combine the layer partials in a tree, finalise the long layers table, the ROI statistics,
+   the radial profile list columns and the normalised profiles; join with pass 1.
+   :func:`normalise_profiles` redoes the normalisation of a finished table.
 
 Why halo regions and our own EDT rather than ownership regions and ``edt.edt``: the distance
 kernel (:func:`grapes_dask.kernels.distance.distance_core`) computes its first pass on the
@@ -31,6 +35,7 @@ is exact: integer squared distances for isotropic spacing, and for anisotropic s
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -46,7 +51,7 @@ from .kernels.distance import distance_core
 from .plan import TaskMemory, memory_budget, pass1_blocks, plan_pass2
 
 __all__ = ["particle_table", "analyze", "analyze_tables", "check_inputs", "CheckedInputs", "ParticleTables",
-           "PROFILE_COLUMNS"]
+           "normalise_profiles", "PROFILE_COLUMNS", "NORMALISATIONS"]
 
 PROFILE_COLUMNS = (
     "radial_layers",
@@ -56,6 +61,8 @@ PROFILE_COLUMNS = (
     "radial_layers_graylevelnormed",
 )
 ROI_COLUMNS = {"roi_voxels": "int64", "roi_mean": "float64", "roi_std": "float64"}
+#: Choices of ``normalise`` (:func:`analyze`, :func:`normalise_profiles`).
+NORMALISATIONS = ("radial_max", "surface", "roi_mean")
 _FAN_IN = 8
 
 
@@ -172,8 +179,8 @@ def _normalize_inputs(grey, labels, *, spacing, chunks, layer_width, start_at, b
         raise GrapesInputError("{layer_width}: give a positive layer width in spacing units", layer_width=layer_width)
     if start_at not in ("edge", "center"):
         raise GrapesInputError("{start_at}: choose 'edge' (layers from the surface) or 'center'", start_at=start_at)
-    if normalise not in ("radial_max", "surface"):
-        raise GrapesInputError("{normalise}: choose 'radial_max' or 'surface'", normalise=normalise)
+    if normalise not in NORMALISATIONS:
+        raise GrapesInputError("{normalise}: choose 'radial_max', 'surface' or 'roi_mean'", normalise=normalise)
     if int(exclude_outer_layers) != exclude_outer_layers or exclude_outer_layers < 0:
         raise GrapesInputError("{exclude_outer_layers}: give a whole number >= 0",
                                exclude_outer_layers=exclude_outer_layers)
@@ -249,26 +256,65 @@ def _centre_distance(lab, origin, spacing, sorted_labels, centroids):
     return d
 
 
-def _pass2_task(lab_src, lab_sl, grey_src, grey_sl, core, border, spacing, width, exclude, center, origin,
-                centre_table, keys, max_distance):
-    lab_outer, grey_core = _get(lab_src, lab_sl), _get(grey_src, grey_sl)
-    if len(exclude):
-        lab_outer = np.where(np.isin(lab_outer, exclude), 0, lab_outer)
-    fused = (not center and lab_outer.ndim == 3 and len(set(spacing)) == 1
+def _edge_layer_sums(lab_outer, grey_core, core, border, spacing, width, keys, max_distance):
+    """Layer partial of the core by edge layers (EDT of the region, layer 1 at the surface)."""
+    fused = (lab_outer.ndim == 3 and len(set(spacing)) == 1
              and grey_core.dtype.kind in "uib" and grey_core.dtype.itemsize <= 2 and np.isfinite(max_distance))
     if fused:  # EDT and layer sums in one sweep, no float distance array
         g = grey_core.view(np.uint8) if grey_core.dtype == bool else grey_core
         return kernels.fused_layer_sums(lab_outer, g, core, border, spacing[0], width, keys, max_distance)
-    lab_core = lab_outer[core]
-    if center:
-        sorted_labels, centroids = centre_table
-        if len(sorted_labels) == 0:
-            d = np.zeros(lab_core.shape)
-        else:
-            d = _centre_distance(lab_core, origin, spacing, sorted_labels, centroids)
+    d = distance_core(lab_outer, core=core, spacing=spacing, border=border)
+    return kernels.layer_sums(lab_outer[core], grey_core, d, layer_width=width)
+
+
+def _centre_layer_sums(lab_core, grey_core, origin, spacing, width, centre_table, only_labels=None):
+    """Layer partial by centre layers (distance to each label's centroid, layer 1 at the centre)."""
+    sorted_labels, centroids = centre_table
+    if len(sorted_labels) == 0:
+        d = np.zeros(lab_core.shape)
     else:
-        d = distance_core(lab_outer, core=core, spacing=spacing, border=border)
-    return kernels.layer_sums(lab_core, grey_core, d, layer_width=width, from_center=center)
+        d = _centre_distance(lab_core, origin, spacing, sorted_labels, centroids)
+    return kernels.layer_sums(lab_core, grey_core, d, layer_width=width, only_labels=only_labels, from_center=True)
+
+
+def _pass2_task(lab_src, lab_sl, grey_src, grey_sl, core, border, spacing, width, exclude, center, origin,
+                centre_table, keys, max_distance, edge_roi=False):
+    """One region's layer partial; with `edge_roi` (centre layers and an ROI that excludes outer
+    layers) the pair ``(centre partial, edge partial)``, the second for the ROI."""
+    lab_outer, grey_core = _get(lab_src, lab_sl), _get(grey_src, grey_sl)
+    if len(exclude):
+        lab_outer = np.where(np.isin(lab_outer, exclude), 0, lab_outer)
+    if not center:
+        return _edge_layer_sums(lab_outer, grey_core, core, border, spacing, width, keys, max_distance)
+    centre = _centre_layer_sums(lab_outer[core], grey_core, origin, spacing, width, centre_table)
+    if not edge_roi:
+        return centre
+    return centre, _edge_layer_sums(lab_outer, grey_core, core, border, spacing, width, keys, max_distance)
+
+
+@dataclass(frozen=True)
+class _CentreAndEdgeMemory(TaskMemory):
+    """Pass-2 memory of ``start_at="center"`` with outer layers excluded from the ROI.
+
+    The tasks are halo regions of the edge route (their EDT gives the ROI), so the model is
+    :class:`~grapes_dask.plan.TaskMemory`'s edge route plus the centre route's own work on the
+    core (``41 n_c``, measured for ``start_at="center"``), its partial table over the centre
+    layers (up to `centre_reach` per label) and the centroid table every task holds.
+    """
+
+    centre_reach: float = 0.0
+    n_all: int = 0
+
+    def _centre_bytes(self, core_shape, n_labels) -> int:
+        n_c = int(np.prod(np.asarray(core_shape, np.int64)))
+        rows = int(np.floor(max(self.centre_reach, 0.0) / self.layer_width)) + 3
+        return 41 * n_c + 160 * int(n_labels) * rows + 32 * self.n_all
+
+    def region(self, outer_shape, core_shape, n_labels=0, max_bound=0.0) -> int:
+        return super().region(outer_shape, core_shape, n_labels, max_bound) + self._centre_bytes(core_shape, n_labels)
+
+    def fill(self, box_shape, n_labels=0, max_bound=0.0) -> int:
+        return super().fill(box_shape, n_labels, max_bound) + self._centre_bytes(box_shape, n_labels)
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,7 +322,12 @@ def _pass2_task(lab_src, lab_sl, grey_src, grey_sl, core, border, spacing, width
 # --------------------------------------------------------------------------------------------
 
 
-def _normalised(means: np.ndarray, how: str, start_at: str = "edge") -> np.ndarray:
+def _normalised(means: np.ndarray, how: str, start_at: str = "edge", roi_mean: float = np.nan) -> np.ndarray:
+    """One particle's normalised profile (see :data:`NORMALISATIONS`)."""
+    means = np.asarray(means, np.float64)
+    if how == "roi_mean":
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return means / np.float64(roi_mean)
     g1 = means[0] if len(means) else np.nan
     if how == "surface":
         # the surface layer: layer 1 from the edge, the outermost layer from the centre (as GRAPES)
@@ -290,7 +341,8 @@ def _normalised(means: np.ndarray, how: str, start_at: str = "edge") -> np.ndarr
     return rel / top
 
 
-def _profiles(layers: pd.DataFrame, labels: np.ndarray, how: str, start_at: str = "edge") -> dict:
+def _profiles(layers: pd.DataFrame, labels: np.ndarray, how: str, start_at: str = "edge",
+              roi_mean: np.ndarray | None = None) -> dict:
     """Radial profile list columns (layers 1..K, empty layers with count 0 and NaN)."""
     n = len(labels)
     out = {c: np.empty(n, dtype=object) for c in PROFILE_COLUMNS}
@@ -313,7 +365,8 @@ def _profiles(layers: pd.DataFrame, labels: np.ndarray, how: str, start_at: str 
         out["radial_layers_count"][i] = c
         out["radial_layers_graylevel"][i] = m
         out["radial_layers_std"][i] = s
-        out["radial_layers_graylevelnormed"][i] = _normalised(m, how, start_at)
+        out["radial_layers_graylevelnormed"][i] = _normalised(m, how, start_at,
+                                                              np.nan if roi_mean is None else roi_mean[i])
     return out
 
 
@@ -333,17 +386,34 @@ def _roi(combined_layers: pd.DataFrame, labels: np.ndarray, n_outer: int) -> dic
     return out
 
 
+def _combine_pairs(pairs):
+    """Combine ``(centre partial, edge partial)`` pairs element-wise."""
+    return (kernels.combine_layers([p[0] for p in pairs]), kernels.combine_layers([p[1] for p in pairs]))
+
+
 def _empty_layers_partial(grey_dtype) -> pd.DataFrame:
     return kernels.layer_sums(np.zeros((1, 1), np.uint8), np.zeros((1, 1), grey_dtype), np.zeros((1, 1)))
 
 
-def _finish(stats: pd.DataFrame, combined_layers: pd.DataFrame, contacts: pd.DataFrame, params: dict):
+def _finish(stats: pd.DataFrame, combined_layers, contacts: pd.DataFrame, params: dict):
+    """The tables from pass 1's statistics and pass 2's combined layer partial.
+
+    `combined_layers` is one partial (layers by ``start_at``, which also give the ROI) or the
+    pair ``(centre layers, edge layers)``: then the ROI comes from the edge layers.
+    """
+    if isinstance(combined_layers, tuple):
+        combined_layers, roi_layers = combined_layers
+    else:
+        roi_layers = combined_layers
+        if params["start_at"] == "center" and params["exclude_outer_layers"] > 0:
+            raise ValueError("centre layers with exclude_outer_layers > 0 need the edge-layer partial for the ROI")
     layers = kernels.finalize_layers(combined_layers)
     labels = stats["label"].to_numpy()
     table = stats.copy()
-    for k, v in _profiles(layers, labels, params["normalise"], params["start_at"]).items():
+    roi = _roi(roi_layers, labels, params["exclude_outer_layers"])
+    for k, v in _profiles(layers, labels, params["normalise"], params["start_at"], roi["roi_mean"]).items():
         table[k] = v
-    for k, v in _roi(combined_layers, labels, params["exclude_outer_layers"]).items():
+    for k, v in roi.items():
         table[k] = v
     table["excluded"] = np.isin(labels, np.asarray(params["exclude_labels"], np.uint64))
     table.attrs["grapes_dask"] = params
@@ -491,21 +561,23 @@ def _fill_cavities(lab, owned, max_size):
 
 
 def _fill_holes_task(lab_src, lab_sl, grey_src, grey_sl, border, spacing, width, exclude, owned, center, origin,
-                     centre_table, max_hole_size):
+                     centre_table, max_hole_size, edge_roi=False):
     lab = np.array(_get(lab_src, lab_sl))
     grey = _get(grey_src, grey_sl)
     if len(exclude):
         lab[np.isin(lab, exclude)] = 0
     _fill_cavities(lab, owned, max_hole_size)
     if center:
-        sorted_labels, centroids = centre_table
-        d = _centre_distance(lab, origin, spacing, sorted_labels, centroids)
-    else:
-        d = distance_core(lab, spacing=spacing, border=border)
-    return kernels.layer_sums(lab, grey, d, layer_width=width, only_labels=owned, from_center=center)
+        centre = _centre_layer_sums(lab, grey, origin, spacing, width, centre_table, only_labels=owned)
+        if not edge_roi:
+            return centre
+    d = distance_core(lab, spacing=spacing, border=border)
+    edge = kernels.layer_sums(lab, grey, d, layer_width=width, only_labels=owned)
+    return (centre, edge) if center else edge
 
 
-def _pass2_fill_holes(inp, groups, all_labels, exclude, params, center, centre_table, black_border, max_hole_size):
+def _pass2_fill_holes(inp, groups, all_labels, exclude, params, center, centre_table, black_border, max_hole_size,
+                      edge_roi=False):
     """Pass 2 with hole filling: one task per ownership group (:func:`grapes_dask.plan.plan_fill_groups`).
 
     A label is owned by one group; the box of a group is the union of its labels' boxes padded
@@ -522,6 +594,7 @@ def _pass2_fill_holes(inp, groups, all_labels, exclude, params, center, centre_t
         parts.append(dask.delayed(_fill_holes_task, pure=True)(
             *inp.block("labels", g.box), *inp.block("grey", g.box), border, inp.spacing, params["layer_width"],
             exclude, all_labels[g.owned], center, tuple(int(x) for x in lo), centre_table, max_hole_size,
+            edge_roi,
         ))
     return parts
 
@@ -567,6 +640,9 @@ def _run(grey, labels, *, spacing=None, chunks=None, layer_width=None, start_at=
               "max_hole_size": None if max_hole_size is None else int(max_hole_size),
               **provenance(command="analyze", grey=inp.names["grey"], labels=inp.names["labels"])}
     center = start_at == "center"
+    # the ROI always leaves out the outer, surface-side layers: with centre layers that takes the
+    # EDT as well (halo regions, as start_at="edge"), only when some layers are excluded
+    edge_roi = center and params["exclude_outer_layers"] > 0
 
     # 2-3. pass 1 and its reduction
     t0 = time.perf_counter()
@@ -602,7 +678,7 @@ def _run(grey, labels, *, spacing=None, chunks=None, layer_width=None, start_at=
     bbox_min = stats[[f"bbox-{a}" for a in range(inp.labels.ndim)]].to_numpy()
     bbox_max = stats[[f"bbox-{a + inp.labels.ndim}" for a in range(inp.labels.ndim)]].to_numpy()
     full = stats["voxel_count"].to_numpy() == int(np.prod(inp.labels.shape))
-    if not center and not black_border and full.any():
+    if (not center or edge_roi) and not black_border and full.any():
         raise GrapesInputError(
             f"label {int(all_labels[full][0])} fills the whole volume, so with {{black_border}} no voxel "
             "outside it exists and its distance transform is undefined: {fix}", black_border=False,
@@ -616,13 +692,20 @@ def _run(grey, labels, *, spacing=None, chunks=None, layer_width=None, start_at=
 
     # 5. pass 2: ownership groups with hole filling, else label-aware halo regions; both split
     # until every task fits the budget (grapes_dask.plan)
-    memory = TaskMemory(inp.labels.dtype.itemsize, inp.grey.dtype.itemsize, inp.labels.ndim, inp.spacing,
-                        inp.grey.dtype.kind, center, params["layer_width"], bool(len(exclude)), read_bytes)
+    if edge_roi:
+        ext = (bbox_max - bbox_min) * np.asarray(inp.spacing, float)
+        reach = float(np.sqrt((ext ** 2).sum(axis=1)).max()) if len(ext) else 0.0
+        memory = _CentreAndEdgeMemory(inp.labels.dtype.itemsize, inp.grey.dtype.itemsize, inp.labels.ndim,
+                                      inp.spacing, inp.grey.dtype.kind, False, params["layer_width"],
+                                      bool(len(exclude)), read_bytes, centre_reach=reach, n_all=len(all_labels))
+    else:
+        memory = TaskMemory(inp.labels.dtype.itemsize, inp.grey.dtype.itemsize, inp.labels.ndim, inp.spacing,
+                            inp.grey.dtype.kind, center, params["layer_width"], bool(len(exclude)), read_bytes)
     _, tasks = plan_pass2(edges, block_labels, all_labels, bbox_min, bbox_max, inp.labels.shape, spacing=inp.spacing,
                           budget=budget, memory=memory, black_border=black_border, exclude=exclude,
                           fill_holes=fill_holes, chunks=inp.labels.chunks)
     regions, parts = ([], _pass2_fill_holes(inp, tasks, all_labels, exclude, params, center, centre_table,
-                                            black_border, max_hole_size)) if fill_holes else (tasks, [])
+                                            black_border, max_hole_size, edge_roi)) if fill_holes else (tasks, [])
     for reg in regions:
         origin = tuple(s.start for s in reg.core)
         # a side on the volume border is a boundary of the EDT only with black_border
@@ -632,9 +715,14 @@ def _run(grey, labels, *, spacing=None, chunks=None, layer_width=None, start_at=
         max_distance = float(reg.bound) if len(keys) else 0.0
         parts.append(dask.delayed(_pass2_task, pure=True)(
             *inp.block("labels", reg.outer), *inp.block("grey", reg.core), reg.core_in_outer, border, inp.spacing,
-            params["layer_width"], exclude, center, origin, centre_table, keys, max_distance,
+            params["layer_width"], exclude, center, origin, centre_table, keys, max_distance, edge_roi,
         ))
-    combined_layers = _tree_reduce(parts, kernels.combine_layers) if parts else _empty_layers_partial(inp.grey.dtype)
+    if edge_roi:  # pairs (centre partial, edge partial)
+        combined_layers = (_tree_reduce(parts, _combine_pairs) if parts else
+                           (_empty_layers_partial(inp.grey.dtype), _empty_layers_partial(inp.grey.dtype)))
+    else:
+        combined_layers = (_tree_reduce(parts, kernels.combine_layers) if parts else
+                           _empty_layers_partial(inp.grey.dtype))
     timings = {"pass1": t1 - t0, "plan": time.perf_counter() - t1}
     return inp, stats, contacts, combined_layers, params, timings
 
@@ -692,15 +780,36 @@ def analyze(
     start_at : {"edge", "center"}
         ``"edge"``: layer ``k = max(1, round_half_even(d / layer_width))`` with ``d`` the EDT
         (layer 1 at the surface). ``"center"``: ``k = 1 + round_half_even(c / layer_width)``
-        with ``c`` the distance to the particle's centroid (layer 1 at the centre).
+        with ``c`` the distance to the particle's centroid (layer 1 at the centre). The
+        profiles and the ``layers`` table follow it; the ROI does not (`exclude_outer_layers`).
     black_border : bool
         Voxels outside the volume count as outside every particle (GRAPES' default).
-    normalise : {"radial_max", "surface"}
-        ``radial_layers_graylevelnormed``: ``(g - g[1]) / max(g - g[1])`` (NaN when that max
-        is <= 0) or ``g / g[surface]`` with the surface layer 1 from the edge and the outermost
-        layer with ``start_at="center"`` (as GRAPES).
+    normalise : {"radial_max", "surface", "roi_mean"}
+        ``radial_layers_graylevelnormed`` from the layer means ``g`` (dimensionless):
+
+        - ``"radial_max"`` (GRAPES' default): ``(g - g[1]) / max(g - g[1])``, 0 at layer 1 and
+          1 at the brightest layer; NaN for the whole profile when no layer is brighter than
+          layer 1, which is the rule, not the exception, when the surface layer is the
+          brightest (a phase-contrast rim);
+        - ``"surface"``: ``g / g[surface]``, the surface layer being layer 1 from the edge and
+          the outermost layer with ``start_at="center"`` (as GRAPES);
+        - ``"roi_mean"``: ``g / roi_mean``, each layer relative to the mean of the particle's
+          ROI (its voxels deeper than `exclude_outer_layers`): 1 is "as bright as the
+          interior", a rim shows as > 1 and a darkened shell as < 1. Defined whenever the ROI
+          is not empty, whatever the shape of the profile, and divided by the mean of many
+          voxels rather than by one layer's, so noisy single layers do not scale the profile.
+
+        :func:`normalise_profiles` recomputes the column of a table already made.
     exclude_outer_layers : int
-        ``roi_*`` columns use the voxels of layers > this number (paper fig. 8b uses 5).
+        ``roi_*`` columns use the voxels deeper than this many edge layers: those whose edge
+        layer ``max(1, round_half_even(d / layer_width))`` (``d`` the EDT, as ``start_at="edge"``)
+        is > this number, so the outer, surface-side shell of that thickness is left out
+        whatever `start_at` says (paper fig. 8b uses 5). With ``start_at="center"`` and a
+        number > 0 pass 2 then takes the EDT as well as the centre distance (halo regions as
+        for ``"edge"``; about the cost of an ``"edge"`` run added). Why the EDT and not the
+        particle's highest centre layers: the shell at distance <= N from the surface is "the
+        outer N pixels of each particle" for any shape, whereas the highest centre layers are
+        the tips farthest from the centroid (a rod's ends, not its sides).
     exclude_labels : sequence of int, optional
         Labels left out of pass 2 (treated as background for the distance transform), e.g. a
         binder phase labelled as one particle; their rows keep pass-1 properties, empty
@@ -778,11 +887,124 @@ def particle_table(grey, labels, **kwargs):
 
     inp, stats, contacts, combined_layers, params, _ = _run(grey, labels, **kwargs)
     final = dask.delayed(lambda cl: _finish(stats, cl, contacts, params).particles, pure=True)(combined_layers)
-    meta = _finish(stats.iloc[:0], _empty_layers_partial(inp.grey.dtype), contacts.iloc[:0], params).particles
+    empty = _empty_layers_partial(inp.grey.dtype)
+    if params["start_at"] == "center" and params["exclude_outer_layers"] > 0:
+        empty = (empty, empty)
+    meta = _finish(stats.iloc[:0], empty, contacts.iloc[:0], params).particles
     # object columns hold numpy arrays (the profiles): without this, dask's default
     # "convert-string" turns them into pyarrow strings ("[1 2 3]") in the computed frame
     with dask.config.set({"dataframe.convert-string": False}):
         return dd.from_delayed([final], meta=meta, verify_meta=False)
+
+
+def _roi_mean_from_profiles(counts, means, n_outer: int) -> float:
+    """Mean grey of the layers > n_outer of one profile (count-weighted layer means)."""
+    if counts is None or means is None:
+        return np.nan
+    c = np.asarray(counts, np.float64)
+    m = np.asarray(means, np.float64)
+    sel = (np.arange(1, len(c) + 1) > n_outer) & (c > 0)
+    n = c[sel].sum()
+    return float((c[sel] * m[sel]).sum() / n) if n > 0 else np.nan
+
+
+def normalise_profiles(table: pd.DataFrame, how: str = "roi_mean", *, exclude_outer_layers: int | None = None,
+                       start_at: str | None = None) -> pd.DataFrame:
+    """Recompute ``radial_layers_graylevelnormed`` of a table already computed, without the volumes.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        A particle table of :func:`analyze` (or :func:`grapes_dask.output.read_table`) with the
+        list column ``radial_layers_graylevel``; ``roi_mean`` or ``radial_layers_count`` for
+        ``how="roi_mean"``.
+    how : {"radial_max", "surface", "roi_mean"}
+        The normalisation (see `normalise` of :func:`analyze`).
+    exclude_outer_layers : int, optional
+        Only for ``"roi_mean"``: the ROI to divide by. Default (or the table's own value): the
+        table's ``roi_mean`` column. Another number: the count-weighted mean of the profile's
+        layers deeper than it, which is the ROI of :func:`analyze` only for edge layers, so a
+        ``start_at="center"`` table refuses it (its ROI needs the volumes: run :func:`analyze`).
+    start_at : {"edge", "center"}, optional
+        Where layer 1 is; default from ``table.attrs["grapes_dask"]``. Needed for ``"surface"``
+        (which end is the surface) and for ``"roi_mean"`` with another `exclude_outer_layers`.
+
+    Returns
+    -------
+    pandas.DataFrame
+        A copy of `table` whose ``radial_layers_graylevelnormed`` holds the new profiles (float64
+        arrays, one per row; a missing profile stays None) and whose
+        ``attrs["grapes_dask"]["normalise"]`` is `how` (with ``"normalise_exclude_outer_layers"``
+        when an ROI other than the table's was used). `table` is not changed.
+
+    Raises
+    ------
+    GrapesInputError
+        Unknown `how`, missing columns, `start_at` unknown where it is needed, an ROI that the
+        profiles cannot give.
+    """
+    if not isinstance(table, pd.DataFrame):
+        raise GrapesInputError(
+            f"normalise_profiles takes a pandas DataFrame, got {type(table).__name__}: compute a dask frame "
+            "first (table.compute()) or read a file with grapes_dask.output.read_table"
+        )
+    if how not in NORMALISATIONS:
+        raise GrapesInputError("{how}: choose 'radial_max', 'surface' or 'roi_mean'", how=how)
+    if "radial_layers_graylevel" not in table.columns:
+        raise GrapesInputError("the table has no 'radial_layers_graylevel' column: pass a particle table of "
+                               "grapes_dask.analyze")
+    params = dict(table.attrs.get("grapes_dask") or {})
+    own_n = params.get("exclude_outer_layers")
+    if exclude_outer_layers is not None:
+        if how != "roi_mean":
+            raise GrapesInputError("{exclude_outer_layers} only applies to how='roi_mean': leave it out",
+                                   exclude_outer_layers=exclude_outer_layers)
+        if (isinstance(exclude_outer_layers, bool) or int(exclude_outer_layers) != exclude_outer_layers
+                or exclude_outer_layers < 0):
+            raise GrapesInputError("{exclude_outer_layers}: give a whole number >= 0",
+                                   exclude_outer_layers=exclude_outer_layers)
+        exclude_outer_layers = int(exclude_outer_layers)
+    if start_at is None:
+        start_at = params.get("start_at")
+    elif start_at not in ("edge", "center"):
+        raise GrapesInputError("{start_at}: choose 'edge' or 'center'", start_at=start_at)
+    recompute_roi = how == "roi_mean" and exclude_outer_layers is not None and exclude_outer_layers != own_n
+    if (how == "surface" or recompute_roi) and start_at not in ("edge", "center"):
+        raise GrapesInputError(
+            "the table does not record start_at (no attrs['grapes_dask']): give {start_at} ('edge' or 'center'), "
+            "where its layer 1 is", start_at="edge")
+    if recompute_roi and start_at == "center":
+        raise GrapesInputError(
+            f"an ROI of {exclude_outer_layers} excluded layers is made of edge layers, which the profiles of a "
+            "start_at='center' table do not give: leave out {exclude_outer_layers} to use this table's own ROI, or "
+            f"run analyze with exclude_outer_layers={exclude_outer_layers}", exclude_outer_layers=None)
+    if how == "roi_mean":
+        need = ["radial_layers_count"] if recompute_roi else ["roi_mean"]
+        missing = [c for c in need if c not in table.columns]
+        if missing:
+            raise GrapesInputError(f"the table has no {missing[0]!r} column, which how='roi_mean' needs here: pass "
+                                   "a particle table of grapes_dask.analyze")
+        if recompute_roi:
+            roi = np.array([_roi_mean_from_profiles(c, m, exclude_outer_layers) for c, m in
+                            zip(table["radial_layers_count"], table["radial_layers_graylevel"])], np.float64)
+        else:
+            roi = table["roi_mean"].to_numpy(dtype=np.float64, na_value=np.nan)
+    else:
+        roi = np.full(len(table), np.nan)
+    col = np.empty(len(table), dtype=object)
+    for i, g in enumerate(table["radial_layers_graylevel"].to_numpy()):
+        col[i] = None if g is None else _normalised(np.asarray(g, np.float64), how, start_at or "edge", roi[i])
+    out = table.copy()
+    out["radial_layers_graylevelnormed"] = pd.Series(col, index=table.index, dtype=object)
+    attrs = copy.deepcopy(dict(table.attrs))
+    params = copy.deepcopy(params)
+    params["normalise"] = how
+    params.pop("normalise_exclude_outer_layers", None)
+    if recompute_roi:
+        params["normalise_exclude_outer_layers"] = exclude_outer_layers
+    attrs["grapes_dask"] = params
+    out.attrs = attrs
+    return out
 
 
 @dataclass(frozen=True)

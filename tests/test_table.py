@@ -156,7 +156,9 @@ def ref_contacts(labels):
     return pd.DataFrame({"label_a": uniq[:, 0], "label_b": uniq[:, 1], "n_faces": counts.astype(np.int64)})
 
 
-def _normed(g, how, start_at="edge"):
+def _normed(g, how, start_at="edge", roi_mean=np.nan):
+    if how == "roi_mean":  # each layer against the mean grey of the ROI
+        return g / roi_mean
     if how == "surface":  # divide by the surface layer: the first from the edge, the last from the centre
         with np.errstate(divide="ignore", invalid="ignore"):
             return g / (g[0] if start_at == "edge" else g[-1])
@@ -231,14 +233,15 @@ def reference(grey, labels, spacing, *, layer_width=1.0, start_at="edge", black_
             continue
         mask = labels == lid
         g = grey[mask].astype(np.float64)
+        # edge layers: the profile's with start_at="edge", the ROI's whatever start_at is
+        k_edge = np.maximum(1, np.rint(_ref_distance(mask, spacing, black_border)[mask] / layer_width))
         if start_at == "center":
             idx = np.nonzero(mask)
             centre = [i.sum() / i.size for i in idx]
             d = np.sqrt(sum(((i - c) * s) ** 2 for i, c, s in zip(idx, centre, spacing)))
             k = 1 + np.rint(d / layer_width)
         else:
-            d = _ref_distance(mask, spacing, black_border)[mask]
-            k = np.maximum(1, np.rint(d / layer_width))
+            k = k_edge
         k = k.astype(np.int64)
         kmax = int(k.max())
         cnt = np.zeros(kmax, np.int64)
@@ -252,8 +255,9 @@ def reference(grey, labels, spacing, *, layer_width=1.0, start_at="edge", black_
         prof["radial_layers_count"].append(cnt)
         prof["radial_layers_graylevel"].append(mean)
         prof["radial_layers_std"].append(std)
-        prof["radial_layers_graylevelnormed"].append(_normed(mean, normalise, start_at))
-        inner = g[k > exclude_outer_layers]
+        inner = g[k_edge > exclude_outer_layers]
+        prof["radial_layers_graylevelnormed"].append(
+            _normed(mean, normalise, start_at, inner.mean() if inner.size else np.nan))
         roi["roi_voxels"].append(inner.size)
         roi["roi_mean"].append(inner.mean() if inner.size else np.nan)
         roi["roi_std"].append(inner.std() if inner.size else np.nan)
@@ -488,6 +492,9 @@ def test_grey_dtypes_and_big_ids(which):
     dict(start_at="center", layer_width=1.7, normalise="surface"),
     dict(normalise="surface", exclude_outer_layers=2),
     dict(layer_width=0.5, exclude_outer_layers=3, black_border=False),
+    dict(start_at="center", exclude_outer_layers=2, normalise="roi_mean"),
+    dict(normalise="roi_mean"),
+    dict(start_at="center", layer_width=0.6, exclude_outer_layers=3, black_border=False),
 ])
 def test_options_match_reference(kw):
     grey, labels = phantom3()
