@@ -92,7 +92,10 @@ def layer_deltas(tr, state: str, ref: str, max_layer: int = 12) -> pd.Series:
             m[i, :k] = prof[:k]
         out.append(m)
     d = out[1] - out[0]
-    return pd.Series(np.nanmean(d, axis=0), index=pd.RangeIndex(1, max_layer + 1, name="layer"))
+    n = np.isfinite(d).sum(axis=0)
+    with np.errstate(invalid="ignore"):
+        mean = np.where(n >= 10, np.nansum(d, axis=0) / np.maximum(n, 1), np.nan)
+    return pd.DataFrame({"delta": mean, "n": n}, index=pd.RangeIndex(1, max_layer + 1, name="layer"))
 
 
 def control(n_seeds: int, size: int, mean_radius: float, sigma: float = 2.0) -> dict:
@@ -144,8 +147,10 @@ def main() -> None:
     clean_states, _ = series(args.size, args.seed, LEVELS, False, args.radius, args.gradient)
     noisy = run_track(noisy_states)  # noise estimated from the background
     clean = run_track(clean_states, noise_sigma=0.0)
-    noisy0 = run_track(noisy_states, exclude_outer_layers=0, noise_sigma=noisy.params["noise_sigma"])
-    print(f"noise estimated: {noisy.params.get('noise_sigma')} (rendered with sigma 6)")
+    sigmas = {k: v["sigma"] for k, v in noisy.params["noise"].items()}
+    noisy0 = run_track(noisy_states, exclude_outer_layers=0, noise_sigma=sigmas)
+    print("noise estimated from the background (rendered with sigma 6): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in sigmas.items()))
     print(noisy.counts().to_string(index=False))
     res = {"agreement": agreement(noisy, clean, LEVELS)}
     print("\n2. per-particle and population deltas against the noise-free twin (exclude_outer_layers=5)")
@@ -157,6 +162,17 @@ def main() -> None:
     q = noisy.by_quantile("centroid-2", 4, "4.4 V")
     print("   4.4 V delta by x-position quartile (damage falls with x):")
     print(q[["group", "lo", "hi", "n", "delta_mean", "delta_se_tot"]].to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    t44 = truth[truth["state"] == list(LEVELS).index("4.4 V")].set_index("label")
+    kept = noisy.particles[(noisy.particles["state"] == "4.4 V") & ~noisy.particles["excluded"]]
+    q["true_damage"] = [t44.loc[kept.loc[(kept["centroid-2"] >= lo) & (kept["centroid-2"] <= hi), "label"],
+                                "damage"].mean() for lo, hi in zip(q["lo"], q["hi"])]
+    print("   true mean damage per quartile: " + ", ".join(f"{v:.3f}" for v in q["true_damage"]))
+    from scipy.stats import spearmanr
+
+    print(f"   Spearman(quartile delta, true damage) = {spearmanr(q['delta_mean'], -q['true_damage']).statistic:.2f}")
+    d = kept.set_index("label")["delta"]
+    print(f"   per-particle Spearman(delta, -true damage) at 4.4 V: {spearman(d.to_numpy(), -t44.loc[d.index, 'damage'].to_numpy()):.3f}"
+          f" (n {len(d)})")
     res["by_quantile"] = q
     print("\n4. bias: rim kept (exclude_outer_layers=0) against rim removed (5)")
     s0 = noisy0.summary()
@@ -164,8 +180,8 @@ def main() -> None:
                          "mean_N5": s["mean"], "mean_N0": s0["mean"]})
     print(bias.to_string(float_format=lambda v: f"{v:.2f}"))
     ld = layer_deltas(noisy, "4.4 V", "pristine")
-    print("   4.4 V per-layer delta (mean over kept particles, layer 1 = surface):")
-    print("   " + ", ".join(f"{k}: {v:.2f}" for k, v in ld.items()))
+    print("   4.4 V per-layer delta (mean over kept particles, layer 1 = surface; layers with >= 10 particles):")
+    print("   " + ", ".join(f"{k}: {v:.2f} (n {n})" for k, (v, n) in ld.iterrows() if np.isfinite(v)))
     res["bias"], res["layers"] = bias, ld
     t1 = time.perf_counter()
     print(f"\n5. no-damage control: {args.seeds} seeds, {args.control_size}^3, z-test at 2 sigma two-sided")

@@ -200,7 +200,7 @@ def _normalize_inputs(grey, labels, *, spacing, chunks, layer_width, start_at, b
         layer_width=width, start_at=start_at, black_border=bool(black_border),
         normalise=normalise, exclude_outer_layers=int(exclude_outer_layers),
         exclude_labels=[int(x) for x in excl], memory_limit=int(memory_limit), region_size=int(region_size),
-        chunks=[int(c[0]) for c in lab.chunks],
+        chunks=[int(c[0]) for c in lab.chunks], shape=[int(n) for n in lab.shape],
     )
     readers = {"grey": _reader(gv), "labels": _reader(lv)}
     return _Inputs(g, lab, spacing, params, {"grey": gname, "labels": lname}, readers, {"grey": gv, "labels": lv})
