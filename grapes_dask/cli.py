@@ -484,7 +484,7 @@ def report(tables, out_dir, names, overwrite):
     _check_can_write(Path(out_dir), overwrite)
     frames = {}
     for i, path in enumerate(tables):
-        name = names[i] if names else Path(path).name.split(".")[0]
+        name = names[i] if names else re.sub(r"\.(parquet|csv|xlsx)$", "", Path(path).name, flags=re.I)
         if name in frames:
             raise GrapesInputError(f"two tables are named {name!r}: name them with --name")
         frames[name] = read_table(path)

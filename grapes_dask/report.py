@@ -594,6 +594,25 @@ def tables_report(tables, out_dir, overwrite: bool = False, *, labels=None, colu
                                title=f"largest volume group (top 1/{q}) of each table, error bars ±{n_se:g} SE",
                                caption=f"Fig. 6: mean {column} per radial layer of the largest 1/{q} of the particles "
                                        f"by volume, error bars ±{n_se:g} standard errors of the mean."))
+    if top:
+        # the paper's radial_max normalisation is NaN where the rim is the brightest layer: divide each
+        # particle's profile by its own ROI mean instead (1 = as bright as its interior)
+        from .table import normalise_profiles
+
+        try:
+            normed = {name: normalise_profiles(t, "roi_mean") for name, t in top.items()}
+        except GrapesInputError as exc:
+            figs.notes.append(f"profiles normalised to the ROI mean not drawn: {exc}")
+            items.append(figs.notes[-1])
+        else:
+            items.append(figs.item(
+                "fig6_largest_group_profiles_normalised", "Figure 6 (normalised)", P.plot_radial_profiles, normed,
+                column="radial_layers_graylevelnormed", n_se=n_se, min_particles=min_particles,
+                title=f"largest volume group, profile / ROI mean, ±{n_se:g} SE",
+                caption="The same particles, each layer's mean divided by the particle's own ROI mean (1 = as "
+                        "bright as its interior; below 1 = darker, e.g. cracked cores). The paper's normalisation "
+                        "(surface 0, brightest layer 1) is undefined when the phase-contrast rim is the brightest "
+                        "layer, as here."))
     for k, (name, u) in enumerate(used.items(), start=1):
         if len(u) < q:
             figs.notes.append(f"profiles of {name!r} not drawn: {len(u)} particles, fewer than {q} groups")

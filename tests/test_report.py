@@ -323,10 +323,10 @@ def test_tables_report_two_states_with_labels(tmp_path):
     lab[:, 2:8, 2:9] = 1
     lab[:, 10:18, 5:15] = 2
     res = tables_report(tables, tmp_path, labels={"charged 4.4 V": lab}, dpi=30)
-    assert set(res.figures) == {"fig6_largest_group_profiles", "profiles_by_volume_1", "profiles_by_volume_2",
-                                "distributions", "property_map_1"}
+    assert set(res.figures) == {"fig6_largest_group_profiles", "fig6_largest_group_profiles_normalised",
+                                "profiles_by_volume_1", "profiles_by_volume_2", "distributions", "property_map_1"}
     page = Page(res.report.read_text(encoding="utf-8"))
-    assert len(check_self_contained(page)) == 5
+    assert len(check_self_contained(page)) == 6
     assert h2(page) == ["Summary", "Radial profiles by volume group", "Distributions", "roi_mean on a slice",
                         "Parameters", "Provenance"]
     summary = pd.read_csv(res.summary, index_col="table")
@@ -348,7 +348,8 @@ def test_tables_report_single_table_and_small(tmp_path):
     rng = np.random.default_rng(6)
     t = particle_table(rng, 40)
     res = tables_report(t, tmp_path / "one", dpi=30)  # a DataFrame alone, no labels: no map
-    assert set(res.figures) == {"fig6_largest_group_profiles", "profiles_by_volume_1", "distributions"}
+    assert set(res.figures) == {"fig6_largest_group_profiles", "fig6_largest_group_profiles_normalised", "profiles_by_volume_1",
+                                "distributions"}
     page = Page(res.report.read_text(encoding="utf-8"))
     check_self_contained(page)
     assert "roi_mean on a slice" not in h2(page)
