@@ -99,31 +99,36 @@ def layer_deltas(tr, state: str, ref: str, max_layer: int = 12) -> pd.Series:
 
 
 def control(n_seeds: int, size: int, mean_radius: float, sigma: float = 2.0) -> dict:
-    from scipy.stats import binomtest
+    """Rejection rates of several z statistics at `sigma` (two-sided) over no-damage series."""
+    from scipy.stats import binomtest, norm
 
     from grapes_dask.stats import z_test
 
-    unpaired, paired_ses, paired_tot, zs = 0, 0, 0, []
+    stats = {"eq6_unpaired": [], "paired_ses": [], "paired_se_tot": [], "paired_ses_roi200": [],
+             "paired_inverse_variance": []}
     for seed in range(n_seeds):
         states, _ = series(size, 1000 + seed, {"pristine": 0.0, "again": 0.0}, True, mean_radius, 0.0)
         tr = run_track(states, noise_sigma=6.0)
         s = tr.summary()
         a, b = s.loc["pristine"], s.loc["again"]
         r = z_test(b["mean"], b["sd"], b["n"], a["mean"], a["sd"], a["n"], alternative="two-sided", sigma=sigma)
-        unpaired += r.reject
-        z_ses = b["delta_mean"] / b["delta_ses"]
-        z_tot = b["delta_mean"] / b["delta_se_tot"]
-        zs.append(z_ses)
-        from scipy.stats import norm
-
-        crit = norm.isf(norm.sf(sigma))  # = sigma
-        paired_ses += abs(z_ses) > crit
-        paired_tot += abs(z_tot) > crit
+        stats["eq6_unpaired"].append(r.z)
+        stats["paired_ses"].append(b["delta_mean"] / b["delta_ses"])
+        stats["paired_se_tot"].append(b["delta_mean"] / b["delta_se_tot"])
+        p = tr.particles
+        k = p[(p["state"] == "again") & ~p["excluded"]]
+        big = k[k["roi_voxels"] >= 200]["delta"].to_numpy()
+        stats["paired_ses_roi200"].append(big.mean() / (big.std(ddof=1) / np.sqrt(len(big))))
+        w = 1.0 / k["delta_sem"].to_numpy() ** 2  # inverse measurement variance (eq. 2)
+        stats["paired_inverse_variance"].append(float(np.sum(w * k["delta"].to_numpy()) / np.sqrt(np.sum(w))))
+    crit = float(norm.isf(norm.sf(sigma)))  # = sigma
     out = {}
-    for name, k in (("eq6_unpaired", unpaired), ("paired_ses", paired_ses), ("paired_se_tot", paired_tot)):
-        ci = binomtest(int(k), n_seeds).proportion_ci(0.95, method="exact")
-        out[name] = dict(rejections=int(k), seeds=n_seeds, rate=k / n_seeds, ci95=(ci.low, ci.high))
-    out["paired_z_sd"] = float(np.std(zs, ddof=1))
+    for name, zs in stats.items():
+        zs = np.asarray(zs, float)
+        k = int(np.sum(np.abs(zs) > crit))
+        ci = binomtest(k, n_seeds).proportion_ci(0.95, method="exact")
+        out[name] = dict(rejections=k, seeds=n_seeds, rate=round(k / n_seeds, 4),
+                         ci95=(round(ci.low, 4), round(ci.high, 4)), z_sd=round(float(np.std(zs, ddof=1)), 3))
     return out
 
 
