@@ -76,6 +76,11 @@ def agreement(noisy, clean, levels) -> pd.DataFrame:
         rows.append(dict(state=name, level=levels[name], n=len(a), spearman=spearman(a["delta"].to_numpy(), b),
                          delta_noisy=d_n, delta_clean=d_c, se_tot=s_n.loc[name, "delta_se_tot"],
                          distance_in_se_tot=(d_n - d_c) / s_n.loc[name, "delta_se_tot"]))
+    # all non-reference states pooled: the per-particle deltas of every (particle, state)
+    a = p_n[p_n["state"] != list(levels)[0]]
+    b = p_c.loc[list(zip(a["label"], a["state"])), "delta"].to_numpy()
+    rows.append(dict(state="pooled", level=np.nan, n=len(a), spearman=spearman(a["delta"].to_numpy(), b),
+                     delta_noisy=np.nan, delta_clean=np.nan, se_tot=np.nan, distance_in_se_tot=np.nan))
     return pd.DataFrame(rows)
 
 
