@@ -370,15 +370,6 @@ def _file_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "state"
 
 
-def _table_name(path) -> str:
-    """A table's default name in a report: its file name without the table suffix."""
-    name = Path(str(path).rstrip("/")).name
-    for suffix in _TABLE_SUFFIXES:
-        if name.lower().endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def _parse_gap(text):
     if str(text).strip().lower() == "none":
         return None
@@ -507,9 +498,9 @@ def report(tables, out_dir, names, overwrite):
     _check_can_write(Path(out_dir), overwrite)
     frames = {}
     for i, path in enumerate(tables):
-        name = names[i] if names else _table_name(path)
+        name = names[i] if names else Path(path).name.split(".")[0]
         if name in frames:
-            raise GrapesInputError(f"two tables are named {name!r}: give each a distinct name with --name")
+            raise GrapesInputError(f"two tables are named {name!r}: name them with --name")
         frames[name] = read_table(path)
     with atomic_output(out_dir, overwrite=overwrite) as tmp:
         tmp.mkdir()
