@@ -337,22 +337,40 @@ def _parse_ids(text):
     return ids
 
 
+_TABLE_SUFFIXES = (".parquet", ".csv")
+
+
+def _is_table_path(text: str) -> bool:
+    return text.lower().rstrip("/").endswith(_TABLE_SUFFIXES)
+
+
 def _parse_state(text: str):
-    """``NAME=GREY,LABELS`` -> (name, (grey, labels)); ``NAME=TABLE`` -> (name, table path)."""
+    """``NAME=GREY,LABELS`` -> (name, (grey, labels)); ``NAME=TABLE`` -> (name, table path);
+    ``NAME=GREY,LABELS,TABLE`` -> (name, (grey, labels, table path))."""
+    forms = ("write NAME=GREY,LABELS (two volumes), NAME=TABLE (a table made by grapes-dask analyze) or "
+             "NAME=GREY,LABELS,TABLE (the table and the volumes it was made from), e.g. "
+             "--state pristine=grey_s0.zarr,labels_s0.zarr")
     name, sep, rest = text.partition("=")
-    parts = [p for p in rest.split(",")] if sep else []
-    if not sep or not name.strip() or not rest or len(parts) > 2 or not all(p.strip() for p in parts):
-        raise GrapesInputError(
-            f"--state {text!r}: write NAME=GREY,LABELS (two volumes) or NAME=TABLE (a table made by "
-            "grapes-dask analyze), e.g. --state pristine=grey_s0.zarr,labels_s0.zarr"
-        )
-    parts = [p.strip() for p in parts]
-    if len(parts) == 1 and not parts[0].lower().endswith((".parquet", ".csv")):
+    parts = [p.strip() for p in rest.split(",")] if sep else []
+    if not sep or not name.strip() or not rest.strip() or len(parts) > 3 or not all(parts):
+        raise GrapesInputError(f"--state {text!r}: {forms}")
+    name = name.strip()
+    if len(parts) == 1 and not _is_table_path(parts[0]):
         raise GrapesInputError(
             f"--state {text!r}: {parts[0]!r} is not a table (.parquet or .csv made by grapes-dask analyze); for "
-            "volumes give both, NAME=GREY,LABELS"
+            f"volumes give both, {name}=GREY,LABELS"
         )
-    return name.strip(), (tuple(parts) if len(parts) == 2 else parts[0])
+    if len(parts) == 2 and _is_table_path(parts[1]):
+        raise GrapesInputError(
+            f"--state {text!r}: {parts[1]!r} is a table where the label volume was expected: give "
+            f"{name}=GREY,LABELS, {name}=TABLE or {name}=GREY,LABELS,TABLE"
+        )
+    if len(parts) == 3 and not _is_table_path(parts[2]):
+        raise GrapesInputError(
+            f"--state {text!r}: {parts[2]!r} is not a table (.parquet or .csv made by grapes-dask analyze): give "
+            f"{name}=GREY,LABELS,TABLE, the table last"
+        )
+    return name, (parts[0] if len(parts) == 1 else tuple(parts))
 
 
 def _parse_region(text):
@@ -391,8 +409,10 @@ def _parse_gap(text):
 @cli.command()
 @_verbose_option
 @click.option("--state", "state_specs", multiple=True, required=True, metavar="NAME=GREY,LABELS",
-              help="One state, in order (repeat): its grey and label volumes, or NAME=TABLE for a table "
-                   "already made by 'grapes-dask analyze'.")
+              help="One state, in order (repeat, at least twice): its grey and label volumes; or NAME=TABLE, "
+                   "a table already made by 'grapes-dask analyze' with the same --exclude-outer-layers (then "
+                   "give --noise-sigma and --neighbour-gap none); or NAME=GREY,LABELS,TABLE, such a table with "
+                   "the volumes it was made from (not analysed again).")
 @click.option("--reference", default=None, metavar="NAME", help="Reference state (default: the first).")
 @click.option("--out", "out_dir", required=True, metavar="DIR",
               help="Output folder: tables, summary, figures and report.html.")
@@ -433,6 +453,24 @@ def operando(state_specs, reference, out_dir, exclude_outer_layers, noise_sigma,
         if name in states:
             raise GrapesInputError(f"--state {spec!r}: the state {name!r} is given twice; give each state once")
         states[name] = value
+    if len(states) < 2:
+        raise GrapesInputError(
+            f"{len(states)} --state given: tracking needs at least two, the reference and one more (for a single "
+            "state, use grapes-dask analyze and grapes-dask report)"
+        )
+    names = [_file_name(n) for n in states]
+    if len(set(names)) < len(names):
+        clash = sorted({a for a, b in zip(states, names) if names.count(b) > 1})
+        raise GrapesInputError(f"the states {clash} have the same file name once written as tables/NAME.parquet: "
+                               "give names that differ in letters or digits")
+    if scheduler and workers is not None:
+        raise GrapesInputError(f"--workers {workers} sizes the local cluster: leave it out with --scheduler")
+    if noise_sigma is not None and not (np.isfinite(noise_sigma) and noise_sigma >= 0):
+        raise GrapesInputError(f"--noise-sigma {noise_sigma}: give the image noise standard deviation in grey levels "
+                               "(a number >= 0), or leave it out to estimate it from each state's background")
+    if noise_sigma is not None and noise_region is not None:
+        raise GrapesInputError(f"--noise-region {noise_region} is where the noise is estimated, but --noise-sigma "
+                               f"{noise_sigma} gives it: leave out one of the two")
     region = _parse_region(noise_region)
     neighbour_gap = _parse_gap(neighbour_gap)
     _check_can_write(Path(out_dir), overwrite)

@@ -167,23 +167,26 @@ def _load_table(name: str, obj):
     if isinstance(obj, ParticleTables):
         table, contacts = obj.particles, obj.contacts
     elif isinstance(obj, (str, os.PathLike)):
-        table = read_table(obj)
+        try:
+            table = read_table(obj)
+        except GrapesInputError as exc:
+            raise GrapesInputError(f"state {name!r}: " + exc.template, **exc.options) from exc
     else:
         table = obj
     params = table.attrs.get("grapes_dask")
     if not isinstance(params, dict) or "exclude_outer_layers" not in params:
         raise GrapesInputError(
-            f"the table of state {name!r} has no analysis parameters (attrs['grapes_dask']): give a table made by "
-            "grapes_dask.table.analyze (or read with grapes_dask.output.read_table), or the state's (grey, labels) "
-            "volumes"
+            f"the table of state {name!r} has no analysis parameters (attrs['grapes_dask']): give {{made}}, or the "
+            "state's volumes", made=Alt("a table made by grapes_dask.table.analyze (or read with "
+                                        "grapes_dask.output.read_table)", "a table written by grapes-dask analyze"),
         )
     missing = [c for c in _TABLE_COLUMNS if c not in table.columns]
     if "volume" not in table.columns and "area" not in table.columns:
         missing.append("volume")
     if missing:
         raise GrapesInputError(
-            f"the table of state {name!r} lacks the columns {missing}: give the full table of "
-            "grapes_dask.table.analyze, or the state's (grey, labels) volumes"
+            f"the table of state {name!r} lacks the columns {missing}: give the full table of {{made}}, or the "
+            "state's volumes", made=Alt("grapes_dask.table.analyze", "grapes-dask analyze"),
         )
     table = table.copy()
     table["label"] = table["label"].astype(np.uint64)
@@ -337,11 +340,13 @@ def _check_params(states: list[_State], options: dict, exclude_outer_layers: int
     tables = [s for s in states if s.table is not None]
     for s in tables:
         if s.params.get("exclude_outer_layers") != int(exclude_outer_layers):
+            theirs = s.params.get("exclude_outer_layers")
             raise GrapesInputError(
-                f"the table of state {s.name!r} was computed with exclude_outer_layers="
-                f"{s.params.get('exclude_outer_layers')} but track uses {{exclude_outer_layers}}: its roi_mean would "
-                "average other voxels. Pass the table's value to track, or recompute the table",
-                exclude_outer_layers=int(exclude_outer_layers),
+                f"the table of state {s.name!r} was computed with exclude_outer_layers={theirs} but track uses "
+                "{exclude_outer_layers}: its roi_mean would average other voxels. Pass {theirs}, or recompute the "
+                "table", exclude_outer_layers=int(exclude_outer_layers),
+                theirs=Alt(f"the table's value to track (exclude_outer_layers={theirs})",
+                           f"the table's value (--exclude-outer-layers {theirs})"),
             )
     # against the analyses made here (every key) or the options given (given keys only)
     volumes_here = any(s.analyse for s in states)
@@ -351,8 +356,11 @@ def _check_params(states: list[_State], options: dict, exclude_outer_layers: int
             if k in s.params and s.params[k] != expected[k]:
                 raise GrapesInputError(
                     f"the table of state {s.name!r} was computed with {k}={s.params[k]!r}, but the states analysed "
-                    f"here use {{{k}}}: give track the table's value, or recompute the table with the same "
-                    "parameters as the other states", **{k: expected[k]},
+                    f"here use {{{k}}}: {{fix}}",
+                    **{k: Alt(f"{k}={expected[k]!r}", f"{k}={expected[k]!r} (grapes-dask operando analyses volumes "
+                                                      "with the defaults of grapes-dask analyze)")},
+                    fix=Alt("give track the table's value, or recompute the table with the same parameters as the "
+                            "other states", "recompute the table with those defaults, or give all states as tables"),
                 )
     for a, b in zip(tables, tables[1:]):
         for k in _COMPARED:
@@ -395,11 +403,64 @@ def _need_labels(states: list[_State], gap) -> None:
             continue  # the contacts table answers for gap 0
         raise GrapesInputError(
             f"state {s.name!r} is given as a table without its label volume, but the neighbour rule "
-            f"(neighbour_gap={gap}) needs it to find the particles near inconsistent labels: give the state as "
-            "(grey, labels, table), or as its ParticleTables (with the contacts) with neighbour_gap=0, or pass "
-            "{neighbour_gap} to skip the rule",
+            f"({{gap}}) needs it to find the particles near inconsistent labels: give the state as "
+            "{form}, or pass {neighbour_gap} to skip the rule",
+            gap=Alt(f"neighbour_gap={gap}", f"--neighbour-gap {gap}"),
+            form=Alt("(grey, labels, table), or as its ParticleTables (with the contacts) with neighbour_gap=0",
+                     f"{s.name}=GREY,LABELS,TABLE"),
             neighbour_gap=Alt("neighbour_gap=None", "--neighbour-gap none"),
         )
+
+
+def _region_problem(region, shape: tuple) -> str | None:
+    """What is wrong with a background box (one ``(start, stop)`` or slice per axis), or None."""
+    try:
+        items = list(region)
+    except TypeError:
+        return "it is not one range per axis"
+    if len(items) != len(shape):
+        return f"it has {len(items)} axes, the volume {len(shape)}"
+    n = 1
+    for ax, (item, size) in enumerate(zip(items, shape)):
+        if isinstance(item, slice):
+            if item.step not in (None, 1):
+                return f"axis {ax} has a step"
+            start, stop = item.start, item.stop
+        else:
+            try:
+                start, stop = item
+            except (TypeError, ValueError):
+                return f"axis {ax} is not a (start, stop) pair"
+        start = 0 if start is None else start
+        stop = size if stop is None else stop
+        if any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in (start, stop)):
+            return f"axis {ax} has bounds that are not integers"
+        if start < 0 or stop > size:
+            return f"axis {ax} spans {start}..{stop}, outside the volume (0..{size})"
+        if stop <= start:
+            return f"axis {ax} spans {start}..{stop}, which is empty"
+        n *= int(stop) - int(start)
+    if n < 2:
+        return "the box holds one voxel (a standard deviation needs at least 2)"
+    return None
+
+
+def _check_noise_region(name: str, region, shape: tuple) -> None:
+    """The background box of a state to estimate the noise in, checked before any compute."""
+    why = _region_problem(region, shape)
+    if why is None:
+        return
+    try:
+        cli = ",".join(f"{a}:{b}" for a, b in region)
+    except (TypeError, ValueError):
+        cli = str(region)
+    raise GrapesInputError(
+        f"{{noise_region}} does not fit state {name!r} of shape {tuple(shape)}: {why}; give {{form}}, "
+        "0 <= start < stop <= the size of the axis",
+        noise_region=Alt(f"noise_region={region!r}", f"--noise-region {cli}"),
+        form=Alt("one (start, stop) pair of voxel indices per axis", "one start:stop range of voxel indices per "
+                 "axis (Z0:Z1,Y0:Y1,X0:X1)"),
+    )
 
 
 def _noise_inputs(states: list[_State], noise_sigma, noise_region) -> dict:
@@ -431,9 +492,14 @@ def _noise_inputs(states: list[_State], noise_sigma, noise_region) -> dict:
         if s.grey is None or (s.labels is None and region is None):
             what = "grey volume" if s.grey is None else "label volume (or a background box, noise_region)"
             raise GrapesInputError(
-                f"the noise of state {n!r} is to be estimated but its {what} is not given: give {{noise_sigma}} "
-                "(one number, or one per state), or the state as (grey, labels, table)", noise_sigma={n: 1.0},
+                f"the noise of state {n!r} is to be estimated but its {what} is not given: give {{noise_sigma}}, "
+                "or the state as {form}",
+                noise_sigma=Alt(f"noise_sigma (one number, or one per state: {{{n!r}: ...}})",
+                                "--noise-sigma SIGMA (grey levels)"),
+                form=Alt("(grey, labels, table)", f"{n}=GREY,LABELS,TABLE"),
             )
+        if region is not None and s.shape is not None:
+            _check_noise_region(n, region, s.shape)
     if missing:
         from . import stats
 
