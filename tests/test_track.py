@@ -384,8 +384,8 @@ def test_noise_estimate_plumbing(scene, monkeypatch):
         g, lab, _ = scene[s]
         states[s] = ((g + rng.normal(0, noise, g.shape)).astype(np.float32), lab)
     tr = track(states, exclude_outer_layers=N_OUT, drop_smallest=0.0, noise_sigma={"a": 7.0, "b": None},
-               noise_region={"b": (slice(0, 4),)})
-    assert calls == [(slice(0, 4),)]
+               noise_region={"b": (slice(0, 4), slice(0, 48), slice(0, 48))})
+    assert calls == [(slice(0, 4), slice(0, 48), slice(0, 48))]
     g, lab = states["b"]
     sigma_b = float(g[lab == 0].std())
     assert tr.params["noise"]["a"] == {"sigma": 7.0, "source": "given"}
@@ -502,9 +502,14 @@ def test_errors_before_any_compute(scene, tracked):
     # a tracking's tables record their shape
     with pytest.raises(GrapesInputError, match="different shapes"):
         track({"a": tracked.tables["a"], "b": small}, **kw)
-    # a table from analyze records none: its particles' boxes must fit in the others' shape
-    with pytest.raises(GrapesInputError, match=r"particles up to \(47, 45, 45\).*outside the shape \(40, 48, 48\)"):
+    # a table from analyze records its shape too
+    with pytest.raises(GrapesInputError, match=r"different shapes, \(48, 48, 48\) and \(40, 48, 48\)"):
         track({"a": scene["a"][2], "b": small}, **kw)
+    # a table of an older version records none: its particles' boxes must fit in the others' shape
+    old = scene["a"][2].particles.copy()
+    old.attrs["grapes_dask"] = {k: v for k, v in old.attrs["grapes_dask"].items() if k != "shape"}
+    with pytest.raises(GrapesInputError, match=r"particles up to \(47, 45, 45\).*outside the shape \(40, 48, 48\)"):
+        track({"a": old, "b": small}, **kw)
     # another exclude_outer_layers than the table's
     with pytest.raises(GrapesInputError, match="exclude_outer_layers=2 but track uses exclude_outer_layers=5"):
         track({"a": scene["a"][2], "b": (g, lab)}, noise_sigma=1.0, exclude_outer_layers=5)
