@@ -466,12 +466,15 @@ Then the paper's cleaning (section 2.4). No particle is dropped: each keeps its 
 | reason | rule |
 | --- | --- |
 | `inconsistent` | the label is missing in some state (a segmentation error) |
-| `neighbour` | within `neighbour_gap` voxels of an inconsistent label, in a state where it exists: such neighbours often took its voxels (`neighbour_gap=1`: touching, or one voxel apart, the paper's "shared an edge or were close neighbours") |
+| `neighbour` | near an inconsistent label, in a state where it exists: such neighbours often took its voxels |
 | `border` | touches the volume's edge in some state: a partial particle |
 | `empty_roi` | nothing left once the 5 outer layers are removed |
-| `smallest` | the smallest quarter by volume (`drop_smallest=0.25`) of the rest: small particles are the least reliably segmented and mostly rim |
+| `smallest` | the smallest quarter by volume (`drop_smallest=0.25`) of the rest: the least reliably segmented |
 
-Statistics use the kept particles only.
+"Near" is `neighbour_gap=1`: touching, or at most one voxel apart (the paper's "shared an edge
+or were close neighbors"). The smallest particles are mostly rim and partial volume, and small
+labels are where segmentation fails most (merged or split). Statistics use the kept particles
+only.
 """),
     code("""
 t1 = time.perf_counter()
