@@ -273,19 +273,7 @@ def analyze(grey, labels, out, spacing, chunks, grey_dataset, labels_dataset, da
             f"--dataset {dataset}: name each input's own dataset with --grey-dataset and --labels-dataset "
             "(or write an input as FILE.h5::/path/to/dataset)"
         )
-    if scheduler and memory_limit:
-        raise GrapesInputError(
-            f"--memory-limit {memory_limit} sets the memory of the local cluster; the workers of --scheduler "
-            "have theirs (dask worker --memory-limit): leave out one of the two"
-        )
-    if memory_limit is not None:
-        from dask.utils import parse_bytes
-
-        try:
-            if parse_bytes(memory_limit) <= 0:
-                raise ValueError(memory_limit)
-        except (ValueError, TypeError):
-            raise GrapesInputError(f"--memory-limit {memory_limit}: give a size such as 8GiB or 16000MB") from None
+    _check_memory_limit(memory_limit, scheduler)
     if scheduler and workers is not None:
         raise GrapesInputError(f"--workers {workers} sizes the local cluster: leave it out with --scheduler")
     long_tables = () if no_long_tables else ("layers", "contacts")
@@ -323,6 +311,22 @@ def analyze(grey, labels, out, spacing, chunks, grey_dataset, labels_dataset, da
         also = (" (sheets " if suffix == ".xlsx" else " (+ ") + ", ".join(
             n if suffix == ".xlsx" else companion_path(out, n).name for n in long_tables) + ")"
     click.echo(f"wrote {Path(out)}{also}: {summary(len(res.particles), checked.shape, dt)}")
+
+
+def _check_memory_limit(memory_limit, scheduler) -> None:
+    if scheduler and memory_limit:
+        raise GrapesInputError(
+            f"--memory-limit {memory_limit} sets the memory of the local cluster; the workers of --scheduler "
+            "have theirs (dask worker --memory-limit): leave out one of the two"
+        )
+    if memory_limit is not None:
+        from dask.utils import parse_bytes
+
+        try:
+            if parse_bytes(memory_limit) <= 0:
+                raise ValueError(memory_limit)
+        except (ValueError, TypeError):
+            raise GrapesInputError(f"--memory-limit {memory_limit}: give a size such as 8GiB or 16000MB") from None
 
 
 def _parse_ids(text):
@@ -410,7 +414,7 @@ def _parse_gap(text):
 @_verbose_option
 @click.option("--state", "state_specs", multiple=True, required=True, metavar="NAME=GREY,LABELS",
               help="One state, in order (repeat, at least twice): its grey and label volumes; or NAME=TABLE, "
-                   "a table already made by 'grapes-dask analyze' with the same --exclude-outer-layers (then "
+                   "a table already made by 'grapes-dask analyze' with the same exclude-outer-layers value (then "
                    "give --noise-sigma and --neighbour-gap none); or NAME=GREY,LABELS,TABLE, such a table with "
                    "the volumes it was made from (not analysed again).")
 @click.option("--reference", default=None, metavar="NAME", help="Reference state (default: the first).")
@@ -428,17 +432,26 @@ def _parse_gap(text):
               help="Exclude particles within N voxels of an inconsistent label (0: sharing a face; "
                    "none: no neighbour rule).")
 @_spacing_option
+@click.option("--layer-width", type=float, default=None,
+              help="Radial layer width in spacing units, for the states given as volumes (default 1).")
+@click.option("--start-at", type=click.Choice(["edge", "center", "centre"]), default="edge", show_default=True,
+              help="Layer 1 at the particle surface (edge) or at its centroid (center or centre).")
+@click.option("--chunks", type=int, default=None, help="Chunk side for pass 1 (default: the stored chunks).")
 @click.option("--scheduler", default=None, metavar="ADDRESS",
               help="Address or scheduler file of a running dask scheduler; default: a local cluster.")
 @click.option("--workers", type=int, default=None, help=_WORKERS_HELP)
+@click.option("--memory-limit", default=None, metavar="SIZE",
+              help="Memory of the local cluster's workers, e.g. 8GiB (default: the machine's memory).")
 @click.option("--overwrite", is_flag=True, help="Replace DIR if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress, no dashboard link.")
 def operando(state_specs, reference, out_dir, exclude_outer_layers, noise_sigma, noise_region, drop_smallest,
-             neighbour_gap, spacing, scheduler, workers, overwrite, quiet):
+             neighbour_gap, spacing, layer_width, start_at, chunks, scheduler, workers, memory_limit, overwrite,
+             quiet):
     """Track the same particles through states of charge: cleaning, statistics, figures, report.
 
     Writes to DIR: particles.parquet (one row per particle and state, with the cleaning
-    reason), state tables (tables/NAME.parquet), summary.csv, z_tests.csv, the figures (png)
+    reason), state tables (tables/NAME.parquet), summary.csv, z_tests.csv, cleaning.csv
+    (counts by reason), by_quantile.csv (changes by x-position quartile), the figures (png)
     and a self-contained report.html.
     """
     from .cluster import check_scheduler, cluster_client, dashboard_link
@@ -465,6 +478,7 @@ def operando(state_specs, reference, out_dir, exclude_outer_layers, noise_sigma,
                                "give names that differ in letters or digits")
     if scheduler and workers is not None:
         raise GrapesInputError(f"--workers {workers} sizes the local cluster: leave it out with --scheduler")
+    _check_memory_limit(memory_limit, scheduler)
     if noise_sigma is not None and not (np.isfinite(noise_sigma) and noise_sigma >= 0):
         raise GrapesInputError(f"--noise-sigma {noise_sigma}: give the image noise standard deviation in grey levels "
                                "(a number >= 0), or leave it out to estimate it from each state's background")
@@ -477,11 +491,17 @@ def operando(state_specs, reference, out_dir, exclude_outer_layers, noise_sigma,
     kw = dict(reference=reference, spacing=spacing, exclude_outer_layers=exclude_outer_layers,
               noise_sigma=noise_sigma, noise_region=region, drop_smallest=drop_smallest,
               neighbour_gap=neighbour_gap)
+    analysis = dict(start_at="center" if start_at == "centre" else start_at)
+    if layer_width is not None:
+        analysis["layer_width"] = layer_width
+    if chunks is not None:
+        analysis["chunks"] = chunks
+    kw.update(analysis)
     check_states(states, **kw)
     if scheduler:
         check_scheduler(scheduler)
     t0 = time.perf_counter()
-    with cluster_client(scheduler, workers=workers) as client:
+    with cluster_client(scheduler, workers=workers, memory_limit=memory_limit or "auto") as client:
         if not quiet:
             link = dashboard_link(client)
             if link:
@@ -496,6 +516,11 @@ def operando(state_specs, reference, out_dir, exclude_outer_layers, noise_sigma,
         for name, table in tr.tables.items():
             write_table(table, tmp / "tables" / f"{_file_name(name)}.parquet")
         tr.z_tests().to_csv(tmp / "z_tests.csv", index=False)
+        tr.counts().to_csv(tmp / "cleaning.csv", index=False)
+        column = "centroid-2" if "centroid-2" in tr.particles.columns else "centroid-1"
+        kept = int((~tr.particles.loc[tr.particles["state"] == tr.reference, "excluded"]).sum())
+        if kept >= 4:
+            tr.by_quantile(column, 4).to_csv(tmp / "by_quantile.csv", index=False)
         tracking_report(tr, tmp)
     counts = tr.counts()
     kept = int(counts.loc[counts["reason"] == "kept", "n"].sum())

@@ -150,6 +150,8 @@ def run_demo(out_dir, *, size: int = 160, workers: int | None = None, seed: int 
         row = s.loc[name]
         echo(f"    {name:>9}: mean ROI grey {row['mean']:7.2f} +- {3 * row['se_tot']:.2f}   change "
              f"{row['delta_mean']:+6.2f} +- {3 * row['delta_se_tot']:.2f}   (mean injected damage {truth[k]:.2f})")
+    echo("    (eq. 3 counts the measurement error of one particle, not of the mean: conservative bars; "
+         "docs/statistics.md)")
     z = tr.z_tests(alternative="less", sigma=5.0)
     for _, r in z.iterrows():
         verdict = "darker, significant at 5 sigma" if r["reject"] else "not significantly darker"

@@ -1,6 +1,6 @@
 """Population statistics of particle tables, with the paper's uncertainties.
 
-The paper (Wade et al., sections 3.2) separates two kinds of uncertainty of a population mean
+The paper (Jones et al., Small Methods 2025, section 3.2) separates two kinds of uncertainty of a population mean
 of per-particle values (for example the mean grey level of each particle's region of interest,
 ``roi_mean``):
 

@@ -357,10 +357,10 @@ def _check_params(states: list[_State], options: dict, exclude_outer_layers: int
                 raise GrapesInputError(
                     f"the table of state {s.name!r} was computed with {k}={s.params[k]!r}, but the states analysed "
                     f"here use {{{k}}}: {{fix}}",
-                    **{k: Alt(f"{k}={expected[k]!r}", f"{k}={expected[k]!r} (grapes-dask operando analyses volumes "
-                                                      "with the defaults of grapes-dask analyze)")},
+                    **{k: Alt(f"{k}={expected[k]!r}", f"{k}={expected[k]!r}")},
                     fix=Alt("give track the table's value, or recompute the table with the same parameters as the "
-                            "other states", "recompute the table with those defaults, or give all states as tables"),
+                            "other states", "give grapes-dask operando the table's value (--layer-width, --start-at), "
+                            "or recompute the table with the same parameters as the other states"),
                 )
     for a, b in zip(tables, tables[1:]):
         for k in _COMPARED:

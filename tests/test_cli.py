@@ -448,7 +448,7 @@ def test_readme_and_help_list_the_same_options():
         cmd = m.group(1) if m else cmd
         if cmd:
             synopsis.setdefault(cmd, set()).update(re.findall(r"--[a-z][a-z-]+", line))
-    assert set(synopsis) == {"demo", "analyze", "convert", "synth", "info"}
+    assert set(synopsis) == {"demo", "analyze", "operando", "report", "convert", "synth", "info"}
     for cmd, opts in synopsis.items():
         r = run(cmd, "--help")
         assert r.returncode == 0

@@ -135,7 +135,12 @@ def test_operando_writes_every_output(full_run, tracked):
     assert lines[1] == f"report: {out / 'report.html'}"
     no_leftovers(out.parent, keep=["run"])
     assert {p.name for p in out.iterdir()} == {"particles.parquet", "tables", "summary.csv", "z_tests.csv",
-                                               "figures", "report.html"}
+                                               "cleaning.csv", "by_quantile.csv", "figures", "report.html"}
+    pd.testing.assert_frame_equal(pd.read_csv(out / "cleaning.csv"), tracked.counts(), check_dtype=False)
+    byq = pd.read_csv(out / "by_quantile.csv")
+    exp_q = tracked.by_quantile("centroid-2", 4)
+    assert len(byq) == len(exp_q) and list(byq["group"]) == list(exp_q["group"])
+    assert np.allclose(byq["delta_mean"], exp_q["delta_mean"], rtol=1e-9, equal_nan=True)
 
     parts = read_table(out / "particles.parquet")
     assert tuple(parts.columns) == LONG_COLUMNS
@@ -266,6 +271,10 @@ def _cases(series, tables, tmp_path):
         "same state twice": (["--state", f"p={g0}", "--state", f"p={g1}"], ["'p' is given twice"]),
         "same file name": (["--state", f"4.4 V={g0}", "--state", f"4.4_V={g1}"], ["same file name"]),
         "one state": (["--state", f"p={g0}"], ["1 --state given", "at least two"]),
+        "memory limit": (["--state", f"p={g0}", "--state", f"c={g1}", "--memory-limit", "lots"],
+                         ["--memory-limit lots", "8GiB"]),
+        "layer width": (["--state", f"p={g0}", "--state", f"c={g1}", "--layer-width", "-1"],
+                        ["--layer-width -1.0", "positive"]),
         "reference": (three + ["--reference", "charged"], ["--reference charged is not among the states",
                                                            "['p', 'c', 'd']"]),
         "shapes": (["--state", f"p={g0}", "--state", f"c={crop / 'grey.zarr'},{crop / 'labels.zarr'}"],
@@ -284,7 +293,7 @@ def _cases(series, tables, tmp_path):
         "tables, layer_width": (["--state", f"p={t['s1_e5']}", "--state", f"c={t['s2_lw2']}"] + tab,
                                 ["different layer_width (1.0 and 2.0)"]),
         "table against volumes, layer_width": (["--state", f"p={g0}", "--state", f"c={t['s2_lw2']}"] + tab,
-                                               ["layer_width=2.0", "defaults of grapes-dask analyze"]),
+                                               ["layer_width=2.0", "--layer-width"]),
         "table without labels, neighbour rule": (["--state", f"p={g0}", "--state", f"c={t['s2_e5']}",
                                                   "--noise-sigma", "3"],
                                                  ["state 'c'", "c=GREY,LABELS,TABLE", "--neighbour-gap none"]),
