@@ -7,6 +7,7 @@ shows the traceback as well. Other failures exit with status 1.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 from pathlib import Path
@@ -263,7 +264,7 @@ def analyze(grey, labels, out, spacing, chunks, grey_dataset, labels_dataset, da
     """
     from pathlib import Path
 
-    from .cluster import check_scheduler, cluster_client, dashboard_link
+    from .cluster import check_scheduler
     from .demo import summary
     from .output import check_table_path, companion_path, write_table
     from .table import analyze_tables, check_inputs
@@ -290,14 +291,8 @@ def analyze(grey, labels, out, spacing, chunks, grey_dataset, labels_dataset, da
     if not quiet:
         click.echo(f"inputs: {checked.describe()}", err=True)
     t0 = time.perf_counter()
-    with cluster_client(scheduler, workers=workers, memory_limit=memory_limit or "auto") as client:
-        if not quiet:
-            link = dashboard_link(client)
-            if link:
-                click.echo(f"dask dashboard: {link}", err=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", GrapesInputWarning)
-            res = analyze_tables(checked.grey, checked.labels, client=client, progress=not quiet, **params)
+    with _cluster(scheduler, workers, memory_limit, quiet) as client:
+        res = analyze_tables(checked.grey, checked.labels, client=client, progress=not quiet, **params)
     dt = time.perf_counter() - t0
     extra = {}
     for name in long_tables:  # each long table carries the analysis' parameters too
@@ -311,6 +306,22 @@ def analyze(grey, labels, out, spacing, chunks, grey_dataset, labels_dataset, da
         also = (" (sheets " if suffix == ".xlsx" else " (+ ") + ", ".join(
             n if suffix == ".xlsx" else companion_path(out, n).name for n in long_tables) + ")"
     click.echo(f"wrote {Path(out)}{also}: {summary(len(res.particles), checked.shape, dt)}")
+
+
+@contextlib.contextmanager
+def _cluster(scheduler, workers, memory_limit, quiet):
+    """The client of `scheduler` or of a local cluster; its dashboard link on standard error;
+    a GrapesInputWarning (no particle) raised as an error."""
+    from .cluster import cluster_client, dashboard_link
+
+    with cluster_client(scheduler, workers=workers, memory_limit=memory_limit or "auto") as client:
+        if not quiet:
+            link = dashboard_link(client)
+            if link:
+                click.echo(f"dask dashboard: {link}", err=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", GrapesInputWarning)
+            yield client
 
 
 def _check_memory_limit(memory_limit, scheduler) -> None:
@@ -394,8 +405,9 @@ def _parse_region(text):
 
 
 def _file_name(name: str) -> str:
-    """A state name as a file name: letters, digits, ``.``, ``-`` and ``_`` kept, others ``_``."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "state"
+    from .report import file_name
+
+    return file_name(name)
 
 
 def _parse_gap(text):
@@ -454,10 +466,9 @@ def operando(state_specs, reference, out_dir, exclude_outer_layers, noise_sigma,
     (counts by reason), by_quantile.csv (changes by x-position quartile), the figures (png)
     and a self-contained report.html.
     """
-    from .cluster import check_scheduler, cluster_client, dashboard_link
+    from .cluster import check_scheduler
     from .io import _check_can_write, atomic_output
-    from .output import write_table
-    from .report import tracking_report
+    from .report import write_tracking
     from .track import check_states, track
 
     states = {}
@@ -501,27 +512,11 @@ def operando(state_specs, reference, out_dir, exclude_outer_layers, noise_sigma,
     if scheduler:
         check_scheduler(scheduler)
     t0 = time.perf_counter()
-    with cluster_client(scheduler, workers=workers, memory_limit=memory_limit or "auto") as client:
-        if not quiet:
-            link = dashboard_link(client)
-            if link:
-                click.echo(f"dask dashboard: {link}", err=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", GrapesInputWarning)
-            tr = track(states, client=client, progress=not quiet, **kw)
+    with _cluster(scheduler, workers, memory_limit, quiet) as client:
+        tr = track(states, client=client, progress=not quiet, **kw)
     with atomic_output(out_dir, overwrite=overwrite) as tmp:
         tmp.mkdir()
-        write_table(tr.particles, tmp / "particles.parquet")
-        (tmp / "tables").mkdir()
-        for name, table in tr.tables.items():
-            write_table(table, tmp / "tables" / f"{_file_name(name)}.parquet")
-        tr.z_tests().to_csv(tmp / "z_tests.csv", index=False)
-        tr.counts().to_csv(tmp / "cleaning.csv", index=False)
-        column = "centroid-2" if "centroid-2" in tr.particles.columns else "centroid-1"
-        kept = int((~tr.particles.loc[tr.particles["state"] == tr.reference, "excluded"]).sum())
-        if kept >= 4:
-            tr.by_quantile(column, 4).to_csv(tmp / "by_quantile.csv", index=False)
-        tracking_report(tr, tmp)
+        write_tracking(tr, tmp)
     counts = tr.counts()
     kept = int(counts.loc[counts["reason"] == "kept", "n"].sum())
     click.echo(f"tracked {tr.particles['label'].nunique()} particles through {len(tr.states)} states "

@@ -84,7 +84,8 @@ def run_demo(out_dir, *, size: int = 160, workers: int | None = None, seed: int 
     out_dir : path
         Folder for the phantom (``phantom/``) and the results (``results/``: the long
         ``particles.parquet`` (one row per particle and state), ``tables/`` (one particle table
-        per state), ``summary.csv``, ``z_tests.csv``, ``figures/`` and ``report.html``).
+        per state), ``summary.csv``, ``z_tests.csv``, ``cleaning.csv``, ``by_quantile.csv``,
+        ``figures/`` and ``report.html``; see :func:`grapes_dask.report.write_tracking`).
     size : int
         Side of the cubic phantom, voxels (at least :data:`MIN_SIZE`).
     workers : int, optional
@@ -106,8 +107,7 @@ def run_demo(out_dir, *, size: int = 160, workers: int | None = None, seed: int 
     from . import synthetic
     from .cluster import cluster_client, dashboard_link
     from .io import _check_can_write, atomic_output
-    from .output import write_table
-    from .report import tracking_report
+    from .report import write_tracking
     from .track import track
 
     if int(size) < MIN_SIZE:
@@ -166,12 +166,7 @@ def run_demo(out_dir, *, size: int = 160, workers: int | None = None, seed: int 
     echo("4/4 report")
     with atomic_output(results, overwrite=overwrite) as tmp:
         tmp.mkdir()
-        write_table(tr.particles, tmp / "particles.parquet")
-        (tmp / "tables").mkdir()
-        for name, table in tr.tables.items():
-            write_table(table, tmp / "tables" / f"{name.replace(' ', '_')}.parquet")
-        z.to_csv(tmp / "z_tests.csv", index=False)
-        tracking_report(tr, tmp, title="grapes_dask demo: a synthetic operando series")
+        write_tracking(tr, tmp, title="grapes_dask demo: a synthetic operando series")
     echo(f"    {results / 'report.html'} (open it in a browser)")
     echo(f"done in {time.perf_counter() - t0:.1f} s")
     return tr

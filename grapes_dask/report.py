@@ -32,7 +32,7 @@ import numpy as np
 from ._errors import GrapesInputError
 
 __all__ = ["Section", "Captioned", "ReportFiles", "write_report", "render_report", "tracking_report",
-           "tables_report"]
+           "tables_report", "write_tracking", "file_name"]
 
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto;
@@ -667,3 +667,47 @@ def tables_report(tables, out_dir, overwrite: bool = False, *, labels=None, colu
     return _write_outputs(dests, figs.figures, summary, title=title or f"Particle tables: {', '.join(names)}",
                           sections=sections, provenance={"report": "grapes_dask.report.tables_report"},
                           overwrite=overwrite, dpi=dpi, notes=figs.notes)
+
+
+def file_name(name: str) -> str:
+    """A state name as a file name: letters, digits, ``.``, ``-`` and ``_`` kept, others ``_``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("._") or "state"
+
+
+def write_tracking(tracking, folder, *, title: str | None = None) -> ReportFiles:
+    """Every output of an operando tracking into an existing, empty `folder`.
+
+    Written: ``particles.parquet`` (the long table), ``tables/NAME.parquet`` (each state's
+    particle table, NAME from :func:`file_name`), ``z_tests.csv``, ``cleaning.csv`` (counts by
+    reason), ``by_quantile.csv`` (changes by x-position quartile, with at least 4 kept
+    particles), and the files of :func:`tracking_report` (``summary.csv``, ``figures/``,
+    ``report.html``). The CLI and the demo call it on a temporary folder renamed when complete.
+
+    Parameters
+    ----------
+    tracking : grapes_dask.track.Tracking
+    folder : path
+    title : str, optional
+        Title of the report.
+
+    Returns
+    -------
+    ReportFiles
+        Those of the report.
+    """
+    from .output import write_table
+
+    folder = Path(folder)
+    write_table(tracking.particles, folder / "particles.parquet")
+    (folder / "tables").mkdir()
+    for name, table in tracking.tables.items():
+        write_table(table, folder / "tables" / f"{file_name(name)}.parquet")
+    tracking.z_tests().to_csv(folder / "z_tests.csv", index=False)
+    tracking.counts().to_csv(folder / "cleaning.csv", index=False)
+    parts = tracking.particles
+    column = "centroid-2" if "centroid-2" in parts.columns else "centroid-1"
+    kept = int((~parts.loc[parts["state"] == tracking.reference, "excluded"]).sum())
+    if kept >= 4:
+        tracking.by_quantile(column, 4).to_csv(folder / "by_quantile.csv", index=False)
+    return tracking_report(tracking, folder, title=title)
+

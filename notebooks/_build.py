@@ -257,16 +257,22 @@ cmp_
 **The normalised profile of the paper.** The paper normalises each particle's profile so that
 its brightest layer is 1 and its surface 0 (`radial_layers_graylevelnormed` with the default
 `normalise="radial_max"`). When the surface layer is itself the brightest, which a bright
-phase-contrast rim makes the rule, that normalisation is undefined (NaN), as below. We therefore
-compare grey levels: both scans share one grey scale here. For two real scans, check that they
-do (same beamline settings and reconstruction), for example by comparing the pore and bulk
-levels, before comparing profiles.
+phase-contrast rim makes the rule, that normalisation is undefined (NaN), as below. Both scans share one grey scale here, so grey
+levels compare directly; for two real scans (different beamline settings or reconstruction)
+normalise each particle's profile by its own interior instead: `normalise="roi_mean"` divides
+every layer by the particle's ROI mean (1 = as bright as its interior, below 1 = darker), and
+`table.normalise_profiles` does it for a table already computed.
 """),
     code("""
 for name, t in largest.items():
     normed = t["radial_layers_graylevelnormed"]
     nan_share = np.mean([not np.isfinite(np.asarray(v, dtype=float)).any() for v in normed])
     print(f"{name:14s} particles whose radial_max-normalised profile is all NaN: {100 * nan_share:.0f} %")
+from grapes_dask.table import normalise_profiles
+
+by_roi = {name: normalise_profiles(t, "roi_mean") for name, t in largest.items()}
+plotting.plot_radial_profiles(by_roi, column="radial_layers_graylevelnormed", n_se=2,
+                              title="largest volume quartile: profile / ROI mean, ±2 SE")
 """),
     md("""
 ## 6. A property painted on a slice

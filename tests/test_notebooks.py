@@ -136,7 +136,7 @@ print(json.dumps(_checks))
     assert darker > 3 and in_se > 3
     assert checks["rho"] < -0.6
     assert "notebook ran in" in text
-    assert _n_images(nb) == 5  # slices, distributions, fig. 6, property maps, particle (each once)
+    assert _n_images(nb) == 6  # slices, distributions, fig. 6 (grey, / ROI mean), property maps, particle
 
 
 @pytest.mark.slow

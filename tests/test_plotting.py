@@ -9,7 +9,6 @@ computed here by hand (numpy loops), never with the plotting code itself.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import dask.array as da
 import numpy as np
@@ -21,6 +20,8 @@ from matplotlib.patches import StepPatch, Wedge
 
 from grapes_dask import GrapesInputError
 from grapes_dask import plotting as P
+from grapes_dask import track
+from grapes_dask.output import Particle
 
 PNG = b"\x89PNG\r\n\x1a\n"
 STATES = ["pristine", "4.0 V", "4.4 V", "2.5 V"]
@@ -31,41 +32,10 @@ STATES = ["pristine", "4.0 V", "4.4 V", "2.5 V"]
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Fraction:
-    state_a: str
-    state_b: str
-    n: int
-    n_darker: int
-    fraction: float
-    se: float
-
-
-@dataclass(frozen=True)
-class ChangeMap:
-    label: int
-    state: str
-    reference: str
-    delta: np.ndarray
-    mask: np.ndarray
-    shift: tuple = (0.0, 0.0, 0.0)
-    origin: tuple = (0, 0, 0)
-    spacing: tuple = (1.0, 1.0, 1.0)
-
-
-@dataclass(frozen=True)
-class FakeParticle:
-    label: int
-    origin: tuple
-    mask: np.ndarray
-    grey: np.ndarray | None
-    labels: np.ndarray
-    distance: np.ndarray
-    layers: np.ndarray
-    row: pd.Series
-    spacing: tuple = (1.0, 1.0, 1.0)
-    layer_width: float = 1.0
-    start_at: str = "edge"
+def ChangeMap(label, state, reference, delta, mask):
+    """A grapes_dask.track.ChangeMap with no shift, at the origin, unit spacing."""
+    nd = np.ndim(delta)
+    return track.ChangeMap(label, state, reference, delta, mask, (0.0,) * nd, (0,) * nd, (1.0,) * nd)
 
 
 def summary_frame():
@@ -298,9 +268,9 @@ def test_quantile_deltas(tmp_path):
 
 
 def test_fraction_pies(tmp_path):
-    fr = [Fraction("pristine", "4.4 V", 300, 240, 0.8, math.sqrt(0.8 * 0.2 / 300)),
-          Fraction("2.5 V", "4.4 V", 200, 130, 0.65, math.sqrt(0.65 * 0.35 / 200)),
-          Fraction("4.4 V", "2.5 V", 0, 0, float("nan"), float("nan"))]
+    fr = [track.Fraction("pristine", "4.4 V", 300, 240, 0.8, math.sqrt(0.8 * 0.2 / 300)),
+          track.Fraction("2.5 V", "4.4 V", 200, 130, 0.65, math.sqrt(0.65 * 0.35 / 200)),
+          track.Fraction("4.4 V", "2.5 V", 0, 0, float("nan"), float("nan"))]
     fig = P.plot_fractions(fr)
     assert_own_figure(fig)
     axes = [a for a in fig.axes if a.get_visible()]
@@ -500,7 +470,8 @@ def fake_particle(with_column=True, grey=True):
     row = pd.Series({"label": 42, "radial_layers_graylevel": [101.0, 112.0, 121.5, 130.0, 140.0]})
     if not with_column:
         row = row.drop("radial_layers_graylevel")
-    return FakeParticle(42, (3, 4, 5), mask, g if grey else None, mask.astype(np.int32) * 42, dist, layers, row)
+    return Particle(42, (3, 4, 5), mask, g if grey else None, mask.astype(np.int32) * 42, dist, layers, row,
+                    spacing=(1.0, 1.0, 1.0))
 
 
 def test_particle_panels(tmp_path):

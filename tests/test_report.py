@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import math
 import struct
-from dataclasses import dataclass
 from html.parser import HTMLParser
 
 import numpy as np
@@ -22,6 +21,7 @@ from matplotlib.figure import Figure
 
 from grapes_dask import GrapesInputError
 from grapes_dask.report import Captioned, Section, render_report, tables_report, tracking_report, write_report
+from grapes_dask.track import ChangeMap, Fraction
 
 PNG = b"\x89PNG\r\n\x1a\n"
 STATES = ["pristine", "4.0 V", "4.4 V", "2.5 V"]
@@ -154,27 +154,6 @@ def test_write_report_refuses_and_leaves_nothing(tmp_path):
 # tracking_report with a fake tracking
 # --------------------------------------------------------------------------------------------
 
-
-@dataclass(frozen=True)
-class Fraction:
-    state_a: str
-    state_b: str
-    n: int
-    n_darker: int
-    fraction: float
-    se: float
-
-
-@dataclass(frozen=True)
-class ChangeMap:
-    label: int
-    state: str
-    reference: str
-    delta: np.ndarray
-    mask: np.ndarray
-    shift: tuple
-    origin: tuple
-    spacing: tuple
 
 
 class FakeTracking:
