@@ -397,9 +397,10 @@ def tracking_report(tracking, out_dir, overwrite: bool = False, *, n_maps: int =
         f"sigma.",
         ztests,
         figs.item("fig12_normal_models", "Figure 12", P.plot_normal_models, summary, reference=reference,
-                  states=None if len(states) <= 5 else [reference, others[0]] if others else None,
-                  caption="Fig. 12: modelled normal distributions of the population means, N(mean, SES); "
-                          f"vertical lines: {reference} mean ± k sigma (eq. 6)."),
+                  states=[reference, others[0]] if others else None,
+                  caption="Fig. 12: modelled normal distributions of the population means, N(mean, SES), of "
+                          f"{reference} and {others[0] if others else reference} (as the paper's, the first "
+                          f"change); vertical lines: {reference} mean ± k sigma (eq. 6)."),
     ))
     sec_clean = Section("Cleaning", (
         "Particles excluded, by reason (a particle can have several reasons, each counted); every particle "
