@@ -7,6 +7,10 @@ Public API (see the README):
 - :func:`analyze`, :func:`analyze_tables`, :func:`particle_table`, :func:`check_inputs`
   (``grapes_dask.table``)
 - :func:`write_table`, :func:`read_table`, :func:`prop_to_image`, :func:`particle` (``grapes_dask.output``)
+- :func:`population_stats`, :func:`change_stats`, :func:`z_test`, :func:`quantile_groups`,
+  :func:`estimate_noise` (``grapes_dask.stats``: the paper's eq. 1-6)
+- :func:`grapes_dask.track.track` (operando tracking and cleaning, a :class:`Tracking`),
+  ``grapes_dask.plotting`` (the paper's figures), ``grapes_dask.report`` (HTML reports)
 - :func:`grapes_dask.synthetic.make_phantom` and friends
 """
 
@@ -25,7 +29,9 @@ _LAZY = {
     "convert": "io", "open_volume": "io", "read_spacing": "io", "volume_info": "io", "Volume": "io",
     "resolve_volume": "io",
     "ParticleTables": "table", "analyze": "table", "analyze_tables": "table", "particle_table": "table",
-    "check_inputs": "table", "CheckedInputs": "table",
+    "check_inputs": "table", "CheckedInputs": "table", "normalise_profiles": "table",
+    "population_stats": "stats", "change_stats": "stats", "z_test": "stats", "quantile_groups": "stats",
+    "estimate_noise": "stats", "Tracking": "track",
     "Particle": "output", "particle": "output", "prop_to_image": "output", "read_table": "output",
     "write_table": "output",
 }
@@ -72,5 +78,12 @@ __all__ = [
     "read_spacing",
     "read_table",
     "volume_info",
+    "normalise_profiles",
+    "population_stats",
+    "change_stats",
+    "z_test",
+    "quantile_groups",
+    "estimate_noise",
+    "Tracking",
     "write_table",
 ]
