@@ -341,33 +341,65 @@ def _normalised(means: np.ndarray, how: str, start_at: str = "edge", roi_mean: f
     return rel / top
 
 
+def _segments(flat: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Object array of the views ``flat[offsets[i]:offsets[i + 1]]``, one per segment."""
+    return np.fromiter((flat[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())), dtype=object,
+                       count=len(offsets) - 1)
+
+
+def _normalised_flat(mean: np.ndarray, k: np.ndarray, offsets: np.ndarray, how: str, start_at: str,
+                     roi_mean) -> np.ndarray:
+    """:func:`_normalised` of every particle at once, on the concatenated profiles."""
+    full = k > 0
+    first = offsets[:-1][full]
+    if how == "roi_mean":
+        per = np.full(len(k), np.nan) if roi_mean is None else np.asarray(roi_mean, np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return mean / np.repeat(per, k)
+    if how == "surface":
+        surface = mean[first] if start_at == "edge" else mean[offsets[1:][full] - 1]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return mean / np.repeat(surface, k[full])
+    rel = mean - np.repeat(mean[first], k[full])
+    top = np.fmax.reduceat(rel, first) if len(first) else np.zeros(0)  # NaN only where all are NaN
+    ok = np.repeat(top > 0, k[full])
+    out = np.full(len(mean), np.nan)
+    out[ok] = rel[ok] / np.repeat(top, k[full])[ok]
+    return out
+
+
 def _profiles(layers: pd.DataFrame, labels: np.ndarray, how: str, start_at: str = "edge",
               roi_mean: np.ndarray | None = None) -> dict:
-    """Radial profile list columns (layers 1..K, empty layers with count 0 and NaN)."""
+    """Radial profile list columns (layers 1..K, empty layers with count 0 and NaN).
+
+    Built without a loop over particles: the profiles are laid end to end in flat arrays (particle
+    ``i`` at ``offsets[i]:offsets[i + 1]``, ``K_i`` = its deepest layer), and each cell is a view.
+    """
     n = len(labels)
-    out = {c: np.empty(n, dtype=object) for c in PROFILE_COLUMNS}
     lab = layers["label"].to_numpy()
+    lay = layers["layer"].to_numpy().astype(np.int64, copy=False)
     starts = np.searchsorted(lab, labels, side="left")
     stops = np.searchsorted(lab, labels, side="right")
-    lay = layers["layer"].to_numpy()
-    cnt = layers["count"].to_numpy()
-    mean = layers["mean"].to_numpy()
-    std = layers["std"].to_numpy()
-    for i in range(n):
-        a, b = starts[i], stops[i]
-        k = int(lay[b - 1]) if b > a else 0
-        pos = lay[a:b] - 1
-        c = np.zeros(k, np.int64)
-        m = np.full(k, np.nan)
-        s = np.full(k, np.nan)
-        c[pos], m[pos], s[pos] = cnt[a:b], mean[a:b], std[a:b]
-        out["radial_layers"][i] = np.arange(1, k + 1, dtype=np.int64)
-        out["radial_layers_count"][i] = c
-        out["radial_layers_graylevel"][i] = m
-        out["radial_layers_std"][i] = s
-        out["radial_layers_graylevelnormed"][i] = _normalised(m, how, start_at,
-                                                              np.nan if roi_mean is None else roi_mean[i])
-    return out
+    rows_per = stops - starts
+    k = np.zeros(n, np.int64)
+    k[rows_per > 0] = lay[stops[rows_per > 0] - 1]
+    offsets = np.zeros(n + 1, np.int64)
+    np.cumsum(k, out=offsets[1:])
+    total = int(offsets[-1])
+    first_row = np.cumsum(rows_per) - rows_per
+    rows = np.repeat(starts - first_row, rows_per) + np.arange(int(rows_per.sum()))
+    pos = np.repeat(offsets[:-1], rows_per) + lay[rows] - 1
+    cnt = np.zeros(total, np.int64)
+    mean = np.full(total, np.nan)
+    std = np.full(total, np.nan)
+    cnt[pos] = layers["count"].to_numpy()[rows]
+    mean[pos] = layers["mean"].to_numpy()[rows]
+    std[pos] = layers["std"].to_numpy()[rows]
+    layer_no = np.arange(total, dtype=np.int64) - np.repeat(offsets[:-1], k) + 1
+    normed = _normalised_flat(mean, k, offsets, how, start_at, roi_mean)
+    flat = {"radial_layers": layer_no, "radial_layers_count": cnt, "radial_layers_graylevel": mean,
+            "radial_layers_std": std, "radial_layers_graylevelnormed": normed}
+    return {c: _segments(flat[c], offsets) for c in PROFILE_COLUMNS}
 
 
 def _roi(combined_layers: pd.DataFrame, labels: np.ndarray, n_outer: int) -> dict:
