@@ -490,9 +490,24 @@ def grey_mean_std(frame):
         m2 = np.maximum(frame["grey_m2"].to_numpy(), 0.0)
         with np.errstate(invalid="ignore", divide="ignore"):
             return mean, np.sqrt(m2 / n)
-    s = words_to_int(frame["grey_sum_hi"].to_numpy(), frame["grey_sum_lo"].to_numpy())
-    q = words_to_int(frame["grey_sq_hi"].to_numpy(), frame["grey_sq_lo"].to_numpy())
-    n_obj = n.astype(object)
-    mean = exact_ratio(s, n_obj)
-    var = exact_ratio(n_obj * q - s * s, n_obj * n_obj)
+    s_hi, s_lo = frame["grey_sum_hi"].to_numpy(), frame["grey_sum_lo"].to_numpy()
+    q_hi, q_lo = frame["grey_sq_hi"].to_numpy(), frame["grey_sq_lo"].to_numpy()
+    mean = np.empty(len(n), np.float64)
+    var = np.empty(len(n), np.float64)
+    # Fast rows: S, n Q - S**2 and n**2 are integers below 2**53, so float64 holds them exactly and
+    # one IEEE division rounds correctly, as Python's int / int does: the same bits, no Python ints.
+    n64 = n.astype(np.int64)
+    fast = (s_hi == 0) & (q_hi == 0) & (s_lo.astype(np.uint64) < np.uint64(1 << 31)) & (n64 > 0) & (n64 < (1 << 26))
+    fast[fast] &= q_lo[fast].astype(np.uint64) <= ((1 << 53) // n64[fast]).astype(np.uint64)
+    if fast.any():
+        nf, sf, qf = n64[fast], s_lo[fast].astype(np.int64), q_lo[fast].astype(np.int64)
+        mean[fast] = sf.astype(np.float64) / nf.astype(np.float64)
+        var[fast] = (nf * qf - sf * sf).astype(np.float64) / (nf * nf).astype(np.float64)
+    slow = ~fast
+    if slow.any():
+        s = words_to_int(s_hi[slow], s_lo[slow])
+        q = words_to_int(q_hi[slow], q_lo[slow])
+        n_obj = n[slow].astype(object)
+        mean[slow] = exact_ratio(s, n_obj)
+        var[slow] = exact_ratio(n_obj * q - s * s, n_obj * n_obj)
     return mean, np.sqrt(var)

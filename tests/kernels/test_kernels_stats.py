@@ -218,3 +218,32 @@ def test_float16_and_bool_grey(dtype):
     vals = grey[lab == 4].astype(np.float64)
     assert table["intensity_mean"].item() == pytest.approx(vals.mean(), rel=1e-12)
     assert table["intensity_std"].item() == pytest.approx(vals.std(), rel=1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), big=st.booleans())
+def test_grey_mean_std_fast_rows_equal_exact_rationals(seed, big):
+    """Rows whose sums fit in 2**53 take a float64 route; every row must equal the correctly
+    rounded exact rationals S / n and sqrt((n Q - S**2) / n**2), computed with Python integers."""
+    from grapes_dask.kernels._accum import grey_mean_std
+
+    rng = np.random.default_rng(seed)
+    rows = 300
+    n = rng.integers(1, (1 << 28) if big else 5000, rows)
+    grey_max = 65535 if big else 255
+    # sums of n real grey values: S = n * mean-ish, Q >= S**2 / n (a genuine variance)
+    s = [int(k) * int(rng.integers(0, grey_max + 1)) for k in n]
+    q = [si * si // int(k) + int(k) * int(rng.integers(0, grey_max)) for si, k in zip(s, n)]
+    if big:
+        s[::7] = [-v for v in s[::7]]  # signed grey: negative sums take the exact route
+    hi_s = np.array([v >> 64 for v in s], np.int64)
+    lo_s = np.array([v & ((1 << 64) - 1) for v in s], np.uint64)
+    hi_q = np.array([v >> 64 for v in q], np.uint64)
+    lo_q = np.array([v & ((1 << 64) - 1) for v in q], np.uint64)
+    frame = pd.DataFrame({"count": n, "grey_sum_hi": hi_s, "grey_sum_lo": lo_s, "grey_sq_hi": hi_q,
+                          "grey_sq_lo": lo_q})
+    mean, std = grey_mean_std(frame)
+    for i in range(rows):
+        k = int(n[i])
+        assert mean[i] == float(Fraction(s[i], k))
+        assert std[i] == np.sqrt(float(Fraction(k * q[i] - s[i] * s[i], k * k)))
