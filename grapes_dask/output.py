@@ -61,6 +61,7 @@ import contextlib
 import json
 import math
 import numbers
+import operator
 import os
 import warnings
 from dataclasses import dataclass
@@ -156,8 +157,14 @@ def _list_columns(df: pd.DataFrame) -> dict[str, tuple[np.dtype, bool]]:
         col = df[name]
         if col.dtype != object:
             continue
+        cells = col.to_numpy()
+        if len(cells) and set(map(type, cells)) == {np.ndarray}:  # the engine's columns: one look per cell
+            dtypes = set(map(operator.attrgetter("dtype"), cells))
+            if len(dtypes) == 1:
+                out[name] = (np.dtype(dtypes.pop()), True)
+                continue
         dt, uniform, seen = None, True, False
-        for v in col.to_numpy():
+        for v in cells:
             if _is_missing(v):
                 uniform = uniform and v is None
                 continue
