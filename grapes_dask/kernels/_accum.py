@@ -469,6 +469,46 @@ def exact_ratio(num, den):
     return np.array([a / b for a, b in zip(num.tolist(), den.tolist())], dtype=np.float64)
 
 
+_EXACT_F64 = 1 << 53  # integers up to this magnitude are exact in float64
+
+
+def ratio_i64(num, den):
+    """Correctly rounded float64 of ``num / den`` for int64 arrays (``den > 0``).
+
+    Where ``|num|`` and ``den`` are at most 2**53 both are exact in float64 and one IEEE
+    division rounds correctly, giving the bits of Python's ``int / int``; other rows take that
+    Python route.
+    """
+    num = np.asarray(num, np.int64)
+    den = np.asarray(den, np.int64)
+    out = np.empty(num.shape, np.float64)
+    fast = (np.abs(num) <= _EXACT_F64) & (den > 0) & (den <= _EXACT_F64)
+    out[fast] = num[fast].astype(np.float64) / den[fast].astype(np.float64)
+    if not fast.all():
+        out[~fast] = exact_ratio(num[~fast].astype(object), den[~fast].astype(object))
+    return out
+
+
+def covariance_ratio(n, s_ab, s_a, s_b):
+    """Correctly rounded float64 of ``(n s_ab - s_a s_b) / n**2`` for int64 arrays.
+
+    The numerator is formed in int64 where both products surely fit (their float64 estimate
+    below 2**61), else with Python integers; then :func:`ratio_i64` or :func:`exact_ratio`.
+    """
+    n, s_ab, s_a, s_b = (np.asarray(v, np.int64) for v in (n, s_ab, s_a, s_b))
+    nf = n.astype(np.float64)
+    safe = ((np.abs(nf * s_ab.astype(np.float64)) < 2.0**61)
+            & (np.abs(s_a.astype(np.float64) * s_b.astype(np.float64)) < 2.0**61) & (n < (1 << 31)))
+    out = np.empty(n.shape, np.float64)
+    if safe.any():
+        out[safe] = ratio_i64(n[safe] * s_ab[safe] - s_a[safe] * s_b[safe], n[safe] * n[safe])
+    if not safe.all():
+        no, ab = n[~safe].astype(object), s_ab[~safe].astype(object)
+        a, b = s_a[~safe].astype(object), s_b[~safe].astype(object)
+        out[~safe] = exact_ratio(no * ab - a * b, no * no)
+    return out
+
+
 def grey_mean_std(frame):
     """Mean and population standard deviation (ddof 0) of grey per row.
 

@@ -577,10 +577,9 @@ def finalize_stats(combined, spacing=None):
     size, boundary, diameter, shape = _size_names(ndim)
     out = {"label": t["label"].to_numpy(), "voxel_count": n}
     out[size] = n * np.prod(spacing_arr)
-    n_obj = n.astype(object)
-    sums = [t[f"sum_{a}"].to_numpy().astype(object) for a in range(ndim)]
+    sums = [t[f"sum_{a}"].to_numpy() for a in range(ndim)]
     for a in range(ndim):
-        out[f"centroid-{a}"] = acc.exact_ratio(sums[a], n_obj)
+        out[f"centroid-{a}"] = acc.ratio_i64(sums[a], n)
     for a in range(ndim):
         out[f"bbox-{a}"] = t[f"bbox_min_{a}"].to_numpy()
         out[f"bbox-{a + ndim}"] = t[f"bbox_max_{a}"].to_numpy()
@@ -595,7 +594,7 @@ def finalize_stats(combined, spacing=None):
             out[shape] = np.pi ** (1 / 3) * (6 * out[size]) ** (2 / 3) / area
         else:
             out[shape] = 4 * np.pi * out[size] / area**2
-    eig = _inertia_eigvals(t, n_obj, sums, spacing_arr)
+    eig = _inertia_eigvals(t, n, sums, spacing_arr)
     for a in range(ndim):
         out[f"inertia_tensor_eigvals-{a}"] = eig[:, a]
     if ndim == 3:
@@ -611,14 +610,12 @@ def finalize_stats(combined, spacing=None):
     return pd.DataFrame({c: np.asarray(out[c], dtype=d) for c, d in cols.items()})
 
 
-def _inertia_eigvals(t, n_obj, sums, spacing):
+def _inertia_eigvals(t, n, sums, spacing):
     """Eigenvalues (descending, clipped at 0) of skimage's inertia tensor with spacing."""
     ndim = spacing.size
-    nn = n_obj * n_obj
     cov = np.zeros((len(t), ndim, ndim))
     for a, b in _moment_pairs(ndim):
-        s_ab = t[f"sum_{a}{b}"].to_numpy().astype(object)
-        c = acc.exact_ratio(n_obj * s_ab - sums[a] * sums[b], nn) * spacing[a] * spacing[b]
+        c = acc.covariance_ratio(n, t[f"sum_{a}{b}"].to_numpy(), sums[a], sums[b]) * spacing[a] * spacing[b]
         cov[:, a, b] = c
         cov[:, b, a] = c
     diag = np.einsum("nii->ni", cov)

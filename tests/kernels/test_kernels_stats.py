@@ -247,3 +247,24 @@ def test_grey_mean_std_fast_rows_equal_exact_rationals(seed, big):
         k = int(n[i])
         assert mean[i] == float(Fraction(s[i], k))
         assert std[i] == np.sqrt(float(Fraction(k * q[i] - s[i] * s[i], k * k)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), scale=st.sampled_from([10, 2**20, 2**40, 2**62]))
+def test_int64_ratios_equal_exact_rationals(seed, scale):
+    """Centroids and moment covariances: the float64 route where the integers allow it, Python
+    integers elsewhere; every value is the correctly rounded exact rational."""
+    from grapes_dask.kernels._accum import covariance_ratio, ratio_i64
+
+    rng = np.random.default_rng(seed)
+    rows = 200
+    n = rng.integers(1, min(scale, 2**62), rows, dtype=np.int64)
+    s_a = rng.integers(-min(scale, 2**62), min(scale, 2**62), rows, dtype=np.int64)
+    s_b = rng.integers(-min(scale, 2**62), min(scale, 2**62), rows, dtype=np.int64)
+    s_ab = rng.integers(-min(scale, 2**62), min(scale, 2**62), rows, dtype=np.int64)
+    got = ratio_i64(s_a, n)
+    cov = covariance_ratio(n, s_ab, s_a, s_b)
+    for i in range(rows):
+        k, a, b, ab = int(n[i]), int(s_a[i]), int(s_b[i]), int(s_ab[i])
+        assert got[i] == float(Fraction(a, k))
+        assert cov[i] == float(Fraction(k * ab - a * b, k * k))
