@@ -322,25 +322,6 @@ class _CentreAndEdgeMemory(TaskMemory):
 # --------------------------------------------------------------------------------------------
 
 
-def _normalised(means: np.ndarray, how: str, start_at: str = "edge", roi_mean: float = np.nan) -> np.ndarray:
-    """One particle's normalised profile (see :data:`NORMALISATIONS`)."""
-    means = np.asarray(means, np.float64)
-    if how == "roi_mean":
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return means / np.float64(roi_mean)
-    g1 = means[0] if len(means) else np.nan
-    if how == "surface":
-        # the surface layer: layer 1 from the edge, the outermost layer from the centre (as GRAPES)
-        surface = g1 if start_at == "edge" or not len(means) else means[-1]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return means / surface
-    rel = means - g1
-    top = np.nanmax(rel) if np.isfinite(rel).any() else np.nan
-    if not top > 0:
-        return np.full(len(means), np.nan)
-    return rel / top
-
-
 def _segments(flat: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """Object array of the views ``flat[offsets[i]:offsets[i + 1]]``, one per segment."""
     return np.fromiter((flat[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())), dtype=object,
@@ -349,7 +330,8 @@ def _segments(flat: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 
 def _normalised_flat(mean: np.ndarray, k: np.ndarray, offsets: np.ndarray, how: str, start_at: str,
                      roi_mean) -> np.ndarray:
-    """:func:`_normalised` of every particle at once, on the concatenated profiles."""
+    """Every particle's normalised profile (see :data:`NORMALISATIONS`) at once, on the profiles laid
+    end to end (particle ``i`` at ``offsets[i]:offsets[i + 1]``, ``k[i]`` layers)."""
     full = k > 0
     first = offsets[:-1][full]
     if how == "roi_mean":
@@ -1023,9 +1005,15 @@ def normalise_profiles(table: pd.DataFrame, how: str = "roi_mean", *, exclude_ou
             roi = table["roi_mean"].to_numpy(dtype=np.float64, na_value=np.nan)
     else:
         roi = np.full(len(table), np.nan)
-    col = np.empty(len(table), dtype=object)
-    for i, g in enumerate(table["radial_layers_graylevel"].to_numpy()):
-        col[i] = None if g is None else _normalised(np.asarray(g, np.float64), how, start_at or "edge", roi[i])
+    cells = table["radial_layers_graylevel"].to_numpy()
+    present = np.fromiter((g is not None for g in cells), dtype=bool, count=len(cells))
+    means = [np.asarray(g, np.float64) for g in cells[present]]
+    k = np.fromiter(map(len, means), dtype=np.int64, count=len(means))
+    offsets = np.zeros(len(means) + 1, np.int64)
+    np.cumsum(k, out=offsets[1:])
+    flat = np.concatenate(means) if means else np.zeros(0)
+    col = np.full(len(table), None, dtype=object)
+    col[present] = _segments(_normalised_flat(flat, k, offsets, how, start_at or "edge", roi[present]), offsets)
     out = table.copy()
     out["radial_layers_graylevelnormed"] = pd.Series(col, index=table.index, dtype=object)
     attrs = copy.deepcopy(dict(table.attrs))
