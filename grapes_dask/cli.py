@@ -404,12 +404,6 @@ def _parse_region(text):
         ) from None
 
 
-def _file_name(name: str) -> str:
-    from .report import file_name
-
-    return file_name(name)
-
-
 def _parse_gap(text):
     if str(text).strip().lower() == "none":
         return None
@@ -468,7 +462,7 @@ def operando(state_specs, reference, out_dir, exclude_outer_layers, noise_sigma,
     """
     from .cluster import check_scheduler
     from .io import _check_can_write, atomic_output
-    from .report import write_tracking
+    from .report import file_name, write_tracking
     from .track import check_states, track
 
     states = {}
@@ -482,7 +476,7 @@ def operando(state_specs, reference, out_dir, exclude_outer_layers, noise_sigma,
             f"{len(states)} --state given: tracking needs at least two, the reference and one more (for a single "
             "state, use grapes-dask analyze and grapes-dask report)"
         )
-    names = [_file_name(n) for n in states]
+    names = [file_name(n) for n in states]
     if len(set(names)) < len(names):
         clash = sorted({a for a, b in zip(states, names) if names.count(b) > 1})
         raise GrapesInputError(f"the states {clash} have the same file name once written as tables/NAME.parquet: "

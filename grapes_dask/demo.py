@@ -18,6 +18,7 @@ Stages, each announced on standard output:
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -58,7 +59,7 @@ def _merge_pair(truth, shape) -> tuple[int, int] | None:
     return int(labs[a]), int(labs[b])
 
 
-def _give_to_neighbour(store: Path, lost: int, taker: int, overwrite: bool) -> None:
+def _give_to_neighbour(store: Path, lost: int, taker: int) -> None:
     """Rewrite a label store with every voxel of `lost` given to `taker` (atomically)."""
     from .io import open_volume, read_spacing, write_zarr
 
@@ -69,8 +70,6 @@ def _give_to_neighbour(store: Path, lost: int, taker: int, overwrite: bool) -> N
              "segmentation_error": f"label {lost} given to label {taker} (demo)"}
     tmp = store.with_name(store.name.replace(".zarr", "_merged.zarr"))
     write_zarr(merged, tmp, attrs=attrs, overwrite=True)
-    import shutil
-
     shutil.rmtree(store)
     tmp.rename(store)
 
@@ -129,7 +128,7 @@ def run_demo(out_dir, *, size: int = 160, workers: int | None = None, seed: int 
     pair = _merge_pair(ph.truth, (size,) * 3)
     if pair is not None:
         lost, taker = pair
-        _give_to_neighbour(Path(ph.labels[_ERROR_STATE]), lost, taker, overwrite)
+        _give_to_neighbour(Path(ph.labels[_ERROR_STATE]), lost, taker)
         echo(f"    segmentation error made on purpose: at {names[_ERROR_STATE]}, particle {lost} is merged into "
              f"particle {taker}")
     states = {name: (ph.grey[s], ph.labels[s]) for s, name in enumerate(names)}
