@@ -5,14 +5,21 @@ process and all its children (dask workers included) every 50 ms and reports the
 
     python benchmarks/engine.py                # 800^3, ~10,000 particles, 2 workers
     python benchmarks/engine.py --size 400     # quicker look
+    python benchmarks/engine.py --data DIR     # another volume (DIR/grey.zarr, DIR/labels.zarr)
+    python benchmarks/engine.py --only edt,table-default,table-aniso   # anisotropic vs isotropic
 
 Measurements (same run, same data read from Zarr):
 
 - ``edt``: labels loaded into memory, one ``edt.edt(labels, parallel=cores)`` (timed call only);
 - ``table-default``: ``grapes_dask.analyze_tables`` on the default (threaded) scheduler;
 - ``table-client``: the same on the embedded ``distributed.LocalCluster`` of ``grapes-dask
-  analyze`` (one worker process, a thread per core) passed as ``client=``, warm (cluster started and kernels compiled by a first run on a
-  small crop; the timed run is the second);
+  analyze`` (in the client's process, a thread per core) passed as ``client=``, warm (cluster
+  started and kernels loaded by a first run on a small crop; the timed run is the second);
+- ``table-aniso``: as ``table-default`` with ``spacing=--aniso`` (default ``1,0.8,0.8``), to set
+  against ``table-default`` (unit spacing) on the same volume;
+
+each table run then writes the particle table and the long ``layers`` and ``contacts`` tables
+to Parquet as ``grapes-dask analyze`` does (``write`` seconds, not in the table time),
 
 and, for the table runs, where the time goes: wall time of each stage and the summed task
 time per kind of task (read = Zarr reads and slicing, pass1, pass2, combine) against the
@@ -84,7 +91,26 @@ def _kind(key) -> str:
     return "read"  # open-/from-zarr/getitem/concatenate/finalize: reading and assembling blocks
 
 
-def child(kind: str, data: Path, workers: int, region_size: int) -> dict:
+def _write(res, out_dir: Path) -> float:
+    """Write the tables as ``grapes-dask analyze`` does; seconds."""
+    import tempfile
+
+    from grapes_dask.output import companion_path, write_table
+
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        out = Path(tmp) / "table.parquet"
+        t0 = time.perf_counter()
+        extra = {}
+        for name in ("layers", "contacts"):
+            t = getattr(res, name).copy()
+            t.attrs = dict(res.particles.attrs)
+            extra[name] = t
+        write_table(res.particles, out, extra=extra)
+        assert companion_path(out, "layers").exists()
+        return time.perf_counter() - t0
+
+
+def child(kind: str, data: Path, workers: int, region_size: int, aniso=(1.0, 0.8, 0.8)) -> dict:
     import numpy as np
 
     import grapes_dask
@@ -98,12 +124,13 @@ def child(kind: str, data: Path, workers: int, region_size: int) -> dict:
         t0 = time.perf_counter()
         edt.edt(lab, parallel=workers)
         return {"seconds": time.perf_counter() - t0, "voxels": int(lab.size)}
-    if kind == "table-default":
+    if kind in ("table-default", "table-aniso"):
         from dask.diagnostics import Profiler
 
+        opts = {"spacing": aniso} if kind == "table-aniso" else {}
         with Profiler() as prof:
             t0 = time.perf_counter()
-            res = grapes_dask.analyze_tables(grey, labels, region_size=region_size)
+            res = grapes_dask.analyze_tables(grey, labels, region_size=region_size, **opts)
             wall = time.perf_counter() - t0
         tasks = {}
         for r in prof.results:
@@ -128,8 +155,9 @@ def child(kind: str, data: Path, workers: int, region_size: int) -> dict:
                 tasks[_kind(t["key"])] = tasks.get(_kind(t["key"]), 0.0) + dur
             n_workers = sum(w["nthreads"] for w in client.scheduler_info()["workers"].values())
     shape = open_volume(labels).shape
+    write = _write(res, data.parent if os.access(data.parent, os.W_OK) else Path("/tmp"))
     return {"seconds": wall, "particles": len(res.particles), "voxels": int(np.prod(shape)),
-            "stages": res.timings, "task_seconds": tasks, "workers": n_workers}
+            "stages": res.timings, "write": write, "task_seconds": tasks, "workers": n_workers}
 
 
 def ensure_phantom(data: Path, size: int) -> None:
@@ -150,11 +178,13 @@ def main():
     ap.add_argument("--region-size", type=int, default=400)
     ap.add_argument("--data", type=Path, default=None)
     ap.add_argument("--only", default="edt,table-default,table-client")
+    ap.add_argument("--aniso", default="1,0.8,0.8", help="spacing of the table-aniso run")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     data = a.data or HERE / "_data" / f"phantom_{a.size}"
     if a.child:
-        print(json.dumps(child(a.child, data, a.workers, a.region_size)))
+        aniso = tuple(float(x) for x in a.aniso.split(","))
+        print(json.dumps(child(a.child, data, a.workers, a.region_size, aniso)))
         return
     ensure_phantom(data, a.size)
     print(f"machine: {platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, "
@@ -162,17 +192,26 @@ def main():
     results = {}
     for kind in a.only.split(","):
         r = run_measured(["--child", kind, "--size", str(a.size), "--workers", str(a.workers),
-                          "--region-size", str(a.region_size), "--data", str(data)])
+                          "--region-size", str(a.region_size), "--data", str(data), "--aniso", a.aniso])
         results[kind] = r
         print(kind, json.dumps(r), flush=True)
-    if "edt" in results:
-        e = results["edt"]["seconds"]
-        for kind in ("table-default", "table-client"):
-            if kind in results:
-                r = results[kind]
-                print(f"{kind}: {r['seconds']:.1f} s = {r['seconds'] / e:.2f} x edt ({e:.1f} s), "
-                      f"{r['particles'] / r['seconds']:.0f} particles/s, peak RSS {r['peak_rss_gib']:.2f} GiB "
-                      f"(edt process {results['edt']['peak_rss_gib']:.2f} GiB)")
+    print(f"load average at the end: {os.getloadavg()}")
+    e = results["edt"]["seconds"] if "edt" in results else None
+    for kind in ("table-default", "table-client", "table-aniso"):
+        if kind in results:
+            r = results[kind]
+            st = r["stages"]
+            fixed = st.get("plan", 0) + st.get("finish", 0) + r["write"]
+            ratio = f" = {r['seconds'] / e:.2f} x edt ({e:.1f} s)" if e else ""
+            print(f"{kind}: {r['seconds']:.1f} s{ratio}, {r['particles']} particles, "
+                  f"{r['particles'] / r['seconds']:.0f} particles/s, peak RSS {r['peak_rss_gib']:.2f} GiB; "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in st.items())
+                  + f", write {r['write']:.2f} s; plan+finish+write {fixed:.2f} s = "
+                  f"{100 * fixed / (r['seconds'] + r['write']):.0f}% of table+write")
+    if "table-aniso" in results and "table-default" in results:
+        print(f"anisotropic / isotropic: {results['table-aniso']['seconds'] / results['table-default']['seconds']:.2f}")
+    if e:
+        print(f"edt process peak RSS {results['edt']['peak_rss_gib']:.2f} GiB")
 
 
 if __name__ == "__main__":
