@@ -24,7 +24,11 @@ float64 mean rounded to float32 is GRAPES' value. Where the two differ on purpos
 (docs/design.md, docs/guide.md section 7) the comparison says so: a layer without voxels is
 NaN here and 0 in GRAPES; ``radial_max`` normalisation is NaN here and zeros in GRAPES when no
 layer is brighter than the surface. With the defaults used here (voxel size 1, layers from the
-edge, black border) GRAPES' layers are the same as ours, so every profile must be equal.
+edge, black border) GRAPES' layers are the same as ours, so with integer grey levels every
+volume, mean and profile must be equal (the script exits with status 1 otherwise). If the
+stores carry another voxel size, grapes-dask is given ``--spacing 1``: GRAPES' defaults count
+in voxels. With float grey levels GRAPES sums each layer in float32, so its profiles then carry
+float32 summation errors beyond the final rounding.
 """
 
 from __future__ import annotations
@@ -337,9 +341,24 @@ def _remove_outputs(t: Path) -> None:
             p.unlink()
 
 
-def run_analyze(grey: Path, labels: Path, out: Path) -> dict:
+def voxel_units(grey: Path, labels: Path) -> list[str]:
+    """``["--spacing", "1"]`` when a store carries a voxel size other than 1, else ``[]``.
+
+    GRAPES' defaults (``anisotropy=(1, 1, 1)``, ``pixel_size=None``) count layers in voxels;
+    with another voxel size grapes-dask's layers would be in its units, so it is told 1 too.
+    """
+    from grapes_dask.io import read_spacing
+
+    for src in (grey, labels):
+        sp = read_spacing(src)
+        if sp is not None and any(float(x) != 1.0 for x in sp):
+            return ["--spacing", "1"]
+    return []
+
+
+def run_analyze(grey: Path, labels: Path, out: Path, extra: list[str] = ()) -> dict:
     _remove_outputs(out)
-    cmd = analyze_command() + ["analyze", str(grey), str(labels), "--out", str(out), "--quiet"]
+    cmd = analyze_command() + ["analyze", str(grey), str(labels), "--out", str(out), "--quiet", *extra]
     r = run_measured(cmd)
     m = re.search(r"in ([0-9.]+) s", r["stdout"])
     r["engine_s"] = float(m.group(1)) if m else None  # the time its closing line reports
@@ -404,6 +423,10 @@ def main(argv=None) -> int:
         run_analyze(wdata / "grey.zarr", wdata / "labels.zarr", work / "warmup.parquet")
         print(f"warm-up: grapes-dask analyze on 64^3 in {time.perf_counter() - t0:.1f} s (not counted)", flush=True)
 
+    units = voxel_units(grey, labels)
+    if units:
+        print("the stores carry a voxel size other than 1: grapes-dask is run with --spacing 1, "
+              "as GRAPES' defaults count layers in voxels", flush=True)
     mach = machine()
     import zarr
 
@@ -421,7 +444,7 @@ def main(argv=None) -> int:
             print(f"[{k + 1}] GRAPES: {r['wall_s']:.1f} s (GRAPES() {r['call_s']:.1f} s), "
                   f"peak {gib(r['peak_rss_bytes'])}, load {r['load_before']:.2f} -> {r['load_after']:.2f}", flush=True)
         out = work / f"grapes_dask_{k}.parquet"
-        r = run_analyze(grey, labels, out)
+        r = run_analyze(grey, labels, out, units)
         run["grapes_dask"] = {x: v for x, v in r.items() if x not in ("stderr",)}
         print(f"[{k + 1}] grapes-dask analyze: {r['wall_s']:.1f} s (its own figure {r['engine_s']} s), "
               f"peak {gib(r['peak_rss_bytes'])}, load {r['load_before']:.2f} -> {r['load_after']:.2f}", flush=True)
