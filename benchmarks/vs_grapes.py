@@ -10,7 +10,8 @@ besides this project's dependencies, ``joblib`` and ``SimpleITK`` (imported, unu
 ``GRAPES()``): ``pip install joblib SimpleITK``.
 
 Each run is its own subprocess, timed from start to exit, with the peak resident memory of its
-whole process tree (GRAPES' joblib workers, the CLI's dask worker) sampled every 50 ms:
+whole process tree (GRAPES' joblib workers, the CLI's dask worker) sampled every 50 ms, and
+the tree's CPU time (which other jobs on the machine disturb less than the wall time):
 
 - GRAPES: both volumes read from Zarr into memory (as ``GRAPES()`` needs them), one
   ``GRAPES(labels, grey)`` with its defaults (the call timed on its own), and its table (without
@@ -52,20 +53,28 @@ F32_EPS = 2.0**-24  # half a float32 ulp, relative: the rounding of GRAPES' prof
 # --------------------------------------------------------------------------- measuring
 
 
-def _tree_rss(proc) -> int:
+def _tree_sample(proc, cpu: dict) -> int:
+    """Resident memory of `proc` and its descendants, bytes; records each one's CPU time in `cpu`."""
     import psutil
 
     total = 0
     for p in [proc] + proc.children(recursive=True):
         try:
-            total += p.memory_info().rss
+            with p.oneshot():
+                total += p.memory_info().rss
+                t = p.cpu_times()
+            cpu[(p.pid, p.create_time())] = t.user + t.system
         except psutil.Error:
             pass
     return total
 
 
 def run_measured(cmd: list[str], env: dict | None = None) -> dict:
-    """Run `cmd` as a subprocess: wall time start to exit, peak RSS of its process tree, output."""
+    """Run `cmd` as a subprocess: wall time start to exit, peak RSS and CPU time of its process tree.
+
+    The CPU time (user + system, summed over the processes of the tree as last seen by the
+    50 ms sampler; a process's last 50 ms may be missed) depends little on other jobs' load.
+    """
     import psutil
 
     load = os.getloadavg()[0]
@@ -73,13 +82,14 @@ def run_measured(cmd: list[str], env: dict | None = None) -> dict:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     ps = psutil.Process(proc.pid)
     peak = 0
+    cpu: dict = {}
     stop = threading.Event()
 
     def sample():
         nonlocal peak
         while not stop.is_set():
             try:
-                peak = max(peak, _tree_rss(ps))
+                peak = max(peak, _tree_sample(ps, cpu))
             except psutil.Error:
                 pass
             time.sleep(0.05)
@@ -93,7 +103,7 @@ def run_measured(cmd: list[str], env: dict | None = None) -> dict:
     if proc.returncode != 0:
         sys.stderr.write(err[-5000:])
         raise RuntimeError(f"{' '.join(cmd)} failed with exit code {proc.returncode}")
-    return {"wall_s": wall, "peak_rss_bytes": peak, "stdout": out, "stderr": err,
+    return {"wall_s": wall, "peak_rss_bytes": peak, "cpu_s": sum(cpu.values()), "stdout": out, "stderr": err,
             "load_before": load, "load_after": os.getloadavg()[0]}
 
 
@@ -441,12 +451,13 @@ def main(argv=None) -> int:
             r = run_grapes(a.grapes.resolve(), grey, labels, gt)
             shutil.copyfile(gt, gtab)
             run["grapes"] = {x: v for x, v in r.items() if x not in ("stdout", "stderr")}
-            print(f"[{k + 1}] GRAPES: {r['wall_s']:.1f} s (GRAPES() {r['call_s']:.1f} s), "
+            print(f"[{k + 1}] GRAPES: {r['wall_s']:.1f} s (GRAPES() {r['call_s']:.1f} s, CPU {r['cpu_s']:.1f} s), "
                   f"peak {gib(r['peak_rss_bytes'])}, load {r['load_before']:.2f} -> {r['load_after']:.2f}", flush=True)
         out = work / f"grapes_dask_{k}.parquet"
         r = run_analyze(grey, labels, out, units)
         run["grapes_dask"] = {x: v for x, v in r.items() if x not in ("stderr",)}
-        print(f"[{k + 1}] grapes-dask analyze: {r['wall_s']:.1f} s (its own figure {r['engine_s']} s), "
+        print(f"[{k + 1}] grapes-dask analyze: {r['wall_s']:.1f} s (its own figure {r['engine_s']} s, "
+              f"CPU {r['cpu_s']:.1f} s), "
               f"peak {gib(r['peak_rss_bytes'])}, load {r['load_before']:.2f} -> {r['load_after']:.2f}", flush=True)
         gfile = work / f"grapes_{k}.pkl" if not a.skip_grapes else gtab
         if gfile.exists():
@@ -464,22 +475,24 @@ def main(argv=None) -> int:
     print(f"Data: {data}, {'x'.join(map(str, shape))} voxels; grapes-dask run as: "
           + " ".join(runs[0]["grapes_dask"]["command"]))
     print()
-    print("| run | wall, process start to exit | GRAPES() call / cluster + analysis (closing line) | peak RSS, process tree "
-          "| load avg (1 min) before -> after |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("| run | wall, process start to exit | GRAPES() call / cluster + analysis (closing line) "
+          "| CPU time, process tree | peak RSS, process tree | load avg (1 min) before -> after |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for k, run in enumerate(runs, 1):
         d = run["grapes_dask"]
         if "grapes" in run:
             gr = run["grapes"]
             print(f"| {k}: GRAPES `GRAPES(labels, grey)` | {gr['wall_s']:.1f} s | {gr['call_s']:.1f} s "
-                  f"| {gib(gr['peak_rss_bytes'])} | {gr['load_before']:.2f} -> {gr['load_after']:.2f} |")
+                  f"| {gr['cpu_s']:.1f} s | {gib(gr['peak_rss_bytes'])} "
+                  f"| {gr['load_before']:.2f} -> {gr['load_after']:.2f} |")
         eng = f"{d['engine_s']:.1f} s" if d["engine_s"] is not None else "-"
-        print(f"| {k}: `grapes-dask analyze` | {d['wall_s']:.1f} s | {eng} | {gib(d['peak_rss_bytes'])} "
-              f"| {d['load_before']:.2f} -> {d['load_after']:.2f} |")
+        print(f"| {k}: `grapes-dask analyze` | {d['wall_s']:.1f} s | {eng} | {d['cpu_s']:.1f} s "
+              f"| {gib(d['peak_rss_bytes'])} | {d['load_before']:.2f} -> {d['load_after']:.2f} |")
         if "grapes" in run:
             gr = run["grapes"]
             call = f"{gr['call_s'] / d['engine_s']:.1f}x" if d["engine_s"] else "-"
             print(f"| {k}: GRAPES / grapes-dask | **{gr['wall_s'] / d['wall_s']:.1f}x** faster | {call} "
+                  f"| {gr['cpu_s'] / d['cpu_s']:.1f}x less CPU "
                   f"| **{gr['peak_rss_bytes'] / d['peak_rss_bytes']:.1f}x** less memory | |")
     print()
     for k, run in enumerate(runs, 1):
