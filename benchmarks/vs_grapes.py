@@ -47,7 +47,6 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-F32_EPS = 2.0**-24  # half a float32 ulp, relative: the rounding of GRAPES' profiles
 
 
 # --------------------------------------------------------------------------- measuring
