@@ -246,7 +246,8 @@ def _clear_refs_works():
 @pytest.mark.parametrize("case, route, slack", [
     ("fused", "fused", 1.35),
     ("grey32", "integer", 1.35),
-    ("aniso", "float", 1.35),
+    ("aniso", "fused_aniso", 1.35),
+    ("aniso-grey32", "float", 1.35),
     ("center", "center", 1.35),
     ("fill", "integer", 1.35),
     ("fill-aniso", "float", 1.45),
