@@ -387,7 +387,7 @@ def fused_layer_sums(labels, grey, core, border, spacing, layer_width, keys, max
 
 
 @njit(cache=True, nogil=True)
-def _fused_aniso_kernel(lab, grey, c0, c1, border, sz, sy, sx, keys, width, kcap, cnt, gsum, gsq, DY, DX, bg, unr):
+def _fused_aniso_kernel(lab, grey, c0, c1, border, sz, sy, sx, keys, width, kcap, cnt, gsum, gsq, D2, bg, unr):
     """Core EDT (anisotropic route, bitwise :func:`~grapes_dask.kernels.distance._sq_edt3`) with
     its last pass accumulating per (label index, layer), as :func:`_fused_iso_kernel`.
 
@@ -397,7 +397,7 @@ def _fused_aniso_kernel(lab, grey, c0, c1, border, sz, sy, sx, keys, width, kcap
     Z = lab.shape[0]
     cz, cy, cx = c1[0] - c0[0], c1[1] - c0[1], c1[2] - c0[2]
     v, zb, fv, fl = _aniso_scratch(lab.shape)
-    _aniso_passes12(lab, c0, c1, sy, sx, border, v, zb, fv, fl, DY, DX, bg, unr)
+    _aniso_passes12(lab, c0, c1, sy, sx, border, v, zb, fv, fl, D2, bg, unr)
     tile3 = np.empty((_TILE, cz))
     bad = 0
     last = U64(0)
@@ -406,7 +406,7 @@ def _fused_aniso_kernel(lab, grey, c0, c1, border, sz, sy, sx, keys, width, kcap
     for b in range(cy):
         for cc0 in range(0, cx, _TILE):
             w = min(_TILE, cx - cc0)
-            _aniso_pass3_tile(DY, DX, b, cc0, w, Z, c0, c1, sz, sy, sx, border, v, zb, fv, fl, tile3, bg, unr)
+            _aniso_pass3_tile(D2, b, cc0, w, Z, c0, c1, sz, sy, sx, border, v, zb, fv, fl, tile3, bg, unr)
             for a in range(cz):
                 for t in range(w):
                     lv = U64(lab[c0[0] + a, c0[1] + b, c0[2] + cc0 + t])
@@ -485,9 +485,9 @@ def fused_layer_sums_aniso(labels, grey, core, border, spacing, layer_width, key
     cnt = np.zeros((len(keys), kcap), np.int64)
     gsum = np.zeros((len(keys), kcap), np.int64)
     gsq = np.zeros((len(keys), kcap), np.int64)
-    DY, DX, bg, unr = _aniso_lines(lab.shape, c0, c1)
+    D2, bg, unr = _aniso_lines(lab.shape, c0, c1)
     bad = _fused_aniso_kernel(lab, grey, c0, c1, np.asarray(border, np.bool_), sz, sy, sx, keys, width, kcap,
-                              cnt, gsum, gsq, DY, DX, bg, unr)
+                              cnt, gsum, gsq, D2, bg, unr)
     if bad:
         raise RuntimeError(f"fused_layer_sums_aniso: {bad} voxels outside the given labels or layer bound "
                            "(the plan's label lists or distance bounds are inconsistent)")

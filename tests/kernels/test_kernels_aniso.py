@@ -111,8 +111,8 @@ def test_fused_aniso_bitwise_equals_float_route(reg, spacing, width, grey_dtype,
     region, c0, c1, border = reg
     region = np.ascontiguousarray(region)
     ref_d2 = _sq_edt3(region, c0, c1, *spacing, border)
-    DY, DX, bg, unr = _aniso_lines(region.shape, c0, c1)
-    got_d2 = _sq_edt3_aniso(region, c0, c1, *spacing, border, DY, DX, bg, unr)
+    D2, bg, unr = _aniso_lines(region.shape, c0, c1)
+    got_d2 = _sq_edt3_aniso(region, c0, c1, *spacing, border, D2, bg, unr)
     assert bits(got_d2).tobytes() == bits(ref_d2).tobytes()
     core = tuple(slice(a, b) for a, b in zip(c0, c1))
     info = np.iinfo(grey_dtype)
@@ -185,8 +185,8 @@ def test_aniso_distances_match_scipy_per_particle(seed, spacing, black_border, s
     region = np.ascontiguousarray(lab[tuple(slice(a, b) for a, b in zip(r0, r1))])
     border = np.array([black_border and x for a, b, n in zip(r0, r1, shape) for x in (a == 0, b == n)], np.bool_)
     c0, c1 = lo - r0, hi - r0
-    DY, DX, bg, unr = _aniso_lines(region.shape, c0, c1)
-    got = np.sqrt(_sq_edt3_aniso(region, c0, c1, *spacing, border, DY, DX, bg, unr))
+    D2, bg, unr = _aniso_lines(region.shape, c0, c1)
+    got = np.sqrt(_sq_edt3_aniso(region, c0, c1, *spacing, border, D2, bg, unr))
     want = ref[tuple(slice(a, b) for a, b in zip(lo, hi))]
     m = lab[tuple(slice(a, b) for a, b in zip(lo, hi))] != 0
     np.testing.assert_allclose(got[m], want[m], rtol=4.5e-16, atol=0)
