@@ -204,7 +204,7 @@ def inscribed_bound(bbox_min, bbox_max, spacing, volume_shape, black_border=True
 # memory model
 # --------------------------------------------------------------------------------------------
 
-_ROUTES = ("fused", "integer", "float", "center")
+_ROUTES = ("fused", "fused_aniso", "integer", "float", "center")
 _OVERHEAD = 16 << 20  # interpreter-side slack of one task: frames, numba's scratch, malloc arenas
 
 
@@ -227,10 +227,11 @@ def region_bytes(outer_shape, core_shape, label_itemsize, grey_itemsize, isotrop
         Bytes per voxel of the label and grey arrays as read.
     isotropic : bool
         Route when `route` is not given: ``"integer"`` if True, else ``"float"``.
-    route : {"fused", "integer", "float", "center"}, optional
-        The pass-2 task's route (:func:`pass2_route`): fused EDT and layer sums (isotropic,
-        grey of at most 16 bits), integer EDT then layer sums (isotropic), float64 EDT with
-        offsets (anisotropic), distance to the centroid (``start_at="center"``, no halo).
+    route : {"fused", "fused_aniso", "integer", "float", "center"}, optional
+        The pass-2 task's route (:meth:`TaskMemory.route`): fused EDT and layer sums (isotropic,
+        grey of at most 16 bits), the same fused in float64 with offsets (anisotropic, grey of at
+        most 16 bits), integer EDT then layer sums (isotropic), float64 EDT with offsets then
+        layer sums (anisotropic), distance to the centroid (``start_at="center"``, no halo).
     fill : bool
         A ``fill_holes`` task: the whole box is read (grey too), cavities are labelled and
         filled in a copy, and the distance is taken on the whole box (core = outer).
@@ -252,6 +253,10 @@ def region_bytes(outer_shape, core_shape, label_itemsize, grey_itemsize, isotrop
         Bytes. Measured against the real task's peak resident memory (tests/test_plan.py, and
         256^3-400^3 cores of the 512^3 phantom): above it by 3-45% for every route (the fixed
         16 MiB weighs most on small regions), up to 2.2x with excluded labels (worst case).
+        fused_aniso, 160^3 core of a 224^3 phantom at spacing (1, 0.8, 0.8): 61 MiB for a peak
+        of 45 MiB (the float route there: 193 MiB); 256^3 core of the 800^3 phantom, inputs
+        already read: a peak of 87 MiB, the estimate's work term 86 MiB plus the fixed 16 MiB (the
+        float route's peak there: 608 MiB; the isotropic fused route's: 49 MiB).
 
     Notes
     -----
@@ -261,6 +266,8 @@ def region_bytes(outer_shape, core_shape, label_itemsize, grey_itemsize, isotrop
 
     - fused: the packed last-pass lines ``2 or 4 x Z cy cx`` and one 16-plane tile of the first
       pass ``16 cx Y (4 + L)``;
+    - fused_aniso: the last pass's lines, int16 y and x offsets (int32 for sides of 16,000 voxels
+      or more) ``4 or 8 x Z cy cx``, and the same tile of the first pass (int32 offsets);
     - integer: ``max(4 Z cy cx + 4 n_c, 25 n_c)`` (int32 lines and result, then its float64 root
       and temporaries);
     - float: ``12 Z Y cx + 16 Z cy cx + 8 n_c`` (float64 squared distances with int32 offsets of
@@ -293,6 +300,10 @@ def region_bytes(outer_shape, core_shape, label_itemsize, grey_itemsize, isotrop
     if route == "fused":
         packed = 2 if np.isfinite(max_bound) and (np.ceil(max_bound / float(spacing)) + 1) ** 2 < (1 << 14) - 1 else 4
         work = packed * Z * cy * cx + tile
+        rows = 24
+    elif route == "fused_aniso":
+        lines = 4 if max(Z, Y, X) < 16000 else 8
+        work = lines * Z * cy * cx + tile + 2 * 16 * 8 * cy
         rows = 24
     elif route == "integer":
         work = max(4 * Z * cy * cx + 4 * n_c + tile, 25 * n_c)
@@ -367,12 +378,11 @@ class TaskMemory:
         """The route :func:`grapes_dask.table._pass2_task` takes for a region with this bound."""
         if self.center:
             return "center"
+        fused = (not fill and self.ndim == 3 and self.grey_kind in "uib" and self.grey_itemsize <= 2
+                 and np.isfinite(max_bound))
         if not self.isotropic:
-            return "float"
-        if (not fill and self.ndim == 3 and self.grey_kind in "uib" and self.grey_itemsize <= 2
-                and np.isfinite(max_bound)):
-            return "fused"
-        return "integer"
+            return "fused_aniso" if fused else "float"
+        return "fused" if fused else "integer"
 
     def region(self, outer_shape, core_shape, n_labels=0, max_bound=0.0) -> int:
         return region_bytes(outer_shape, core_shape, self.label_itemsize, self.grey_itemsize,

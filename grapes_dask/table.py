@@ -14,8 +14,9 @@ Stages (tasks are per chunk or per region, never per label):
    budget is cut (below the chunk if it must), and the run stops here only for a particle
    whose smallest region cannot fit, naming the label;
 5. pass 2, one task per region: exact EDT of the core and per-(label, layer) grey sums, fused
-   in one sweep for isotropic spacing and grey of at most 16 bits
-   (:func:`grapes_dask.kernels.fused_layer_sums`), else
+   in one sweep for 3D volumes and grey of at most 16 bits
+   (:func:`grapes_dask.kernels.fused_layer_sums` for isotropic spacing,
+   :func:`grapes_dask.kernels.fused_layer_sums_aniso` otherwise), else
    :func:`grapes_dask.kernels.distance.distance_core` then :func:`grapes_dask.kernels.layer_sums`;
    with ``start_at="center"`` the distance to each centroid instead (no halo), and the EDT as
    well when ``exclude_outer_layers > 0``, since the ROI always leaves out the outer *edge*
@@ -263,6 +264,10 @@ def _edge_layer_sums(lab_outer, grey_core, core, border, spacing, width, keys, m
     if fused:  # EDT and layer sums in one sweep, no float distance array
         g = grey_core.view(np.uint8) if grey_core.dtype == bool else grey_core
         return kernels.fused_layer_sums(lab_outer, g, core, border, spacing[0], width, keys, max_distance)
+    if (lab_outer.ndim == 3 and grey_core.dtype.kind in "uib" and grey_core.dtype.itemsize <= 2
+            and np.isfinite(max_distance)):  # anisotropic: the same sweep in float64 with offsets
+        g = grey_core.view(np.uint8) if grey_core.dtype == bool else grey_core
+        return kernels.fused_layer_sums_aniso(lab_outer, g, core, border, spacing, width, keys, max_distance)
     d = distance_core(lab_outer, core=core, spacing=spacing, border=border)
     return kernels.layer_sums(lab_outer[core], grey_core, d, layer_width=width)
 

@@ -246,7 +246,8 @@ def _clear_refs_works():
 @pytest.mark.parametrize("case, route, slack", [
     ("fused", "fused", 1.35),
     ("grey32", "integer", 1.35),
-    ("aniso", "float", 1.35),
+    ("aniso", "fused_aniso", 1.35),
+    ("aniso-grey32", "float", 1.35),
     ("center", "center", 1.35),
     ("fill", "integer", 1.35),
     ("fill-aniso", "float", 1.45),
@@ -276,6 +277,9 @@ def test_region_bytes_shapes_and_routes():
     assert a < b < c
     for route in ("integer", "float", "center"):
         assert region_bytes((300, 300, 300), (256, 256, 256), 2, 1, route=route) > a
+    # the anisotropic fused route: int16 y and x offsets per line element, far below the float route
+    fa = region_bytes((300, 300, 300), (256, 256, 256), 2, 1, route="fused_aniso", max_bound=20)
+    assert a < fa < region_bytes((300, 300, 300), (256, 256, 256), 2, 1, route="float") / 3
     assert region_bytes((40, 50), (30, 40), 4, 2) == region_bytes((1, 40, 50), (1, 30, 40), 4, 2)
     assert region_bytes((9, 9, 9), (5, 5, 5), 2, 1, route="fused", n_labels=10**5, max_bound=50) > \
         region_bytes((9, 9, 9), (5, 5, 5), 2, 1, route="fused") + 10**5 * 50 * 24

@@ -8,7 +8,7 @@ Pass 2 (per region): :func:`layer_sums`, :func:`combine_layers`, :func:`finalize
 Surface-area tables: :func:`surface_area_lut`.
 """
 
-from .layers import combine_layers, finalize_layers, fused_layer_sums, layer_sums
+from .layers import combine_layers, finalize_layers, fused_layer_sums, fused_layer_sums_aniso, layer_sums
 from .reduce import (
     StatsPartial,
     chunk_stats,
@@ -28,6 +28,7 @@ __all__ = [
     "finalize_layers",
     "finalize_stats",
     "fused_layer_sums",
+    "fused_layer_sums_aniso",
     "layer_sums",
     "stats_columns",
     "surface_area_lut",

@@ -535,3 +535,239 @@ def distance_core(labels, core=None, spacing=None, border=True):
     if sp[0] != 1.0:
         d *= sp[0]
     return d
+
+
+# --------------------------------------------------------------------------------------------
+# anisotropic route with contiguous lines (float64, offsets carried like _sq_edt3)
+# --------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _aniso_envelope(f, i, j, lb, rb, s2, v, z, fv):
+    """Lower envelope of ``s2 (q - p)^2 + f[p]`` over one run ``[i, j)``, as :func:`_envelope_line`.
+
+    The same parabolas (zero-height ones at ``i - 1`` / ``j`` when ``lb`` / ``rb``, none where
+    ``f`` is ``inf``), the same float64 intersections and comparisons in the same order, so the
+    minimiser of every position is the one :func:`_sq_edt3` picks. Leaves the positions in
+    ``v[0..k]`` and the intersections in ``z[0..k+1]`` (``z[k + 1] = inf``); returns ``k``
+    (-1 when nothing is reachable).
+    """
+    k = -1
+    if lb:
+        k = 0
+        v[0] = i - 1
+        fv[0] = 0.0
+        z[0] = -_INF
+    end = j + 1 if rb else j
+    for p in range(i, end):
+        fp = 0.0 if p == j else f[p]
+        if fp == _INF:
+            continue
+        s = 0.0
+        while k >= 0:
+            q = v[k]
+            s = ((fp + s2 * (p * p)) - (fv[k] + s2 * (q * q))) / (2.0 * s2 * (p - q))
+            if s <= z[k]:
+                k -= 1
+            else:
+                break
+        k += 1
+        v[k] = p
+        fv[k] = fp
+        z[k] = -_INF if k == 0 else s
+    if k >= 0:
+        z[k + 1] = _INF
+    return k
+
+
+@njit(cache=True, nogil=True)
+def _aniso_scratch(shape):
+    """Envelope buffers (positions, intersections, float heights) and a float line, for lines of
+    up to max(shape)."""
+    n = max(shape[0], max(shape[1], shape[2]))
+    return np.empty(n + 2, np.int64), np.empty(n + 3), np.empty(n + 2), np.empty(n + 1)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _aniso_first_offsets(lab, off, n, lo_border, hi_border):
+    """The offsets of :func:`_first_pass_line` alone (its squared distances follow from them)."""
+    i = 0
+    while i < n:
+        lv = lab[i]
+        j = i + 1
+        while j < n and lab[j] == lv:
+            j += 1
+        if lv == 0:
+            for q in range(i, j):
+                off[q] = 0
+        else:
+            lb = i > 0 or lo_border
+            rb = j < n or hi_border
+            for q in range(i, j):
+                kl = q - i + 1
+                kr = j - q
+                if lb and (not rb or kl <= kr):
+                    off[q] = -kl
+                elif rb:
+                    off[q] = kr
+                else:
+                    off[q] = _NOFF
+        i = j
+
+
+@njit(cache=True, nogil=True)
+def _aniso_passes12(lab, c0, c1, sy, sx, border, v, zb, fv, fl, D2, bg, unr):
+    """Passes along x and y of the anisotropic route, a tile of z-planes at a time.
+
+    Fills ``D2[b, c, a, :]`` (z contiguous) for the core's (y, x) columns and every z of the
+    region with the offsets :func:`_sq_edt3` carries after its second pass: ``D2[..., 0]`` the
+    y offset (``bg`` on background, ``unr`` where nothing is reachable), ``D2[..., 1]`` twice the
+    x offset plus 1 where a new run of labels starts along z. The squared distances of the first
+    two passes, ``(sx dx)^2`` and ``(sy dy)^2 + (sx dx)^2``, are recomputed from the offsets
+    bitwise as :func:`_sq_edt3` forms them. Only a tile of planes of the first pass (its offsets)
+    is held, and no label copy.
+    """
+    Z, Y, X = lab.shape
+    cy, cx = c1[1] - c0[1], c1[2] - c0[2]
+    lo, hi = c0[1], c1[1]
+    sy2 = sy * sy
+    orow = np.empty(X, np.int64)
+    rows = np.empty((_TILE, cx), np.int64)
+    T1 = np.empty((_TILE, cx, Y), np.int32)
+    L1 = np.empty((_TILE, cx, Y), lab.dtype)
+    prev = np.zeros((cx, cy), lab.dtype)
+    tdy = np.empty((_TILE, cy), np.int64)
+    tdx = np.empty((_TILE, cy), np.int64)
+    for a0 in range(0, Z, _TILE):
+        w = min(_TILE, Z - a0)
+        # pass 1 along x for the planes a0 .. a0 + w, offsets stored (plane, x, y): y contiguous
+        for t in range(w):
+            a = a0 + t
+            for b0 in range(0, Y, _TILE):
+                wb = min(_TILE, Y - b0)
+                for tb in range(wb):
+                    _aniso_first_offsets(lab[a, b0 + tb], orow, X, border[4], border[5])
+                    for c in range(cx):
+                        rows[tb, c] = orow[c0[2] + c]
+                for c in range(cx):
+                    for tb in range(wb):
+                        T1[t, c, b0 + tb] = rows[tb, c]
+                        L1[t, c, b0 + tb] = lab[a, b0 + tb, c0[2] + c]
+        # pass 2 along y on the core's x columns, for the core's y rows
+        for c in range(cx):
+            for t in range(w):
+                L = L1[t, c]
+                O = T1[t, c]
+                i = 0
+                while i < Y:
+                    lv = L[i]
+                    j = i + 1
+                    while j < Y and L[j] == lv:
+                        j += 1
+                    if j > lo and i < hi and lv != 0:
+                        for p in range(i, j):
+                            o = O[p]
+                            fl[p] = _INF if o == _NOFF else (sx * o) * (sx * o)
+                        k = _aniso_envelope(fl, i, j, i > 0 or border[2], j < Y or border[3], sy2, v, zb, fv)
+                        if k < 0:
+                            for q in range(max(i, lo), min(j, hi)):
+                                tdy[t, q - lo] = unr
+                                tdx[t, q - lo] = 0
+                        else:
+                            m = 0
+                            for q in range(max(i, lo), min(j, hi)):
+                                while zb[m + 1] < q:
+                                    m += 1
+                                p = v[m]
+                                tdy[t, q - lo] = p - q
+                                tdx[t, q - lo] = 0 if p < i or p >= j else O[p]
+                    i = j
+            for b in range(cy):
+                for t in range(w):
+                    a = a0 + t
+                    lv = L1[t, c, lo + b]
+                    if lv == 0:
+                        D2[b, c, a, 0] = bg
+                        D2[b, c, a, 1] = 0
+                    else:
+                        before = L1[t - 1, c, lo + b] if t > 0 else prev[c, b]
+                        D2[b, c, a, 0] = tdy[t, b]
+                        D2[b, c, a, 1] = 2 * tdx[t, b] + (1 if (a == 0 or before != lv) else 0)
+                prev[c, b] = L1[w - 1, c, lo + b]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _aniso_pass3_tile(D2, b, cc0, w, Z, c0, c1, sz, sy, sx, border, v, zb, fv, fl, tile3, bg, unr):
+    """Pass along z for the columns ``(b, cc0 .. cc0 + w)``: ``tile3[t, a]`` = squared distance of
+    core plane ``a`` (0 on background, ``inf`` where nothing is reachable), summed from the
+    offsets ``((sz dz)^2 + (sy dy)^2) + (sx dx)^2`` as :func:`_sq_edt3` does."""
+    lo, hi = c0[0], c1[0]
+    sz2 = sz * sz
+    for t in range(w):
+        Ln = D2[b, cc0 + t]
+        i = 0
+        while i < Z:
+            j = i + 1
+            if Ln[i, 0] == bg:
+                while j < Z and Ln[j, 0] == bg:
+                    j += 1
+                for q in range(max(i, lo), min(j, hi)):
+                    tile3[t, q - lo] = 0.0
+                i = j
+                continue
+            while j < Z and Ln[j, 0] != bg and (Ln[j, 1] & 1) == 0:
+                j += 1
+            if j > lo and i < hi:
+                for p in range(i, j):
+                    dy = Ln[p, 0]
+                    if dy == unr:
+                        fl[p] = _INF
+                    else:
+                        dx = Ln[p, 1] >> 1
+                        fl[p] = (sy * dy) * (sy * dy) + (sx * dx) * (sx * dx)
+                k = _aniso_envelope(fl, i, j, i > 0 or border[0], j < Z or border[1], sz2, v, zb, fv)
+                if k < 0:
+                    for q in range(max(i, lo), min(j, hi)):
+                        tile3[t, q - lo] = _INF
+                else:
+                    m = 0
+                    for q in range(max(i, lo), min(j, hi)):
+                        while zb[m + 1] < q:
+                            m += 1
+                        p = v[m]
+                        dz = p - q
+                        if p < i or p >= j:
+                            dy, dx = 0, 0
+                        else:
+                            dy, dx = Ln[p, 0], Ln[p, 1] >> 1
+                        tile3[t, q - lo] = ((sz * dz) * (sz * dz) + (sy * dy) * (sy * dy)) + (sx * dx) * (sx * dx)
+            i = j
+
+
+def _aniso_lines(shape, c0, c1):
+    """The anisotropic route's last-pass lines ``D2[b, c, a, (y offset, x offset and run start)]``
+    and their markers ``(background, unreachable)``: int16 for regions under 16,000 voxels a side,
+    else int32."""
+    dtype = np.int16 if max(shape) < 16000 else np.int32
+    lo = np.iinfo(dtype).min
+    cy, cx, Z = int(c1[1] - c0[1]), int(c1[2] - c0[2]), int(shape[0])
+    return np.empty((cy, cx, Z, 2), dtype), np.int64(lo), np.int64(lo + 1)
+
+
+@njit(cache=True, nogil=True)
+def _sq_edt3_aniso(lab, c0, c1, sz, sy, sx, border, D2, bg, unr):
+    """:func:`_sq_edt3` with every line contiguous (same values to the bit; 3D only)."""
+    Z = lab.shape[0]
+    cz, cy, cx = c1[0] - c0[0], c1[1] - c0[1], c1[2] - c0[2]
+    v, zb, fv, fl = _aniso_scratch(lab.shape)
+    _aniso_passes12(lab, c0, c1, sy, sx, border, v, zb, fv, fl, D2, bg, unr)
+    out = np.empty((cz, cy, cx))
+    tile3 = np.empty((_TILE, cz))
+    for b in range(cy):
+        for cc0 in range(0, cx, _TILE):
+            w = min(_TILE, cx - cc0)
+            _aniso_pass3_tile(D2, b, cc0, w, Z, c0, c1, sz, sy, sx, border, v, zb, fv, fl, tile3, bg, unr)
+            for a in range(cz):
+                for t in range(w):
+                    out[a, b, cc0 + t] = tile3[t, a]
+    return out

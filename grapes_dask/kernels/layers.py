@@ -39,7 +39,18 @@ import pandas as pd
 from numba import njit
 
 from . import _accum as acc
-from .distance import _IBIG, _TILE, _iso_pass3_tile, _iso_passes12, _iso_scratch, _packed_lines
+from .distance import (
+    _IBIG,
+    _TILE,
+    _aniso_lines,
+    _aniso_pass3_tile,
+    _aniso_passes12,
+    _aniso_scratch,
+    _iso_pass3_tile,
+    _iso_passes12,
+    _iso_scratch,
+    _packed_lines,
+)
 
 U64 = np.uint64
 
@@ -359,6 +370,132 @@ def fused_layer_sums(labels, grey, core, border, spacing, layer_width, keys, max
     if bad:
         raise RuntimeError(f"fused_layer_sums: {bad} voxels outside the given labels or layer bound "
                            "(the plan's label lists or distance bounds are inconsistent)")
+    li, kk = np.nonzero(cnt)
+    sums = gsum[li, kk]
+    dtypes = _layer_dtypes("int")
+    out = {
+        "label": keys[li], "layer": kk.astype(np.int64), "count": cnt[li, kk],
+        "grey_sum_hi": np.where(sums < 0, -1, 0).astype(np.int64), "grey_sum_lo": sums.astype(np.uint64),
+        "grey_sq_hi": np.zeros(len(li), np.uint64), "grey_sq_lo": gsq[li, kk].astype(np.uint64),
+    }
+    return pd.DataFrame({c: np.asarray(out[c], dtype=d) for c, d in dtypes.items()})
+
+
+# --------------------------------------------------------------------------------------------
+# fused route for anisotropic spacing (float64 with offsets, grey <= 16 bits)
+# --------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True)
+def _fused_aniso_kernel(lab, grey, c0, c1, border, sz, sy, sx, keys, width, kcap, cnt, gsum, gsq, D2, bg, unr):
+    """Core EDT (anisotropic route, bitwise :func:`~grapes_dask.kernels.distance._sq_edt3`) with
+    its last pass accumulating per (label index, layer), as :func:`_fused_iso_kernel`.
+
+    Returns the number of voxels whose label was not in ``keys``, whose distance was not finite
+    or whose layer was >= ``kcap`` (0 when consistent).
+    """
+    Z = lab.shape[0]
+    cz, cy, cx = c1[0] - c0[0], c1[1] - c0[1], c1[2] - c0[2]
+    v, zb, fv, fl = _aniso_scratch(lab.shape)
+    _aniso_passes12(lab, c0, c1, sy, sx, border, v, zb, fv, fl, D2, bg, unr)
+    tile3 = np.empty((_TILE, cz))
+    bad = 0
+    last = U64(0)
+    idx = -1
+    nk = keys.shape[0]
+    for b in range(cy):
+        for cc0 in range(0, cx, _TILE):
+            w = min(_TILE, cx - cc0)
+            _aniso_pass3_tile(D2, b, cc0, w, Z, c0, c1, sz, sy, sx, border, v, zb, fv, fl, tile3, bg, unr)
+            for a in range(cz):
+                for t in range(w):
+                    lv = U64(lab[c0[0] + a, c0[1] + b, c0[2] + cc0 + t])
+                    if lv == 0:
+                        continue
+                    if lv != last:
+                        lo, hi = 0, nk
+                        while lo < hi:
+                            mid = (lo + hi) // 2
+                            if keys[mid] < lv:
+                                lo = mid + 1
+                            else:
+                                hi = mid
+                        idx = lo if lo < nk and keys[lo] == lv else -1
+                        last = lv
+                    d2 = tile3[t, a]
+                    if idx < 0 or not d2 < np.inf:
+                        bad += 1
+                        continue
+                    k = _layer(np.sqrt(d2), width, 0)
+                    if k >= kcap:
+                        bad += 1
+                        continue
+                    g = np.int64(grey[a, b, cc0 + t])
+                    cnt[idx, k] += 1
+                    gsum[idx, k] += g
+                    gsq[idx, k] += g * g
+    return bad
+
+
+def fused_layer_sums_aniso(labels, grey, core, border, spacing, layer_width, keys, max_distance):
+    """Pass-2 partial of a region in one sweep for anisotropic spacing: core EDT and layer sums, fused.
+
+    For 3D regions and integer grey of at most 16 bits; the result equals ``layer_sums(labels[core],
+    grey, distance_core(labels, core, spacing, border), layer_width=layer_width)`` to the bit
+    (every distance is the one :func:`~grapes_dask.kernels.distance.squared_edt_core` gives, summed
+    from per-axis offsets like scipy's ``distance_transform_edt``), without the float distance
+    array and with every line contiguous.
+
+    Parameters
+    ----------
+    labels : ndarray of integer, shape (Z, Y, X)
+        Labels of the region (core plus halo); 0 is background.
+    grey : ndarray of integer (<= 16 bits), shape of the core
+        Grey levels of the core.
+    core : tuple of slice
+        The core inside `labels`.
+    border : sequence of 6 bool
+        Whether each region side is a boundary (volume side with ``black_border``).
+    spacing : sequence of 3 float
+        Voxel size per axis (z, y, x), length units.
+    layer_width : float
+        Layer width (length units).
+    keys : ndarray of uint64, sorted
+        Every nonzero label of the core.
+    max_distance : float
+        Upper bound of any core voxel's distance (length units), e.g. the largest inscribed-radius
+        bound of `keys`; sizes the accumulators.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The layer partial of :func:`layer_sums` (integer grey columns).
+    """
+    lab = np.ascontiguousarray(acc.as_unsigned(labels)) if labels.dtype.kind == "i" else np.ascontiguousarray(labels)
+    if lab.ndim != 3 or grey.ndim != 3:
+        raise ValueError("fused_layer_sums_aniso takes 3D regions")
+    if lab.dtype == np.bool_:
+        lab = lab.view(np.uint8)
+    sz, sy, sx = (float(s_) for s_ in spacing)
+    c0 = np.array([s_.start for s_ in core], np.int64)
+    c1 = np.array([s_.stop for s_ in core], np.int64)
+    keys = np.asarray(keys, np.uint64)
+    width = float(layer_width)
+    kcap = int(np.floor(max_distance / width)) + 3
+    cnt = np.zeros((len(keys), kcap), np.int64)
+    gsum = np.zeros((len(keys), kcap), np.int64)
+    gsq = np.zeros((len(keys), kcap), np.int64)
+    D2, bg, unr = _aniso_lines(lab.shape, c0, c1)
+    bad = _fused_aniso_kernel(lab, grey, c0, c1, np.asarray(border, np.bool_), sz, sy, sx, keys, width, kcap,
+                              cnt, gsum, gsq, D2, bg, unr)
+    if bad:
+        raise RuntimeError(f"fused_layer_sums_aniso: {bad} voxels outside the given labels or layer bound "
+                           "(the plan's label lists or distance bounds are inconsistent)")
+    return _fused_partial(keys, cnt, gsum, gsq)
+
+
+def _fused_partial(keys, cnt, gsum, gsq):
+    """The integer-grey layer partial of the accumulators of a fused kernel."""
     li, kk = np.nonzero(cnt)
     sums = gsum[li, kk]
     dtypes = _layer_dtypes("int")
