@@ -314,7 +314,8 @@ def _cluster(scheduler, workers, memory_limit, quiet):
     a GrapesInputWarning (no particle) raised as an error."""
     from .cluster import cluster_client, dashboard_link
 
-    with cluster_client(scheduler, workers=workers, memory_limit=memory_limit or "auto") as client:
+    # --quiet shows no link, so a local cluster serves no dashboard (starting it costs about 1 s)
+    with cluster_client(scheduler, workers=workers, memory_limit=memory_limit or "auto", dashboard=not quiet) as client:
         if not quiet:
             link = dashboard_link(client)
             if link:
