@@ -12,7 +12,8 @@ called before pass 2 is computed, waits for it; the tasks then load the kernels 
 
 Nothing changes in the results: the helper only fills the cache, and a kernel it did not
 compile (another packing of the distance lines, a failure of the helper) is compiled by the
-task itself as before. ``GRAPES_DASK_PRECOMPILE=0`` turns the helper off.
+task itself as before. The helper is only started where a core is idle (load average);
+``GRAPES_DASK_PRECOMPILE=0`` turns it off, ``=always`` starts it whatever the load.
 """
 
 from __future__ import annotations
@@ -148,10 +149,25 @@ def _local(client) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
+def _idle_core() -> bool:
+    """Whether a core is free on average (1-minute load average below cores - 0.5).
+
+    The helper only gains where a core is idle: on a machine busy with other work, two
+    compiling processes share what one had (measured: each then took as long as both in a row).
+    """
+    from .cluster import cores
+
+    try:
+        return os.getloadavg()[0] < cores() - 0.5
+    except OSError:  # pragma: no cover - no load average on this platform
+        return (os.cpu_count() or 1) > 1
+
+
 def start(spec: dict, client=None) -> bool:
     """Launch the helper for `spec` when its kernels were never compiled here; True if launched."""
     global _helper
-    if not _enabled() or not _local(client):
+    always = os.environ.get(ENV, "").strip().lower() == "always"
+    if not _enabled() or not _local(client) or not (always or _idle_core()):
         return False
     try:
         if not any(_never_compiled(d) for d in _route_kernels(spec)):
