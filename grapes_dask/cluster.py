@@ -108,11 +108,14 @@ def cluster_client(scheduler: str | None = None, *, workers: int | None = None,
     if n < 1:
         raise GrapesInputError("{workers}: give at least one worker", workers=n)
     threads = max(1, cores() // n)
+    # without the dashboard the scheduler still serves its health routes over HTTP: on a free
+    # loopback port, as the dashboard (its default, 8787 on every interface, warns when taken)
+    http = dict(dashboard_address="127.0.0.1:0", scheduler_kwargs=None if dashboard else {"dashboard": False})
     if n == 1:
         # one worker in this process, a thread per core: the kernels release the GIL, the data
         # is held once, and Ctrl-C reaches only this process
         cluster = LocalCluster(n_workers=1, threads_per_worker=threads, processes=False, memory_limit=memory_limit,
-                               dashboard_address="127.0.0.1:0" if dashboard else None, silence_logs=logging.CRITICAL)
+                               silence_logs=logging.CRITICAL, **http)
     else:
         # worker processes ignore SIGINT (inherited through exec): a Ctrl-C in the terminal
         # reaches the whole process group, and this process alone shuts the cluster down
@@ -120,7 +123,7 @@ def cluster_client(scheduler: str | None = None, *, workers: int | None = None,
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
         try:
             cluster = LocalCluster(n_workers=n, threads_per_worker=threads, processes=True, memory_limit=memory_limit,
-                                   dashboard_address="127.0.0.1:0" if dashboard else None, silence_logs=logging.CRITICAL)
+                                   silence_logs=logging.CRITICAL, **http)
         finally:
             if main:
                 signal.signal(signal.SIGINT, previous)

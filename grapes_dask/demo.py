@@ -132,7 +132,7 @@ def run_demo(out_dir, *, size: int = 160, workers: int | None = None, seed: int 
         echo(f"    segmentation error made on purpose: at {names[_ERROR_STATE]}, particle {lost} is merged into "
              f"particle {taker}")
     states = {name: (ph.grey[s], ph.labels[s]) for s, name in enumerate(names)}
-    with cluster_client(workers=workers) as client:
+    with cluster_client(workers=workers, dashboard=not quiet) as client:
         threads = sum(w["nthreads"] for w in client.scheduler_info()["workers"].values())
         link = "" if quiet else f"; dashboard: {dashboard_link(client)}"
         echo(f"2/4 tracking on a local cluster ({threads} threads){link}")

@@ -45,7 +45,7 @@ import dask
 import numpy as np
 import pandas as pd
 
-from . import kernels
+from . import _precompile, kernels
 from ._errors import Alt, GrapesInputError
 from .io import Volume, provenance, resolve_volume, settle_spacing
 from .kernels.distance import distance_core
@@ -124,6 +124,11 @@ def _reader(vol: Volume):
     if isinstance(rd, np.ndarray):
         return dask.delayed(rd, pure=True)
     return rd
+
+
+def _views(vol: Volume) -> bool:
+    """Whether the tasks' blocks of `vol` are views into a larger array (not fresh arrays)."""
+    return vol.reader is None or isinstance(vol.reader, np.ndarray)
 
 
 def _get(src, slices):
@@ -662,6 +667,12 @@ def _run(grey, labels, *, spacing=None, chunks=None, layer_width=None, start_at=
     # the ROI always leaves out the outer, surface-side layers: with centre layers that takes the
     # EDT as well (halo regions, as start_at="edge"), only when some layers are excluded
     edge_roi = center and params["exclude_outer_layers"] > 0
+    # on a cold Numba cache, a helper process compiles pass 2's kernels while pass 1 runs
+    _precompile.start(_precompile.pass2_spec(
+        inp.labels.dtype, inp.grey.dtype, inp.labels.ndim, inp.spacing, layer_width=params["layer_width"],
+        center=center, edge_roi=edge_roi, exclude=len(params["exclude_labels"]) > 0, fill_holes=fill_holes,
+        black_border=black_border, grey_views=_views(inp.volumes["grey"]),
+        whole=max(inp.labels.shape) <= params["region_size"]), client)
 
     # 2-3. pass 1 and its reduction
     t0 = time.perf_counter()
@@ -742,6 +753,7 @@ def _run(grey, labels, *, spacing=None, chunks=None, layer_width=None, start_at=
     else:
         combined_layers = (_tree_reduce(parts, kernels.combine_layers) if parts else
                            _empty_layers_partial(inp.grey.dtype))
+    _precompile.wait()  # pass 2's kernels are then loaded from the cache the helper filled
     timings = {"pass1": t1 - t0, "plan": time.perf_counter() - t1}
     return inp, stats, contacts, combined_layers, params, timings
 

@@ -331,7 +331,8 @@ def test_every_analyze_option_reaches_the_engine(tmp_path, small_phantom, monkey
     assert kw["exclude_labels"] == [4, 9] and kw["black_border"] is False
     assert kw["fill_holes"] is True and kw["max_hole_size"] == 12 and kw["region_size"] == 24
     assert kw["check_labels"] is False and kw["progress"] is False
-    assert seen["cluster"] == {"scheduler": None, "workers": 3, "memory_limit": "3GiB"}
+    # --quiet shows no dashboard link, so the local cluster serves none
+    assert seen["cluster"] == {"scheduler": None, "workers": 3, "memory_limit": "3GiB", "dashboard": False}
     # the defaults
     r = CliRunner().invoke(cli, args[:5])
     kw = seen["engine"]
@@ -340,7 +341,7 @@ def test_every_analyze_option_reaches_the_engine(tmp_path, small_phantom, monkey
     assert kw["exclude_labels"] is None and kw["black_border"] is True and kw["fill_holes"] is False
     assert kw["max_hole_size"] is None and kw["region_size"] == 400 and kw["check_labels"] is True
     assert kw["progress"] is True
-    assert seen["cluster"] == {"scheduler": None, "workers": None, "memory_limit": "auto"}
+    assert seen["cluster"] == {"scheduler": None, "workers": None, "memory_limit": "auto", "dashboard": True}
 
 
 def test_progress_goes_to_stderr_as_plain_lines(tmp_path, small_phantom):

@@ -99,7 +99,7 @@ def grey_array(grey):
 # --------------------------------------------------------------------------------------
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _mix(key):
     z = key ^ (key >> U64(31))
     z = z * _MIX1
@@ -175,7 +175,7 @@ def row_changes(values, keep, use_keep, out, last):
 @njit(cache=True, nogil=True)
 def collect_keys(lab, keep, use_keep, keys, vals):
     """Insert the nonzero values of a 3D array (where ``keep``, if used) into the table."""
-    n = 0
+    n = np.int64(0)  # typed int64 from the start: no literal-typed extra compilation of table_add
     row = np.zeros(lab.shape[2], dtype=np.uint64)
     last = U64(0)
     for z in range(lab.shape[0]):
@@ -183,7 +183,7 @@ def collect_keys(lab, keep, use_keep, keys, vals):
             krow = keep[z, y] if use_keep else keep[0, 0]
             m, last = row_changes(lab[z, y], krow, use_keep, row, last)
             for i in range(m):
-                keys, vals, n = table_add(keys, vals, n, row[i], 0)
+                keys, vals, n = table_add(keys, vals, n, row[i], np.int64(0))
     return keys, vals
 
 
@@ -229,7 +229,7 @@ def _fill_index(keys, vals, sorted_keys):
         vals[j] = i
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def lookup(keys, vals, key):
     """Dense index of ``key``; -1 when absent."""
     i = table_slot(keys, key)
@@ -243,7 +243,7 @@ def lookup(keys, vals, key):
 # --------------------------------------------------------------------------------------
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def add_u128(hi, lo, v):
     """``(hi, lo) + v`` for unsigned ``hi``, ``lo``, ``v`` (uint64 words)."""
     lo2 = lo + v
@@ -252,7 +252,7 @@ def add_u128(hi, lo, v):
     return hi, lo2
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def add_i128(hi, lo, v):
     """``(hi, lo) + v`` for a signed 128-bit ``(hi int64, lo uint64)`` and ``v`` int64."""
     lo2 = lo + U64(v)
@@ -263,7 +263,7 @@ def add_i128(hi, lo, v):
     return hi, lo2
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def add_grey(s_hi, s_lo, q_hi, q_lo, g):
     """Add an integer grey value ``g`` (int64, |g| < 2**32) to the 128-bit sum and square sum."""
     s_hi, s_lo = add_i128(s_hi, s_lo, g)

@@ -278,7 +278,7 @@ def edt_core(labels, core=None, spacing=None, border=True):
 
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _runs_first(L, out, n, lob, hib):
     """Integer squared distance along a line to the ends of runs of equal non-zero labels."""
     i = 0
@@ -305,7 +305,7 @@ def _runs_first(L, out, n, lob, hib):
         i = j
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _env_segment(f, fmask, big, i, j, lb, rb, out, lo, hi, v, z, fv):
     """Integer lower envelope of ``(q - p)^2 + f[p]`` over one run ``[i, j)`` of a line.
 
@@ -349,10 +349,10 @@ def _env_segment(f, fmask, big, i, j, lb, rb, out, lo, hi, v, z, fv):
             out[q - lo] = d * d + fv[m]
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _runs_env(L, f, out, n, lob, hib, v, z, fv, lo, hi):
     """:func:`_env_segment` over every run of equal non-zero labels ``L`` meeting ``[lo, hi)``."""
-    i = 0
+    i = np.int64(0)
     while i < n:
         lv = L[i]
         j = i + 1
@@ -367,11 +367,11 @@ def _runs_env(L, f, out, n, lob, hib, v, z, fv, lo, hi):
         i = j
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _runs_env_packed(P, out, n, lob, hib, v, z, fv, lo, hi, pk):
     """Like :func:`_runs_env` on a packed line (see :func:`_packing`)."""
     bg, flag, fmask, big = pk
-    i = 0
+    i = np.int64(0)
     while i < n:
         j = i + 1
         if np.int64(P[i]) == bg:
@@ -453,7 +453,7 @@ def _iso_passes12(lab, c0, c1, border, v, zb, fv, P2, pk):
                 prev[c, b] = L1[w - 1, c, c0[1] + b]
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _iso_pass3_tile(P2, b, cc0, w, Z, c0, c1, border, v, zb, fv, tile3, pk):
     """Pass along z for the columns ``(b, cc0 .. cc0 + w)``: ``tile3[t, a]`` = squared distance."""
     for t in range(w):

@@ -71,7 +71,7 @@ LAYER_COLUMNS = {
 }
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _layer(d, width, shift):
     k = np.int64(np.rint(np.float64(d) / width)) + shift
     return k if k > 1 else np.int64(1)

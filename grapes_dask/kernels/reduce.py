@@ -126,7 +126,7 @@ _PAIR_DTYPES = {"label_a": np.uint64, "label_b": np.uint64, "n_faces": np.int64}
 # --------------------------------------------------------------------------------------
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _row(lab, zrow, z, y):
     if 0 <= z < lab.shape[0] and 0 <= y < lab.shape[1]:
         return lab[z, y]
@@ -163,7 +163,7 @@ def _add_pairs(pkeys, pvals, npairs, keys, vals, ev_a, ev_b, nev):
         ib = acc.lookup(keys, vals, ev_b[i])
         lo, hi = (ia, ib) if ia < ib else (ib, ia)
         key = (U64(lo) << U64(32)) | U64(hi)
-        pkeys, pvals, npairs = acc.table_add(pkeys, pvals, npairs, key, 1)
+        pkeys, pvals, npairs = acc.table_add(pkeys, pvals, npairs, key, np.int64(1))
     return pkeys, pvals, npairs
 
 
@@ -212,8 +212,8 @@ def _stats_kernel(
     corner = np.zeros(8, dtype=np.uint64)
     ev_a = np.zeros(3 * ex + 3, dtype=np.int64)
     ev_b = np.zeros(3 * ex + 3, dtype=np.uint64)
-    nev = 0
-    npairs = 0
+    nev = np.int64(0)
+    npairs = np.int64(0)  # int64 from the start: no literal-typed extra compilation of _add_pairs
     zlo = 0 if (is2d or oz > 0) else -1
     ylo = -1 if oy == 0 else 0
     xlo = -1 if ox == 0 else 0
@@ -305,7 +305,7 @@ def _stats_kernel(
                             fsum, fmin, fmax)
             if nev:
                 pkeys, pvals, npairs = _add_pairs(pkeys, pvals, npairs, keys, vals, ev_a, ev_b, nev)
-                nev = 0
+                nev = np.int64(0)
     return pkeys, pvals
 
 
