@@ -542,7 +542,7 @@ def distance_core(labels, core=None, spacing=None, border=True):
 # --------------------------------------------------------------------------------------------
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _aniso_envelope(f, i, j, lb, rb, s2, v, z, fv):
     """Lower envelope of ``s2 (q - p)^2 + f[p]`` over one run ``[i, j)``, as :func:`_envelope_line`.
 
@@ -588,7 +588,7 @@ def _aniso_scratch(shape):
     return np.empty(n + 2, np.int64), np.empty(n + 3), np.empty(n + 2), np.empty(n + 1)
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _aniso_first_offsets(lab, off, n, lo_border, hi_border):
     """The offsets of :func:`_first_pass_line` alone (its squared distances follow from them)."""
     i = 0
@@ -696,7 +696,7 @@ def _aniso_passes12(lab, c0, c1, sy, sx, border, v, zb, fv, fl, D2, bg, unr):
                 prev[c, b] = L1[w - 1, c, lo + b]
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _aniso_pass3_tile(D2, b, cc0, w, Z, c0, c1, sz, sy, sx, border, v, zb, fv, fl, tile3, bg, unr):
     """Pass along z for the columns ``(b, cc0 .. cc0 + w)``: ``tile3[t, a]`` = squared distance of
     core plane ``a`` (0 on background, ``inf`` where nothing is reachable), summed from the
