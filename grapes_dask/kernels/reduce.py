@@ -133,8 +133,34 @@ def _row(lab, zrow, z, y):
     return zrow
 
 
+# Accumulator row of one label (int64 words; uint64 quantities stored as their bits), kept
+# together so that a run or a window touches three cache lines of one label, not ten arrays.
+_CNT = 0  # owned voxels
+_MOM = 1  # 9 moments: sum z, y, x, zz, yy, xx, zy, zx, yx (global indices)
+_BMIN = 10  # 3: bbox min z, y, x
+_BMAX = 13  # 3: bbox max (exclusive) z, y, x
+_GSH = 16  # grey_sum_hi
+_GSL = 17  # grey_sum_lo, grey_sq_hi, grey_sq_lo (uint64 bits)
+_GMIN = 20  # integer grey min
+_GMAX = 21  # integer grey max
+_AHI = 22  # area_hi, area_lo (uint64 bits)
+_WORDS = 24
+# float grey row (float64): shift, sum(g - shift), sum((g - shift)**2), min, max, seen
+_FWORDS = 6
+
+
+def _aligned_rows(n, words, dtype, fill):
+    """An ``(n, words)`` array of ``fill`` whose rows start on 64-byte boundaries."""
+    item = np.dtype(dtype).itemsize
+    buf = np.empty(n * words + 64 // item, dtype)
+    off = (-buf.ctypes.data % 64) // item
+    out = buf[off:off + n * words].reshape(n, words)
+    out[:] = fill
+    return out
+
+
 @njit(cache=True, nogil=True)
-def _window(corner, keys, vals, lut, area_hi, area_lo):
+def _window(corner, keys, vals, lut, st):
     """Add the table area of each nonzero label among the 8 window corners."""
     for i in range(8):
         v = corner[i]
@@ -152,7 +178,9 @@ def _window(corner, keys, vals, lut, area_hi, area_lo):
             if corner[j] == v:
                 config |= 1 << j
         idx = acc.lookup(keys, vals, v)
-        area_hi[idx], area_lo[idx] = acc.add_u128(area_hi[idx], area_lo[idx], lut[config])
+        hi, lo = acc.add_u128(U64(st[idx, _AHI]), U64(st[idx, _AHI + 1]), lut[config])
+        st[idx, _AHI] = np.int64(hi)
+        st[idx, _AHI + 1] = np.int64(lo)
 
 
 @njit(cache=True, nogil=True)
@@ -168,42 +196,36 @@ def _add_pairs(pkeys, pvals, npairs, keys, vals, ev_a, ev_b, nev):
 
 
 @njit(cache=True, nogil=True)
-def _flush_run(idx, gz, gy, gx0, gx1, shape, is2d, cnt, mom, bmin, bmax, border):
+def _flush_run(idx, gz, gy, gx0, gx1, st):
     """Add a run of one label at global row (gz, gy), columns [gx0, gx1), to its sums."""
     m = gx1 - gx0
     sx = (gx0 + gx1 - 1) * m // 2
     sxx = ((gx1 - 1) * gx1 * (2 * gx1 - 1) - (gx0 - 1) * gx0 * (2 * gx0 - 1)) // 6
-    cnt[idx] += m
-    mom[idx, 0] += gz * m
-    mom[idx, 1] += gy * m
-    mom[idx, 2] += sx
-    mom[idx, 3] += gz * gz * m
-    mom[idx, 4] += gy * gy * m
-    mom[idx, 5] += sxx
-    mom[idx, 6] += gz * gy * m
-    mom[idx, 7] += gz * sx
-    mom[idx, 8] += gy * sx
-    bmin[idx, 0] = min(bmin[idx, 0], gz)
-    bmax[idx, 0] = max(bmax[idx, 0], gz + 1)
-    bmin[idx, 1] = min(bmin[idx, 1], gy)
-    bmax[idx, 1] = max(bmax[idx, 1], gy + 1)
-    bmin[idx, 2] = min(bmin[idx, 2], gx0)
-    bmax[idx, 2] = max(bmax[idx, 2], gx1)
-    on_z = (not is2d) and (gz == 0 or gz == shape[0] - 1)
-    if on_z or gy == 0 or gy == shape[1] - 1 or gx0 == 0 or gx1 == shape[2]:
-        border[idx] = True
+    r = st[idx]
+    r[_CNT] += m
+    r[_MOM + 0] += gz * m
+    r[_MOM + 1] += gy * m
+    r[_MOM + 2] += sx
+    r[_MOM + 3] += gz * gz * m
+    r[_MOM + 4] += gy * gy * m
+    r[_MOM + 5] += sxx
+    r[_MOM + 6] += gz * gy * m
+    r[_MOM + 7] += gz * sx
+    r[_MOM + 8] += gy * sx
+    r[_BMIN + 0] = min(r[_BMIN + 0], gz)
+    r[_BMAX + 0] = max(r[_BMAX + 0], gz + 1)
+    r[_BMIN + 1] = min(r[_BMIN + 1], gy)
+    r[_BMAX + 1] = max(r[_BMAX + 1], gy + 1)
+    r[_BMIN + 2] = min(r[_BMIN + 2], gx0)
+    r[_BMAX + 2] = max(r[_BMAX + 2], gx1)
 
 
 @njit(cache=True, nogil=True)
-def _stats_kernel(
-    lab, grey, core, origin, shape, is2d, grey_float, lut, keys, vals,
-    cnt, mom, bmin, bmax, border, isum, iacc, imin, imax, fsum, fmin, fmax, fseen,
-    area_hi, area_lo, pkeys, pvals,
-):
+def _stats_kernel(lab, grey, core, origin, is2d, grey_float, lut, keys, vals, st, fst, pkeys, pvals):
     """One streaming pass over the extended block; see :func:`chunk_stats`.
 
-    ``isum[i] = (grey_sum_hi)``, ``iacc[i] = (grey_sum_lo, grey_sq_hi, grey_sq_lo)``;
-    float grey: ``fsum[i] = (shift, sum(g - shift), sum((g - shift)**2))``.
+    ``st[i]``: the int64 accumulator row of label index ``i`` (layout ``_CNT`` ... ``_AHI``);
+    float grey: ``fst[i] = (shift, sum(g - shift), sum((g - shift)**2), min, max, seen)``.
     """
     ex = lab.shape[2]
     cz, cy, cx = core[0], core[1], core[2]
@@ -247,15 +269,13 @@ def _stats_kernel(
                         and a0 == b2 and a0 == a3 and a0 == b3):
                     corner[0], corner[1], corner[2], corner[3] = a0, b0, a1, b1
                     corner[4], corner[5], corner[6], corner[7] = a2, b2, a3, b3
-                    _window(corner, keys, vals, lut, area_hi, area_lo)
+                    _window(corner, keys, vals, lut, st)
                 if own and x >= 0:
                     if a0 != run:
                         if run != 0:
-                            _flush_run(run_idx, oz + z, oy + y, ox + run_x0, ox + x, shape, is2d,
-                                       cnt, mom, bmin, bmax, border)
+                            _flush_run(run_idx, oz + z, oy + y, ox + run_x0, ox + x, st)
                             _flush_grey(run_idx, grey_float, s_hi, s_lo, q_hi, q_lo, f_s, f_q,
-                                        g_min, g_max, h_min, h_max, isum, iacc, imin, imax,
-                                        fsum, fmin, fmax)
+                                        g_min, g_max, h_min, h_max, st, fst)
                         run = a0
                         run_x0 = x
                         if a0 != 0:
@@ -267,13 +287,13 @@ def _stats_kernel(
                             g_max = np.int64(-(2**62))
                             h_min = np.inf
                             h_max = -np.inf
-                            if grey_float and not fseen[run_idx]:
-                                fseen[run_idx] = True
-                                fsum[run_idx, 0] = np.float64(grey[z, y, x])
+                            if grey_float and fst[run_idx, 5] == 0.0:
+                                fst[run_idx, 5] = 1.0
+                                fst[run_idx, 0] = np.float64(grey[z, y, x])
                     if a0 != 0:
                         if grey_float:
                             g = np.float64(grey[z, y, x])
-                            d = g - fsum[run_idx, 0]
+                            d = g - fst[run_idx, 0]
                             f_s += d
                             f_q += d * d
                             h_min = min(h_min, g)
@@ -298,11 +318,9 @@ def _stats_kernel(
                             nev += 1
                 a0, a1, a2, a3 = b0, b1, b2, b3
             if own and run != 0:
-                _flush_run(run_idx, oz + z, oy + y, ox + run_x0, ox + cx, shape, is2d,
-                           cnt, mom, bmin, bmax, border)
+                _flush_run(run_idx, oz + z, oy + y, ox + run_x0, ox + cx, st)
                 _flush_grey(run_idx, grey_float, s_hi, s_lo, q_hi, q_lo, f_s, f_q,
-                            g_min, g_max, h_min, h_max, isum, iacc, imin, imax,
-                            fsum, fmin, fmax)
+                            g_min, g_max, h_min, h_max, st, fst)
             if nev:
                 pkeys, pvals, npairs = _add_pairs(pkeys, pvals, npairs, keys, vals, ev_a, ev_b, nev)
                 nev = 0
@@ -311,22 +329,23 @@ def _stats_kernel(
 
 @njit(cache=True, nogil=True)
 def _flush_grey(idx, grey_float, s_hi, s_lo, q_hi, q_lo, f_s, f_q, g_min, g_max, h_min, h_max,
-                isum, iacc, imin, imax, fsum, fmin, fmax):
+                st, fst):
     """Add a run's grey accumulators (integer or float, see :func:`_stats_kernel`)."""
     if grey_float:
-        fsum[idx, 1] += f_s
-        fsum[idx, 2] += f_q
-        fmin[idx] = min(fmin[idx], h_min)
-        fmax[idx] = max(fmax[idx], h_max)
+        fst[idx, 1] += f_s
+        fst[idx, 2] += f_q
+        fst[idx, 3] = min(fst[idx, 3], h_min)
+        fst[idx, 4] = max(fst[idx, 4], h_max)
         return
-    hi, lo = acc.add_u128(U64(0), iacc[idx, 0], s_lo)
-    isum[idx] += np.int64(hi) + s_hi
-    iacc[idx, 0] = lo
-    hi2, lo2 = acc.add_u128(iacc[idx, 1], iacc[idx, 2], q_lo)
-    iacc[idx, 1] = hi2 + q_hi
-    iacc[idx, 2] = lo2
-    imin[idx] = min(imin[idx], g_min)
-    imax[idx] = max(imax[idx], g_max)
+    r = st[idx]
+    hi, lo = acc.add_u128(U64(0), U64(r[_GSL]), s_lo)
+    r[_GSH] += np.int64(hi) + s_hi
+    r[_GSL] = np.int64(lo)
+    hi2, lo2 = acc.add_u128(U64(r[_GSL + 1]), U64(r[_GSL + 2]), q_lo)
+    r[_GSL + 1] = np.int64(hi2 + q_hi)
+    r[_GSL + 2] = np.int64(lo2)
+    r[_GMIN] = min(r[_GMIN], g_min)
+    r[_GMAX] = max(r[_GMAX], g_max)
 
 
 # --------------------------------------------------------------------------------------
@@ -400,27 +419,28 @@ def chunk_stats(labels, grey, *, origin, core_shape, volume_shape, spacing):
     n = uniq.size
     lut, _ = fixed_point_lut(sp)
 
-    cnt = np.zeros(n, np.int64)
-    mom = np.zeros((n, 9), np.int64)
-    bmin = np.full((n, 3), _BIG, np.int64)
-    bmax = np.full((n, 3), -1, np.int64)
-    border = np.zeros(n, bool)
-    isum = np.zeros(n, np.int64)
-    iacc = np.zeros((n, 3), np.uint64)
-    imin = np.full(n, np.iinfo(np.int64).max, np.int64)
-    imax = np.full(n, np.iinfo(np.int64).min, np.int64)
-    fsum = np.zeros((n, 3), np.float64)
-    fmin = np.full(n, np.inf)
-    fmax = np.full(n, -np.inf)
-    fseen = np.zeros(n, bool)
-    area_hi = np.zeros(n, np.uint64)
-    area_lo = np.zeros(n, np.uint64)
+    st = _aligned_rows(n, _WORDS, np.int64, 0)
+    st[:, _BMIN:_BMIN + 3] = _BIG
+    st[:, _BMAX:_BMAX + 3] = -1
+    st[:, _GMIN] = np.iinfo(np.int64).max
+    st[:, _GMAX] = np.iinfo(np.int64).min
+    fst = np.zeros((n if kind == "float" else 1, _FWORDS), np.float64)
+    fst[:, 3] = np.inf
+    fst[:, 4] = -np.inf
     pkeys, pvals = acc.new_table(256)
     pkeys, pvals = _stats_kernel(
-        lab3, grey3, core3, origin3, shape3, is2d, kind == "float", lut, keys, vals,
-        cnt, mom, bmin, bmax, border, isum, iacc, imin, imax, fsum, fmin, fmax, fseen,
-        area_hi, area_lo, pkeys, pvals,
+        lab3, grey3, core3, origin3, is2d, kind == "float", lut, keys, vals, st, fst, pkeys, pvals,
     )
+    cnt = st[:, _CNT]
+    mom = st[:, _MOM:_MOM + 9]
+    bmin = st[:, _BMIN:_BMIN + 3]
+    bmax = st[:, _BMAX:_BMAX + 3]
+    area_hi = st[:, _AHI].view(np.uint64)
+    area_lo = st[:, _AHI + 1].view(np.uint64)
+    # an owned voxel on the volume boundary <=> the owned bbox reaches it on some real axis
+    border = np.zeros(n, bool)
+    for ax in range(3 - ndim, 3):
+        border |= (bmin[:, ax] == 0) | (bmax[:, ax] == shape3[ax])
 
     axes = list(range(3))[-ndim:]
     out = {"label": uniq, "count": cnt}
@@ -434,11 +454,12 @@ def chunk_stats(labels, grey, *, origin, core_shape, volume_shape, spacing):
     for a, ax in enumerate(axes):
         out[f"bbox_max_{a}"] = bmax[:, ax]
     if kind == "int":
-        out.update(grey_sum_hi=isum, grey_sum_lo=iacc[:, 0], grey_sq_hi=iacc[:, 1],
-                   grey_sq_lo=iacc[:, 2], grey_min=imin, grey_max=imax)
+        gl = st[:, _GSL:_GSL + 3].view(np.uint64)
+        out.update(grey_sum_hi=st[:, _GSH], grey_sum_lo=gl[:, 0], grey_sq_hi=gl[:, 1],
+                   grey_sq_lo=gl[:, 2], grey_min=st[:, _GMIN], grey_max=st[:, _GMAX])
     else:
-        out["grey_mean"], out["grey_m2"] = acc.shifted_to_mean_m2(cnt, fsum)
-        out.update(grey_min=fmin, grey_max=fmax)
+        out["grey_mean"], out["grey_m2"] = acc.shifted_to_mean_m2(cnt, fst[:, :3])
+        out.update(grey_min=fst[:, 3], grey_max=fst[:, 4])
     out.update(area_hi=area_hi, area_lo=area_lo, touches_border=border)
     frame = pd.DataFrame({c: np.asarray(out[c], dtype=d) for c, d in dtypes.items()})
     keep = (cnt > 0) | (area_hi > 0) | (area_lo > 0)
