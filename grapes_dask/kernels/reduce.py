@@ -126,13 +126,6 @@ _PAIR_DTYPES = {"label_a": np.uint64, "label_b": np.uint64, "n_faces": np.int64}
 # --------------------------------------------------------------------------------------
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _row(lab, zrow, z, y):
-    if 0 <= z < lab.shape[0] and 0 <= y < lab.shape[1]:
-        return lab[z, y]
-    return zrow
-
-
 # Accumulator row of one label (int64 words; uint64 quantities stored as their bits), kept
 # together so that a run or a window touches three cache lines of one label, not ten arrays.
 _CNT = 0  # owned voxels
@@ -145,6 +138,9 @@ _GMIN = 20  # integer grey min
 _GMAX = 21  # integer grey max
 _AHI = 22  # area_hi, area_lo (uint64 bits)
 _WORDS = 24
+# label ids spanning at most this many values (or 1/8 of the block's voxels) are indexed by a
+# direct table rather than the hash table
+_DENSE_SPAN = 1 << 22
 # float grey row (float64): shift, sum(g - shift), sum((g - shift)**2), min, max, seen
 _FWORDS = 6
 
@@ -160,38 +156,121 @@ def _aligned_rows(n, words, dtype, fill):
 
 
 @njit(cache=True, nogil=True)
-def _window(corner, keys, vals, lut, st):
-    """Add the table area of each nonzero label among the 8 window corners."""
-    for i in range(8):
-        v = corner[i]
-        if v == 0:
-            continue
-        seen = False
-        for j in range(i):
-            if corner[j] == v:
-                seen = True
-                break
-        if seen:
-            continue
-        config = 0
-        for j in range(i, 8):
-            if corner[j] == v:
-                config |= 1 << j
-        idx = acc.lookup(keys, vals, v)
-        hi, lo = acc.add_u128(U64(st[idx, _AHI]), U64(st[idx, _AHI + 1]), lut[config])
-        st[idx, _AHI] = np.int64(hi)
-        st[idx, _AHI + 1] = np.int64(lo)
+def _label_range(lab):
+    """Smallest and largest nonzero label of a 3D array as uint64; ``(0, 0)`` if none."""
+    lo = U64(0xFFFFFFFFFFFFFFFF)
+    hi = U64(0)
+    for z in range(lab.shape[0]):
+        for y in range(lab.shape[1]):
+            row = lab[z, y]
+            for x in range(row.size):
+                v = U64(row[x])
+                lo = min(lo, v if v != 0 else lo)
+                hi = max(hi, v)
+    return (lo if hi != 0 else U64(0)), hi
 
 
 @njit(cache=True, nogil=True)
-def _add_pairs(pkeys, pvals, npairs, keys, vals, ev_a, ev_b, nev):
-    """Count the face events (label index ``ev_a[i]``, neighbour label ``ev_b[i]``)."""
+def _dense_ranks(lab, lo, span):
+    """``ranks[v - lo]``: rank of label ``v`` among the nonzero labels present, -1 if absent."""
+    mark = np.zeros(span + 1, np.int32)  # slot 0 takes the background's stores
+    for z in range(lab.shape[0]):
+        for y in range(lab.shape[1]):
+            row = lab[z, y]
+            for x in range(row.size):
+                v = U64(row[x])
+                mark[v - lo + U64(1) if v != 0 else U64(0)] = 1
+    ranks = mark[1:]
+    r = 0
+    for i in range(span):
+        if ranks[i]:
+            ranks[i] = r
+            r += 1
+        else:
+            ranks[i] = -1
+    return ranks
+
+
+@njit(cache=True, nogil=True)
+def _index_plane(lab, z, dense, ranks, lo, keys, vals, out):
+    """Dense label index of every voxel of plane ``lab[z]`` into ``out`` (-1 on background).
+
+    ``dense``: read ``ranks[label - lo]``. Else from the hash table, run by run: a run takes
+    the index of the voxel above it (row ``y - 1``) when that voxel has the same label, else
+    one table lookup.
+    """
+    EY, ex = lab.shape[1], lab.shape[2]
+    for y in range(EY):
+        row = lab[z, y]
+        orow = out[y]
+        if dense:
+            for x in range(ex):
+                v = U64(row[x])
+                i = ranks[v - lo if v != 0 else U64(0)]
+                orow[x] = i if v != 0 else np.int32(-1)
+            continue
+        x = 0
+        while x < ex:
+            v = row[x]
+            e = x + 1
+            while e < ex and row[e] == v:
+                e += 1
+            if v == 0:
+                i = np.int32(-1)
+            elif y > 0 and lab[z, y - 1, x] == v:
+                i = out[y - 1, x]
+            else:
+                i = np.int32(acc.lookup(keys, vals, U64(v)))
+            for k in range(x, e):
+                orow[k] = i
+            x = e
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _window(c0, c1, c2, c3, c4, c5, c6, c7, lut, st):
+    """Add the table area of each label among the 8 window corners (dense indices as int64,
+    -1 for background, not all equal; corner ``j`` is bit ``j`` of the configuration).
+
+    Labels are taken largest index first; a label's configuration is the mask of the corners
+    equal to it, whose corners are then cleared to -1 before the next.
+    """
+    nz = ((c0 >= 0) | ((c1 >= 0) << 1) | ((c2 >= 0) << 2) | ((c3 >= 0) << 3)
+          | ((c4 >= 0) << 4) | ((c5 >= 0) << 5) | ((c6 >= 0) << 6) | ((c7 >= 0) << 7))
+    n1 = np.int64(-1)
+    while True:
+        v = max(max(max(c0, c1), max(c2, c3)), max(max(c4, c5), max(c6, c7)))
+        m = ((c0 == v) | ((c1 == v) << 1) | ((c2 == v) << 2) | ((c3 == v) << 3)
+             | ((c4 == v) << 4) | ((c5 == v) << 5) | ((c6 == v) << 6) | ((c7 == v) << 7))
+        _add_area(st, v, lut[m])
+        nz &= ~m
+        if nz == 0:
+            return
+        c0 = n1 if c0 == v else c0
+        c1 = n1 if c1 == v else c1
+        c2 = n1 if c2 == v else c2
+        c3 = n1 if c3 == v else c3
+        c4 = n1 if c4 == v else c4
+        c5 = n1 if c5 == v else c5
+        c6 = n1 if c6 == v else c6
+        c7 = n1 if c7 == v else c7
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _add_area(st, idx, a):
+    hi, lo = acc.add_u128(U64(st[idx, _AHI]), U64(st[idx, _AHI + 1]), a)
+    st[idx, _AHI] = np.int64(hi)
+    st[idx, _AHI + 1] = np.int64(lo)
+
+
+@njit(cache=True, nogil=True)
+def _add_pairs(pkeys, pvals, npairs, ev_a, ev_b, ev_n, nev):
+    """Count ``ev_n[i]`` faces between the labels of dense indices ``ev_a[i]`` and ``ev_b[i]``."""
     for i in range(nev):
         ia = ev_a[i]
-        ib = acc.lookup(keys, vals, ev_b[i])
+        ib = ev_b[i]
         lo, hi = (ia, ib) if ia < ib else (ib, ia)
         key = (U64(lo) << U64(32)) | U64(hi)
-        pkeys, pvals, npairs = acc.table_add(pkeys, pvals, npairs, key, 1)
+        pkeys, pvals, npairs = acc.table_add(pkeys, pvals, npairs, key, ev_n[i])
     return pkeys, pvals, npairs
 
 
@@ -220,123 +299,204 @@ def _flush_run(idx, gz, gy, gx0, gx1, st):
     r[_BMAX + 2] = max(r[_BMAX + 2], gx1)
 
 
+_DEBRUIJN = U64(0x03F79D71B4CA8B09)
+_DEBRUIJN_POS = np.zeros(64, np.int64)
+for _i in range(64):
+    _DEBRUIJN_POS[((1 << _i) * 0x03F79D71B4CA8B09 % 2**64) >> 58] = _i
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _lowest_bit(w):
+    """Position of the lowest set bit of a nonzero uint64."""
+    return _DEBRUIJN_POS[((w & (~w + U64(1))) * _DEBRUIJN) >> U64(58)]
+
+
 @njit(cache=True, nogil=True)
-def _stats_kernel(lab, grey, core, origin, is2d, grey_float, lut, keys, vals, st, fst, pkeys, pvals):
+def _row_windows(r00, r01, r10, r11, xlo, cx, nu, lut, st):
+    """The windows with low corner on row (z, y), x in [xlo, cx), over the index rows of
+    (z, y), (z, y + 1), (z + 1, y), (z + 1, y + 1).
+
+    The non-uniform windows are first flagged in the bytes of ``nu`` (a branch-free loop),
+    then visited eight flags at a time (``nu`` viewed as uint64 words, zero past the row).
+    """
+    ex = r00.size
+    n1 = np.int64(-1)
+    if xlo < 0:
+        # x = -1: the low corners lie outside the volume
+        b0, b1, b2, b3 = np.int64(r00[0]), np.int64(r01[0]), np.int64(r10[0]), np.int64(r11[0])
+        if (b0 & b1 & b2 & b3) != -1:
+            _window(n1, b0, n1, b1, n1, b2, n1, b3, lut, st)
+    nx = min(cx, ex - 1)
+    for x in range(nx):
+        a0 = r00[x]
+        d = ((a0 ^ r00[x + 1]) | (a0 ^ r01[x]) | (a0 ^ r01[x + 1]) | (a0 ^ r10[x])
+             | (a0 ^ r10[x + 1]) | (a0 ^ r11[x]) | (a0 ^ r11[x + 1]))
+        nu[x] = d != 0
+    words = nu.view(np.uint64)
+    for k in range((nx + 7) // 8):
+        w = words[k]
+        while w:
+            x = 8 * k + (_lowest_bit(w) >> 3)
+            w &= w - U64(1)
+            _window(np.int64(r00[x]), np.int64(r00[x + 1]), np.int64(r01[x]), np.int64(r01[x + 1]),
+                    np.int64(r10[x]), np.int64(r10[x + 1]), np.int64(r11[x]), np.int64(r11[x + 1]),
+                    lut, st)
+    if cx == ex:
+        # x = cx - 1 at the high end of the volume: the high corners lie outside
+        x = cx - 1
+        a0, a1, a2, a3 = np.int64(r00[x]), np.int64(r01[x]), np.int64(r10[x]), np.int64(r11[x])
+        if (a0 & a1 & a2 & a3) != -1:
+            _window(a0, n1, a1, n1, a2, n1, a3, n1, lut, st)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _face_segments(nb, v, x0, x1, ev_a, ev_b, ev_n, nev):
+    """Buffer the faces of the run ``[x0, x1)`` of label index ``v`` with the index row ``nb``,
+    one event per stretch of one neighbour label."""
+    x = x0
+    while x < x1:
+        w = nb[x]
+        if w == v or w < 0:
+            x += 1
+            continue
+        s = x
+        x += 1
+        while x < x1 and nb[x] == w:
+            x += 1
+        ev_a[nev] = v
+        ev_b[nev] = w
+        ev_n[nev] = x - s
+        nev += 1
+    return nev
+
+
+@njit(cache=True, nogil=True)
+def _row_runs(r00, r01, r10, g, gz, gy, ox, cx, grey_float, small_grey, st, fst,
+              ev_a, ev_b, ev_n):
+    """Statistics of the owned row (z, y) (index rows): its runs of one label, their grey and
+    faces."""
+    ex = r00.size
+    nev = 0
+    x = 0
+    while x < cx:
+        idx = r00[x]
+        e = x + 1
+        while e < cx and r00[e] == idx:
+            e += 1
+        if idx >= 0:
+            _flush_run(idx, gz, gy, ox + x, ox + e, st)
+            if grey_float:
+                if fst[idx, 5] == 0.0:
+                    fst[idx, 5] = 1.0
+                    fst[idx, 0] = np.float64(g[x])
+                shift = fst[idx, 0]
+                f_s = f_q = 0.0
+                h_min = np.inf
+                h_max = -np.inf
+                for i in range(x, e):
+                    gf = np.float64(g[i])
+                    d = gf - shift
+                    f_s += d
+                    f_q += d * d
+                    h_min = min(h_min, gf)
+                    h_max = max(h_max, gf)
+                fst[idx, 1] += f_s
+                fst[idx, 2] += f_q
+                fst[idx, 3] = min(fst[idx, 3], h_min)
+                fst[idx, 4] = max(fst[idx, 4], h_max)
+            else:
+                g_min = np.int64(2**62)
+                g_max = np.int64(-(2**62))
+                if small_grey:
+                    # at most 16-bit grey: int64 sums cannot overflow within a row
+                    s64 = np.int64(0)
+                    q64 = np.int64(0)
+                    for i in range(x, e):
+                        gi = np.int64(g[i])
+                        s64 += gi
+                        q64 += gi * gi
+                        g_min = min(g_min, gi)
+                        g_max = max(g_max, gi)
+                    s_hi = np.int64(-1) if s64 < 0 else np.int64(0)
+                    s_lo, q_hi, q_lo = U64(s64), U64(0), U64(q64)
+                else:
+                    s_hi = np.int64(0)
+                    s_lo = q_hi = q_lo = U64(0)
+                    for i in range(x, e):
+                        gi = np.int64(g[i])
+                        s_hi, s_lo, q_hi, q_lo = acc.add_grey(s_hi, s_lo, q_hi, q_lo, gi)
+                        g_min = min(g_min, gi)
+                        g_max = max(g_max, gi)
+                _flush_grey(idx, s_hi, s_lo, q_hi, q_lo, g_min, g_max, st)
+            # faces to +x (only the run's last voxel has one), +y, +z
+            if e < ex:
+                w = r00[e]
+                if w >= 0 and w != idx:
+                    ev_a[nev] = idx
+                    ev_b[nev] = w
+                    ev_n[nev] = 1
+                    nev += 1
+            nev = _face_segments(r01, idx, x, e, ev_a, ev_b, ev_n, nev)
+            nev = _face_segments(r10, idx, x, e, ev_a, ev_b, ev_n, nev)
+        x = e
+    return nev
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _irow(plane, none, ok, y):
+    if ok and 0 <= y < plane.shape[0]:
+        return plane[y]
+    return none
+
+
+@njit(cache=True, nogil=True)
+def _stats_kernel(lab, grey, core, origin, is2d, grey_float, small_grey, lut, dense, ranks, lo,
+                  keys, vals, st, fst, pkeys, pvals):
     """One streaming pass over the extended block; see :func:`chunk_stats`.
 
-    ``st[i]``: the int64 accumulator row of label index ``i`` (layout ``_CNT`` ... ``_AHI``);
-    float grey: ``fst[i] = (shift, sum(g - shift), sum((g - shift)**2), min, max, seen)``.
+    The labels of planes z and z + 1 are first turned into dense indices (``_index_plane``);
+    every loop below works on those. ``st[i]``: the int64 accumulator row of label index ``i``
+    (layout ``_CNT`` ... ``_AHI``); float grey: ``fst[i] = (shift, sum(g - shift),
+    sum((g - shift)**2), min, max, seen)``.
     """
-    ex = lab.shape[2]
+    EZ, EY, ex = lab.shape
     cz, cy, cx = core[0], core[1], core[2]
     oz, oy, ox = origin[0], origin[1], origin[2]
-    zrow = np.zeros_like(lab[0, 0])
-    corner = np.zeros(8, dtype=np.uint64)
+    none = np.full(ex, -1, np.int32)
+    p_lo = np.full((EY, ex), -1, np.int32)
+    p_hi = np.full((EY, ex), -1, np.int32)
+    nu = np.zeros((ex + 7) // 8 * 8, np.uint8)
     ev_a = np.zeros(3 * ex + 3, dtype=np.int64)
-    ev_b = np.zeros(3 * ex + 3, dtype=np.uint64)
-    nev = 0
+    ev_b = np.zeros(3 * ex + 3, dtype=np.int64)
+    ev_n = np.zeros(3 * ex + 3, dtype=np.int64)
     npairs = 0
     zlo = 0 if (is2d or oz > 0) else -1
     ylo = -1 if oy == 0 else 0
     xlo = -1 if ox == 0 else 0
+    if zlo == 0:
+        _index_plane(lab, 0, dense, ranks, lo, keys, vals, p_lo)
     for z in range(zlo, cz):
+        has_hi = (not is2d) and z + 1 < EZ
+        if has_hi:
+            _index_plane(lab, z + 1, dense, ranks, lo, keys, vals, p_hi)
         for y in range(ylo, cy):
-            r00 = _row(lab, zrow, z, y)
-            r01 = _row(lab, zrow, z, y + 1)
-            r10 = zrow if is2d else _row(lab, zrow, z + 1, y)
-            r11 = zrow if is2d else _row(lab, zrow, z + 1, y + 1)
-            own = z >= 0 and y >= 0
-            if xlo < 0:
-                a0 = a1 = a2 = a3 = U64(0)
-            else:
-                a0, a1, a2, a3 = U64(r00[0]), U64(r01[0]), U64(r10[0]), U64(r11[0])
-            run = U64(0)
-            run_idx = np.int64(-1)
-            run_x0 = 0
-            s_hi = np.int64(0)
-            s_lo = q_hi = q_lo = U64(0)
-            f_s = f_q = 0.0
-            g_min = np.int64(0)
-            g_max = np.int64(0)
-            h_min = h_max = 0.0
-            for x in range(xlo, cx):
-                if x + 1 < ex:
-                    b0, b1 = U64(r00[x + 1]), U64(r01[x + 1])
-                    b2, b3 = U64(r10[x + 1]), U64(r11[x + 1])
-                else:
-                    b0 = b1 = b2 = b3 = U64(0)
-                if not (a0 == b0 and a0 == a1 and a0 == b1 and a0 == a2
-                        and a0 == b2 and a0 == a3 and a0 == b3):
-                    corner[0], corner[1], corner[2], corner[3] = a0, b0, a1, b1
-                    corner[4], corner[5], corner[6], corner[7] = a2, b2, a3, b3
-                    _window(corner, keys, vals, lut, st)
-                if own and x >= 0:
-                    if a0 != run:
-                        if run != 0:
-                            _flush_run(run_idx, oz + z, oy + y, ox + run_x0, ox + x, st)
-                            _flush_grey(run_idx, grey_float, s_hi, s_lo, q_hi, q_lo, f_s, f_q,
-                                        g_min, g_max, h_min, h_max, st, fst)
-                        run = a0
-                        run_x0 = x
-                        if a0 != 0:
-                            run_idx = acc.lookup(keys, vals, a0)
-                            s_hi = np.int64(0)
-                            s_lo = q_hi = q_lo = U64(0)
-                            f_s = f_q = 0.0
-                            g_min = np.int64(2**62)
-                            g_max = np.int64(-(2**62))
-                            h_min = np.inf
-                            h_max = -np.inf
-                            if grey_float and fst[run_idx, 5] == 0.0:
-                                fst[run_idx, 5] = 1.0
-                                fst[run_idx, 0] = np.float64(grey[z, y, x])
-                    if a0 != 0:
-                        if grey_float:
-                            g = np.float64(grey[z, y, x])
-                            d = g - fst[run_idx, 0]
-                            f_s += d
-                            f_q += d * d
-                            h_min = min(h_min, g)
-                            h_max = max(h_max, g)
-                        else:
-                            gi = np.int64(grey[z, y, x])
-                            s_hi, s_lo, q_hi, q_lo = acc.add_grey(s_hi, s_lo, q_hi, q_lo, gi)
-                            g_min = min(g_min, gi)
-                            g_max = max(g_max, gi)
-                        # faces to +x, +y, +z: buffered, hashed once per row
-                        if b0 != 0 and b0 != a0:
-                            ev_a[nev] = run_idx
-                            ev_b[nev] = b0
-                            nev += 1
-                        if a1 != 0 and a1 != a0:
-                            ev_a[nev] = run_idx
-                            ev_b[nev] = a1
-                            nev += 1
-                        if a2 != 0 and a2 != a0:
-                            ev_a[nev] = run_idx
-                            ev_b[nev] = a2
-                            nev += 1
-                a0, a1, a2, a3 = b0, b1, b2, b3
-            if own and run != 0:
-                _flush_run(run_idx, oz + z, oy + y, ox + run_x0, ox + cx, st)
-                _flush_grey(run_idx, grey_float, s_hi, s_lo, q_hi, q_lo, f_s, f_q,
-                            g_min, g_max, h_min, h_max, st, fst)
-            if nev:
-                pkeys, pvals, npairs = _add_pairs(pkeys, pvals, npairs, keys, vals, ev_a, ev_b, nev)
-                nev = 0
+            r00 = _irow(p_lo, none, z >= 0, y)
+            r01 = _irow(p_lo, none, z >= 0, y + 1)
+            r10 = _irow(p_hi, none, has_hi, y)
+            r11 = _irow(p_hi, none, has_hi, y + 1)
+            _row_windows(r00, r01, r10, r11, xlo, cx, nu, lut, st)
+            if z >= 0 and y >= 0:
+                nev = _row_runs(r00, r01, r10, grey[z, y], oz + z, oy + y, ox, cx, grey_float,
+                                small_grey, st, fst, ev_a, ev_b, ev_n)
+                if nev:
+                    pkeys, pvals, npairs = _add_pairs(pkeys, pvals, npairs, ev_a, ev_b, ev_n, nev)
+        p_lo, p_hi = p_hi, p_lo
     return pkeys, pvals
 
 
 @njit(cache=True, nogil=True)
-def _flush_grey(idx, grey_float, s_hi, s_lo, q_hi, q_lo, f_s, f_q, g_min, g_max, h_min, h_max,
-                st, fst):
-    """Add a run's grey accumulators (integer or float, see :func:`_stats_kernel`)."""
-    if grey_float:
-        fst[idx, 1] += f_s
-        fst[idx, 2] += f_q
-        fst[idx, 3] = min(fst[idx, 3], h_min)
-        fst[idx, 4] = max(fst[idx, 4], h_max)
-        return
+def _flush_grey(idx, s_hi, s_lo, q_hi, q_lo, g_min, g_max, st):
+    """Add a run's integer grey sums (128-bit words), min and max to its label's row."""
     r = st[idx]
     hi, lo = acc.add_u128(U64(0), U64(r[_GSL]), s_lo)
     r[_GSH] += np.int64(hi) + s_hi
@@ -409,13 +569,23 @@ def chunk_stats(labels, grey, *, origin, core_shape, volume_shape, spacing):
     core3 = np.array((1,) * is2d + core, dtype=np.int64)
     shape3 = np.array((1,) * is2d + vshape, dtype=np.int64)
 
-    keys, vals = acc.new_table(1024)
-    keys, vals = acc.collect_keys(lab3, np.zeros((1, 1, 1), bool), False, keys, vals)
-    uniq = acc.table_keys(keys)
     dtypes = _label_dtypes(ndim, kind)
-    if uniq.size == 0:
+    lo, hi = (int(v) for v in _label_range(lab3))
+    if hi == 0:
         return StatsPartial(acc.empty_frame(dtypes), acc.empty_frame(_PAIR_DTYPES), sp)
-    acc.table_index(keys, vals, uniq)
+    span = hi - lo + 1
+    dense = span <= max(_DENSE_SPAN, lab3.size // 8)
+    if dense:
+        # label ids in a moderate range: a direct table of ranks, no hashing
+        ranks = _dense_ranks(lab3, U64(lo), span)
+        uniq = np.flatnonzero(ranks >= 0).astype(np.uint64) + U64(lo)
+        keys, vals = acc.new_table(16)
+    else:
+        ranks = np.zeros(1, np.int32)
+        keys, vals = acc.new_table(1024)
+        keys, vals = acc.collect_keys(lab3, np.zeros((1, 1, 1), bool), False, keys, vals)
+        uniq = acc.table_keys(keys)
+        acc.table_index(keys, vals, uniq)
     n = uniq.size
     lut, _ = fixed_point_lut(sp)
 
@@ -429,7 +599,9 @@ def chunk_stats(labels, grey, *, origin, core_shape, volume_shape, spacing):
     fst[:, 4] = -np.inf
     pkeys, pvals = acc.new_table(256)
     pkeys, pvals = _stats_kernel(
-        lab3, grey3, core3, origin3, is2d, kind == "float", lut, keys, vals, st, fst, pkeys, pvals,
+        lab3, grey3, core3, origin3, is2d, kind == "float",
+        kind == "int" and grey3.dtype.itemsize <= 2, lut, dense, ranks, U64(lo), keys, vals,
+        st, fst, pkeys, pvals,
     )
     cnt = st[:, _CNT]
     mom = st[:, _MOM:_MOM + 9]
