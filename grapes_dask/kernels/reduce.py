@@ -158,16 +158,16 @@ def _aligned_rows(n, words, dtype, fill):
 @njit(cache=True, nogil=True)
 def _label_range(lab):
     """Smallest and largest nonzero label of a 3D array as uint64; ``(0, 0)`` if none."""
-    lo = U64(0xFFFFFFFFFFFFFFFF)
+    lo1 = U64(0xFFFFFFFFFFFFFFFF)  # min(label - 1): the background wraps to the largest value
     hi = U64(0)
     for z in range(lab.shape[0]):
         for y in range(lab.shape[1]):
             row = lab[z, y]
             for x in range(row.size):
                 v = U64(row[x])
-                lo = min(lo, v if v != 0 else lo)
+                lo1 = min(lo1, v - U64(1))
                 hi = max(hi, v)
-    return (lo if hi != 0 else U64(0)), hi
+    return (lo1 + U64(1) if hi != 0 else U64(0)), hi
 
 
 @njit(cache=True, nogil=True)
