@@ -384,50 +384,79 @@ def _row_windows(r00, r01, r10, r11, xlo, cx, cmax, cmin, cmin_fg, cfg, nu, lut,
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _face_segments(nb, v, x0, x1, ev_a, ev_b, ev_n, nev):
-    """Buffer the faces of the run ``[x0, x1)`` of label index ``v`` with the index row ``nb``,
-    one event per stretch of one neighbour label."""
-    x = x0
-    while x < x1:
-        w = nb[x]
-        if w == v or w < 0:
-            x += 1
-            continue
-        s = x
-        x += 1
-        while x < x1 and nb[x] == w:
-            x += 1
-        ev_a[nev] = v
-        ev_b[nev] = w
-        ev_n[nev] = x - s
-        nev += 1
+def _event(a, b, n, ev_a, ev_b, ev_n, nev):
+    ev_a[nev] = a
+    ev_b[nev] = b
+    ev_n[nev] = n
+    return nev + 1
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _face_events(r00, nb, cx, fm, ev_a, ev_b, ev_n, nev):
+    """Buffer the faces between the owned index row ``r00`` and its neighbour row ``nb``
+    (x in [0, cx)): flagged in the bytes of ``fm`` by a branch-free loop, then visited eight
+    flags at a time; repeats of the last pair are merged into one event."""
+    for x in range(cx):
+        a = r00[x]
+        b = nb[x]
+        fm[x] = (a != b) & (a >= 0) & (b >= 0)
+    words = fm.view(np.uint64)
+    pa = np.int32(-1)
+    pb = np.int32(-1)
+    pn = 0
+    for k in range((cx + 7) // 8):
+        w = words[k]
+        while w:
+            x = 8 * k + (_lowest_bit(w) >> 3)
+            w &= w - U64(1)
+            a = r00[x]
+            b = nb[x]
+            if a == pa and b == pb:
+                pn += 1
+            else:
+                if pn:
+                    nev = _event(pa, pb, pn, ev_a, ev_b, ev_n, nev)
+                pa = a
+                pb = b
+                pn = 1
+    if pn:
+        nev = _event(pa, pb, pn, ev_a, ev_b, ev_n, nev)
     return nev
 
 
 @njit(cache=True, nogil=True)
-def _row_runs(r00, r01, r10, g, gz, gy, ox, cx, grey_float, small_grey, st, fst,
+def _row_runs(r00, r01, r10, g, gz, gy, ox, cx, grey_float, small_grey, st, fst, flags,
               ev_a, ev_b, ev_n):
     """Statistics of the owned row (z, y) (index rows): its runs of one label, their grey and
-    faces."""
+    faces. Run ends are flagged in ``flags[0]`` (bytes, zero past ``cx``) and visited eight
+    flags at a time; ``flags[1]``, ``flags[2]`` take the +y and +z faces."""
     ex = r00.size
+    ends = flags[0]
+    for x in range(cx - 1):
+        ends[x] = r00[x] != r00[x + 1]
+    ends[cx - 1] = 1
+    words = ends.view(np.uint64)
     nev = 0
-    x = 0
-    while x < cx:
-        idx = r00[x]
-        e = x + 1
-        while e < cx and r00[e] == idx:
-            e += 1
-        if idx >= 0:
-            _flush_run(idx, gz, gy, ox + x, ox + e, st)
+    x0 = 0
+    for k in range((cx + 7) // 8):
+        w = words[k]
+        while w:
+            e = 8 * k + (_lowest_bit(w) >> 3) + 1
+            w &= w - U64(1)
+            idx = r00[e - 1]
+            if idx < 0:
+                x0 = e
+                continue
+            _flush_run(idx, gz, gy, ox + x0, ox + e, st)
             if grey_float:
                 if fst[idx, 5] == 0.0:
                     fst[idx, 5] = 1.0
-                    fst[idx, 0] = np.float64(g[x])
+                    fst[idx, 0] = np.float64(g[x0])
                 shift = fst[idx, 0]
                 f_s = f_q = 0.0
                 h_min = np.inf
                 h_max = -np.inf
-                for i in range(x, e):
+                for i in range(x0, e):
                     gf = np.float64(g[i])
                     d = gf - shift
                     f_s += d
@@ -445,7 +474,7 @@ def _row_runs(r00, r01, r10, g, gz, gy, ox, cx, grey_float, small_grey, st, fst,
                     # at most 16-bit grey: int64 sums cannot overflow within a row
                     s64 = np.int64(0)
                     q64 = np.int64(0)
-                    for i in range(x, e):
+                    for i in range(x0, e):
                         gi = np.int64(g[i])
                         s64 += gi
                         q64 += gi * gi
@@ -456,23 +485,20 @@ def _row_runs(r00, r01, r10, g, gz, gy, ox, cx, grey_float, small_grey, st, fst,
                 else:
                     s_hi = np.int64(0)
                     s_lo = q_hi = q_lo = U64(0)
-                    for i in range(x, e):
+                    for i in range(x0, e):
                         gi = np.int64(g[i])
                         s_hi, s_lo, q_hi, q_lo = acc.add_grey(s_hi, s_lo, q_hi, q_lo, gi)
                         g_min = min(g_min, gi)
                         g_max = max(g_max, gi)
                 _flush_grey(idx, s_hi, s_lo, q_hi, q_lo, g_min, g_max, st)
-            # faces to +x (only the run's last voxel has one), +y, +z
+            # a face to +x: only from the run's last voxel
             if e < ex:
-                w = r00[e]
-                if w >= 0 and w != idx:
-                    ev_a[nev] = idx
-                    ev_b[nev] = w
-                    ev_n[nev] = 1
-                    nev += 1
-            nev = _face_segments(r01, idx, x, e, ev_a, ev_b, ev_n, nev)
-            nev = _face_segments(r10, idx, x, e, ev_a, ev_b, ev_n, nev)
-        x = e
+                b = r00[e]
+                if b >= 0 and b != idx:
+                    nev = _event(idx, b, 1, ev_a, ev_b, ev_n, nev)
+            x0 = e
+    nev = _face_events(r00, r01, cx, flags[1], ev_a, ev_b, ev_n, nev)
+    nev = _face_events(r00, r10, cx, flags[2], ev_a, ev_b, ev_n, nev)
     return nev
 
 
@@ -500,6 +526,7 @@ def _stats_kernel(lab, grey, core, origin, is2d, grey_float, small_grey, lut, de
     p_lo = np.full((EY, ex), -1, np.int32)
     p_hi = np.full((EY, ex), -1, np.int32)
     nu = np.zeros((ex + 7) // 8 * 8, np.uint8)
+    flags = np.zeros((3, (ex + 7) // 8 * 8), np.uint8)
     cmax = np.zeros(ex, np.int32)
     cmin = np.zeros(ex, np.int32)
     cmin_fg = np.zeros(ex, np.uint32)
@@ -525,7 +552,7 @@ def _stats_kernel(lab, grey, core, origin, is2d, grey_float, small_grey, lut, de
             _row_windows(r00, r01, r10, r11, xlo, cx, cmax, cmin, cmin_fg, cfg, nu, lut, st)
             if z >= 0 and y >= 0:
                 nev = _row_runs(r00, r01, r10, grey[z, y], oz + z, oy + y, ox, cx, grey_float,
-                                small_grey, st, fst, ev_a, ev_b, ev_n)
+                                small_grey, st, fst, flags, ev_a, ev_b, ev_n)
                 if nev:
                     pkeys, pvals, npairs = _add_pairs(pkeys, pvals, npairs, ev_a, ev_b, ev_n, nev)
         p_lo, p_hi = p_hi, p_lo
