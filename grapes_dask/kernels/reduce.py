@@ -262,15 +262,41 @@ def _add_area(st, idx, a):
     st[idx, _AHI + 1] = np.int64(lo)
 
 
+_GOLDEN = U64(0x9E3779B97F4A7C15)
+
+
 @njit(cache=True, nogil=True)
-def _add_pairs(pkeys, pvals, npairs, ev_a, ev_b, ev_n, nev):
-    """Count ``ev_n[i]`` faces between the labels of dense indices ``ev_a[i]`` and ``ev_b[i]``."""
+def _add_pairs(pkeys, pvals, npairs, ev_a, ev_b, ev_n, nev, recent, shift):
+    """Count ``ev_n[i]`` faces between the labels of dense indices ``ev_a[i]`` and ``ev_b[i]``.
+
+    Counts first gather in ``recent``, a direct-mapped cache of ``(key, count)`` rows small
+    enough for the CPU caches (a contact spans several rows and planes); a pair reaches the
+    hash table when its cache row is taken by another pair, or in :func:`_flush_pairs`.
+    """
     for i in range(nev):
         ia = ev_a[i]
         ib = ev_b[i]
         lo, hi = (ia, ib) if ia < ib else (ib, ia)
         key = (U64(lo) << U64(32)) | U64(hi)
-        pkeys, pvals, npairs = acc.table_add(pkeys, pvals, npairs, key, ev_n[i])
+        h = np.int64((key * _GOLDEN) >> shift)
+        old = U64(recent[h, 0])
+        if old == key:
+            recent[h, 1] += ev_n[i]
+            continue
+        if old != 0:
+            pkeys, pvals, npairs = acc.table_add(pkeys, pvals, npairs, old, recent[h, 1])
+        recent[h, 0] = np.int64(key)
+        recent[h, 1] = ev_n[i]
+    return pkeys, pvals, npairs
+
+
+@njit(cache=True, nogil=True)
+def _flush_pairs(pkeys, pvals, npairs, recent):
+    """Move the counts left in the cache of :func:`_add_pairs` to the hash table."""
+    for h in range(recent.shape[0]):
+        if recent[h, 0] != 0:
+            pkeys, pvals, npairs = acc.table_add(pkeys, pvals, npairs, U64(recent[h, 0]),
+                                                 recent[h, 1])
     return pkeys, pvals, npairs
 
 
@@ -535,6 +561,9 @@ def _stats_kernel(lab, grey, core, origin, is2d, grey_float, small_grey, lut, de
     ev_b = np.zeros(3 * ex + 3, dtype=np.int64)
     ev_n = np.zeros(3 * ex + 3, dtype=np.int64)
     npairs = 0
+    bits = 14 if lab.size >= (1 << 20) else 8
+    recent = np.zeros((1 << bits, 2), np.int64)  # pair key 0 cannot occur (indices a < b)
+    shift = U64(64 - bits)
     zlo = 0 if (is2d or oz > 0) else -1
     ylo = -1 if oy == 0 else 0
     xlo = -1 if ox == 0 else 0
@@ -554,8 +583,10 @@ def _stats_kernel(lab, grey, core, origin, is2d, grey_float, small_grey, lut, de
                 nev = _row_runs(r00, r01, r10, grey[z, y], oz + z, oy + y, ox, cx, grey_float,
                                 small_grey, st, fst, flags, ev_a, ev_b, ev_n)
                 if nev:
-                    pkeys, pvals, npairs = _add_pairs(pkeys, pvals, npairs, ev_a, ev_b, ev_n, nev)
+                    pkeys, pvals, npairs = _add_pairs(pkeys, pvals, npairs, ev_a, ev_b, ev_n, nev,
+                                                      recent, shift)
         p_lo, p_hi = p_hi, p_lo
+    pkeys, pvals, npairs = _flush_pairs(pkeys, pvals, npairs, recent)
     return pkeys, pvals
 
 
