@@ -695,6 +695,10 @@ def chunk_stats(labels, grey, *, origin, core_shape, volume_shape, spacing):
         uniq = acc.table_keys(keys)
         acc.table_index(keys, vals, uniq)
     n = uniq.size
+    if n >= 2**31:
+        raise ValueError(
+            f"chunk_stats: {n} labels in one block (at most 2**31 - 1): use smaller chunks"
+        )
     lut, _ = fixed_point_lut(sp)
 
     st = _aligned_rows(n, _WORDS, np.int64, 0)
