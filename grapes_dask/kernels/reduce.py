@@ -126,207 +126,494 @@ _PAIR_DTYPES = {"label_a": np.uint64, "label_b": np.uint64, "n_faces": np.int64}
 # --------------------------------------------------------------------------------------
 
 
-@njit(cache=True, nogil=True)
-def _row(lab, zrow, z, y):
-    if 0 <= z < lab.shape[0] and 0 <= y < lab.shape[1]:
-        return lab[z, y]
-    return zrow
+# Accumulator row of one label (int64 words; uint64 quantities stored as their bits), kept
+# together so that a run or a window touches three cache lines of one label, not ten arrays.
+_CNT = 0  # owned voxels
+_MOM = 1  # 9 moments: sum z, y, x, zz, yy, xx, zy, zx, yx (global indices)
+_BMIN = 10  # 3: bbox min z, y, x
+_BMAX = 13  # 3: bbox max (exclusive) z, y, x
+_GSH = 16  # grey_sum_hi
+_GSL = 17  # grey_sum_lo, grey_sq_hi, grey_sq_lo (uint64 bits)
+_GMIN = 20  # integer grey min
+_GMAX = 21  # integer grey max
+_AHI = 22  # area_hi, area_lo (uint64 bits)
+_WORDS = 24
+# label ids spanning at most this many values (or 1/8 of the block's voxels) are indexed by a
+# direct table rather than the hash table
+_DENSE_SPAN = 1 << 22
+# float grey row (float64): shift, sum(g - shift), sum((g - shift)**2), min, max, seen
+_FWORDS = 6
+
+
+def _aligned_rows(n, words, dtype, fill):
+    """An ``(n, words)`` array of ``fill`` whose rows start on 64-byte boundaries."""
+    item = np.dtype(dtype).itemsize
+    buf = np.empty(n * words + 64 // item, dtype)
+    off = (-buf.ctypes.data % 64) // item
+    out = buf[off:off + n * words].reshape(n, words)
+    out[:] = fill
+    return out
 
 
 @njit(cache=True, nogil=True)
-def _window(corner, keys, vals, lut, area_hi, area_lo):
-    """Add the table area of each nonzero label among the 8 window corners."""
-    for i in range(8):
-        v = corner[i]
-        if v == 0:
+def _label_range(lab):
+    """Smallest and largest nonzero label of a 3D array as uint64; ``(0, 0)`` if none."""
+    lo1 = U64(0xFFFFFFFFFFFFFFFF)  # min(label - 1): the background wraps to the largest value
+    hi = U64(0)
+    for z in range(lab.shape[0]):
+        for y in range(lab.shape[1]):
+            row = lab[z, y]
+            for x in range(row.size):
+                v = U64(row[x])
+                lo1 = min(lo1, v - U64(1))
+                hi = max(hi, v)
+    return (lo1 + U64(1) if hi != 0 else U64(0)), hi
+
+
+@njit(cache=True, nogil=True)
+def _dense_ranks(lab, lo, span):
+    """``ranks[v - lo]``: rank of label ``v`` among the nonzero labels present, -1 if absent."""
+    mark = np.zeros(span + 1, np.int32)  # slot 0 takes the background's stores
+    for z in range(lab.shape[0]):
+        for y in range(lab.shape[1]):
+            row = lab[z, y]
+            for x in range(row.size):
+                v = U64(row[x])
+                mark[v - lo + U64(1) if v != 0 else U64(0)] = 1
+    ranks = mark[1:]
+    r = 0
+    for i in range(span):
+        if ranks[i]:
+            ranks[i] = r
+            r += 1
+        else:
+            ranks[i] = -1
+    return ranks
+
+
+@njit(cache=True, nogil=True)
+def _index_plane(lab, z, dense, ranks, lo, keys, vals, out):
+    """Dense label index of every voxel of plane ``lab[z]`` into ``out`` (-1 on background).
+
+    ``dense``: read ``ranks[label - lo]``. Else from the hash table, run by run: a run takes
+    the index of the voxel above it (row ``y - 1``) when that voxel has the same label, else
+    one table lookup.
+    """
+    EY, ex = lab.shape[1], lab.shape[2]
+    for y in range(EY):
+        row = lab[z, y]
+        orow = out[y]
+        if dense:
+            for x in range(ex):
+                v = U64(row[x])
+                i = ranks[v - lo if v != 0 else U64(0)]
+                orow[x] = i if v != 0 else np.int32(-1)
             continue
-        seen = False
-        for j in range(i):
-            if corner[j] == v:
-                seen = True
-                break
-        if seen:
-            continue
-        config = 0
-        for j in range(i, 8):
-            if corner[j] == v:
-                config |= 1 << j
-        idx = acc.lookup(keys, vals, v)
-        area_hi[idx], area_lo[idx] = acc.add_u128(area_hi[idx], area_lo[idx], lut[config])
+        x = 0
+        while x < ex:
+            v = row[x]
+            e = x + 1
+            while e < ex and row[e] == v:
+                e += 1
+            if v == 0:
+                i = np.int32(-1)
+            elif y > 0 and lab[z, y - 1, x] == v:
+                i = out[y - 1, x]
+            else:
+                i = np.int32(acc.lookup(keys, vals, U64(v)))
+            for k in range(x, e):
+                orow[k] = i
+            x = e
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _window(c0, c1, c2, c3, c4, c5, c6, c7, lut, st):
+    """Add the table area of each label among the 8 window corners (dense indices as int64,
+    -1 for background, not all equal; corner ``j`` is bit ``j`` of the configuration).
+
+    Labels are taken largest index first; a label's configuration is the mask of the corners
+    equal to it, whose corners are then cleared to -1 before the next.
+    """
+    nz = ((c0 >= 0) | ((c1 >= 0) << 1) | ((c2 >= 0) << 2) | ((c3 >= 0) << 3)
+          | ((c4 >= 0) << 4) | ((c5 >= 0) << 5) | ((c6 >= 0) << 6) | ((c7 >= 0) << 7))
+    n1 = np.int64(-1)
+    while True:
+        v = max(max(max(c0, c1), max(c2, c3)), max(max(c4, c5), max(c6, c7)))
+        m = ((c0 == v) | ((c1 == v) << 1) | ((c2 == v) << 2) | ((c3 == v) << 3)
+             | ((c4 == v) << 4) | ((c5 == v) << 5) | ((c6 == v) << 6) | ((c7 == v) << 7))
+        _add_area(st, v, lut[m])
+        nz &= ~m
+        if nz == 0:
+            return
+        c0 = n1 if c0 == v else c0
+        c1 = n1 if c1 == v else c1
+        c2 = n1 if c2 == v else c2
+        c3 = n1 if c3 == v else c3
+        c4 = n1 if c4 == v else c4
+        c5 = n1 if c5 == v else c5
+        c6 = n1 if c6 == v else c6
+        c7 = n1 if c7 == v else c7
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _add_area(st, idx, a):
+    hi, lo = acc.add_u128(U64(st[idx, _AHI]), U64(st[idx, _AHI + 1]), a)
+    st[idx, _AHI] = np.int64(hi)
+    st[idx, _AHI + 1] = np.int64(lo)
+
+
+_GOLDEN = U64(0x9E3779B97F4A7C15)
 
 
 @njit(cache=True, nogil=True)
-def _add_pairs(pkeys, pvals, npairs, keys, vals, ev_a, ev_b, nev):
-    """Count the face events (label index ``ev_a[i]``, neighbour label ``ev_b[i]``)."""
+def _add_pairs(pkeys, pvals, npairs, ev_a, ev_b, ev_n, nev, recent, shift):
+    """Count ``ev_n[i]`` faces between the labels of dense indices ``ev_a[i]`` and ``ev_b[i]``.
+
+    Counts first gather in ``recent``, a direct-mapped cache of ``(key, count)`` rows small
+    enough for the CPU caches (a contact spans several rows and planes); a pair reaches the
+    hash table when its cache row is taken by another pair, or in :func:`_flush_pairs`.
+    """
     for i in range(nev):
         ia = ev_a[i]
-        ib = acc.lookup(keys, vals, ev_b[i])
+        ib = ev_b[i]
         lo, hi = (ia, ib) if ia < ib else (ib, ia)
         key = (U64(lo) << U64(32)) | U64(hi)
-        pkeys, pvals, npairs = acc.table_add(pkeys, pvals, npairs, key, np.int64(1))
+        h = np.int64((key * _GOLDEN) >> shift)
+        old = U64(recent[h, 0])
+        if old == key:
+            recent[h, 1] += ev_n[i]
+            continue
+        if old != 0:
+            pkeys, pvals, npairs = acc.table_add(pkeys, pvals, npairs, old, recent[h, 1])
+        recent[h, 0] = np.int64(key)
+        recent[h, 1] = ev_n[i]
     return pkeys, pvals, npairs
 
 
 @njit(cache=True, nogil=True)
-def _flush_run(idx, gz, gy, gx0, gx1, shape, is2d, cnt, mom, bmin, bmax, border):
+def _flush_pairs(pkeys, pvals, npairs, recent):
+    """Move the counts left in the cache of :func:`_add_pairs` to the hash table."""
+    for h in range(recent.shape[0]):
+        if recent[h, 0] != 0:
+            pkeys, pvals, npairs = acc.table_add(pkeys, pvals, npairs, U64(recent[h, 0]),
+                                                 recent[h, 1])
+    return pkeys, pvals, npairs
+
+
+@njit(cache=True, nogil=True)
+def _flush_run(idx, gz, gy, gx0, gx1, st):
     """Add a run of one label at global row (gz, gy), columns [gx0, gx1), to its sums."""
     m = gx1 - gx0
     sx = (gx0 + gx1 - 1) * m // 2
     sxx = ((gx1 - 1) * gx1 * (2 * gx1 - 1) - (gx0 - 1) * gx0 * (2 * gx0 - 1)) // 6
-    cnt[idx] += m
-    mom[idx, 0] += gz * m
-    mom[idx, 1] += gy * m
-    mom[idx, 2] += sx
-    mom[idx, 3] += gz * gz * m
-    mom[idx, 4] += gy * gy * m
-    mom[idx, 5] += sxx
-    mom[idx, 6] += gz * gy * m
-    mom[idx, 7] += gz * sx
-    mom[idx, 8] += gy * sx
-    bmin[idx, 0] = min(bmin[idx, 0], gz)
-    bmax[idx, 0] = max(bmax[idx, 0], gz + 1)
-    bmin[idx, 1] = min(bmin[idx, 1], gy)
-    bmax[idx, 1] = max(bmax[idx, 1], gy + 1)
-    bmin[idx, 2] = min(bmin[idx, 2], gx0)
-    bmax[idx, 2] = max(bmax[idx, 2], gx1)
-    on_z = (not is2d) and (gz == 0 or gz == shape[0] - 1)
-    if on_z or gy == 0 or gy == shape[1] - 1 or gx0 == 0 or gx1 == shape[2]:
-        border[idx] = True
+    r = st[idx]
+    r[_CNT] += m
+    r[_MOM + 0] += gz * m
+    r[_MOM + 1] += gy * m
+    r[_MOM + 2] += sx
+    r[_MOM + 3] += gz * gz * m
+    r[_MOM + 4] += gy * gy * m
+    r[_MOM + 5] += sxx
+    r[_MOM + 6] += gz * gy * m
+    r[_MOM + 7] += gz * sx
+    r[_MOM + 8] += gy * sx
+    r[_BMIN + 0] = min(r[_BMIN + 0], gz)
+    r[_BMAX + 0] = max(r[_BMAX + 0], gz + 1)
+    r[_BMIN + 1] = min(r[_BMIN + 1], gy)
+    r[_BMAX + 1] = max(r[_BMAX + 1], gy + 1)
+    r[_BMIN + 2] = min(r[_BMIN + 2], gx0)
+    r[_BMAX + 2] = max(r[_BMAX + 2], gx1)
+
+
+_DEBRUIJN = U64(0x03F79D71B4CA8B09)
+_DEBRUIJN_POS = np.zeros(64, np.int64)
+for _i in range(64):
+    _DEBRUIJN_POS[((1 << _i) * 0x03F79D71B4CA8B09 % 2**64) >> 58] = _i
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _lowest_bit(w):
+    """Position of the lowest set bit of a nonzero uint64."""
+    return _DEBRUIJN_POS[((w & (~w + U64(1))) * _DEBRUIJN) >> U64(58)]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _eq_mask(c0, c1, c2, c3, c4, c5, c6, c7, v):
+    return ((c0 == v) | ((c1 == v) << 1) | ((c2 == v) << 2) | ((c3 == v) << 3)
+            | ((c4 == v) << 4) | ((c5 == v) << 5) | ((c6 == v) << 6) | ((c7 == v) << 7))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _window_multi(c0, c1, c2, c3, c4, c5, c6, c7, u, v, nz, lut, st):
+    """A window holding labels ``u < v`` (its smallest and largest) and maybe others."""
+    mv = _eq_mask(c0, c1, c2, c3, c4, c5, c6, c7, v)
+    mu = _eq_mask(c0, c1, c2, c3, c4, c5, c6, c7, u)
+    _add_area(st, v, lut[mv])
+    _add_area(st, u, lut[mu])
+    rest = nz & ~(mu | mv)
+    if rest:
+        n1 = np.int64(-1)
+        _window(c0 if rest & 1 else n1, c1 if rest & 2 else n1, c2 if rest & 4 else n1,
+                c3 if rest & 8 else n1, c4 if rest & 16 else n1, c5 if rest & 32 else n1,
+                c6 if rest & 64 else n1, c7 if rest & 128 else n1, lut, st)
 
 
 @njit(cache=True, nogil=True)
-def _stats_kernel(
-    lab, grey, core, origin, shape, is2d, grey_float, lut, keys, vals,
-    cnt, mom, bmin, bmax, border, isum, iacc, imin, imax, fsum, fmin, fmax, fseen,
-    area_hi, area_lo, pkeys, pvals,
-):
+def _row_windows(r00, r01, r10, r11, xlo, cx, cols, ccfg, wmax, wcfg, one, multi, lut, st):
+    """The windows with low corner on row (z, y), x in [xlo, cx), over the index rows of
+    (z, y), (z, y + 1), (z + 1, y), (z + 1, y + 1).
+
+    Branch-free passes first give, per column x of the four rows, the largest and smallest
+    index (``cols[0]``, ``cols[1]``), the smallest label index (``cols[2]``, background read
+    as 2**32 - 1) and the corner bits of the labelled voxels (``ccfg``); then per window its
+    largest index (``wmax``) and configuration of labelled corners (``wcfg``), and
+    flags in the bytes of ``one`` the non-uniform windows holding one label (largest index =
+    smallest label index, ~80-90% of them: their configuration is ``win[1]``), in ``multi``
+    the others. Flags are visited eight at a time (viewed as uint64 words, zero past the row).
+    """
+    ex = r00.size
+    n1 = np.int64(-1)
+    if xlo < 0:
+        # x = -1: the low corners lie outside the volume
+        b0, b1, b2, b3 = np.int64(r00[0]), np.int64(r01[0]), np.int64(r10[0]), np.int64(r11[0])
+        if (b0 & b1 & b2 & b3) != -1:
+            _window(n1, b0, n1, b1, n1, b2, n1, b3, lut, st)
+    cmax, cmin, cmin_fg = cols[0], cols[1], cols[2].view(np.uint32)
+    for x in range(ex):
+        c0, c1, c2, c3 = r00[x], r01[x], r10[x], r11[x]
+        cmax[x] = max(max(c0, c1), max(c2, c3))
+        cmin[x] = min(min(c0, c1), min(c2, c3))
+        cmin_fg[x] = min(min(np.uint32(c0), np.uint32(c1)), min(np.uint32(c2), np.uint32(c3)))
+        ccfg[x] = (c0 >= 0) | ((c1 >= 0) << 2) | ((c2 >= 0) << 4) | ((c3 >= 0) << 6)
+    nx = min(cx, ex - 1)
+    for x in range(nx):
+        v = max(cmax[x], cmax[x + 1])
+        single = v == np.int32(min(cmin_fg[x], cmin_fg[x + 1]))
+        nonuniform = v != min(cmin[x], cmin[x + 1])
+        one[x] = nonuniform & single
+        multi[x] = nonuniform & (not single)
+        wmax[x] = v
+        wcfg[x] = ccfg[x] | (ccfg[x + 1] << 1)
+    words = one.view(np.uint64)
+    for k in range((nx + 7) // 8):
+        w = words[k]
+        while w:
+            x = 8 * k + (_lowest_bit(w) >> 3)
+            w &= w - U64(1)
+            _add_area(st, wmax[x], lut[wcfg[x]])
+    words = multi.view(np.uint64)
+    for k in range((nx + 7) // 8):
+        w = words[k]
+        while w:
+            x = 8 * k + (_lowest_bit(w) >> 3)
+            w &= w - U64(1)
+            u = np.int64(min(cmin_fg[x], cmin_fg[x + 1]))
+            _window_multi(np.int64(r00[x]), np.int64(r00[x + 1]), np.int64(r01[x]),
+                          np.int64(r01[x + 1]), np.int64(r10[x]), np.int64(r10[x + 1]),
+                          np.int64(r11[x]), np.int64(r11[x + 1]), u, np.int64(wmax[x]),
+                          wcfg[x], lut, st)
+    if cx == ex:
+        # x = cx - 1 at the high end of the volume: the high corners lie outside
+        x = cx - 1
+        a0, a1, a2, a3 = np.int64(r00[x]), np.int64(r01[x]), np.int64(r10[x]), np.int64(r11[x])
+        if (a0 & a1 & a2 & a3) != -1:
+            _window(a0, n1, a1, n1, a2, n1, a3, n1, lut, st)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _event(a, b, n, ev_a, ev_b, ev_n, nev):
+    ev_a[nev] = a
+    ev_b[nev] = b
+    ev_n[nev] = n
+    return nev + 1
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _face_events(r00, nb, cx, fm, ev_a, ev_b, ev_n, nev):
+    """Buffer the faces between the owned index row ``r00`` and its neighbour row ``nb``
+    (x in [0, cx)): flagged in the bytes of ``fm`` by a branch-free loop, then visited eight
+    flags at a time; repeats of the last pair are merged into one event."""
+    for x in range(cx):
+        a = r00[x]
+        b = nb[x]
+        fm[x] = (a != b) & (a >= 0) & (b >= 0)
+    words = fm.view(np.uint64)
+    pa = np.int32(-1)
+    pb = np.int32(-1)
+    pn = 0
+    for k in range((cx + 7) // 8):
+        w = words[k]
+        while w:
+            x = 8 * k + (_lowest_bit(w) >> 3)
+            w &= w - U64(1)
+            a = r00[x]
+            b = nb[x]
+            if a == pa and b == pb:
+                pn += 1
+            else:
+                if pn:
+                    nev = _event(pa, pb, pn, ev_a, ev_b, ev_n, nev)
+                pa = a
+                pb = b
+                pn = 1
+    if pn:
+        nev = _event(pa, pb, pn, ev_a, ev_b, ev_n, nev)
+    return nev
+
+
+@njit(cache=True, nogil=True)
+def _row_runs(r00, r01, r10, g, gz, gy, ox, cx, grey_float, small_grey, st, fst, flags,
+              ev_a, ev_b, ev_n):
+    """Statistics of the owned row (z, y) (index rows): its runs of one label, their grey and
+    faces. Run ends are flagged in ``flags[0]`` (bytes, zero past ``cx``) and visited eight
+    flags at a time; ``flags[1]``, ``flags[2]`` take the +y and +z faces."""
+    ex = r00.size
+    ends = flags[0]
+    for x in range(cx - 1):
+        ends[x] = r00[x] != r00[x + 1]
+    ends[cx - 1] = 1
+    words = ends.view(np.uint64)
+    nev = 0
+    x0 = 0
+    for k in range((cx + 7) // 8):
+        w = words[k]
+        while w:
+            e = 8 * k + (_lowest_bit(w) >> 3) + 1
+            w &= w - U64(1)
+            idx = r00[e - 1]
+            if idx < 0:
+                x0 = e
+                continue
+            _flush_run(idx, gz, gy, ox + x0, ox + e, st)
+            if grey_float:
+                if fst[idx, 5] == 0.0:
+                    fst[idx, 5] = 1.0
+                    fst[idx, 0] = np.float64(g[x0])
+                shift = fst[idx, 0]
+                f_s = f_q = 0.0
+                h_min = np.inf
+                h_max = -np.inf
+                for i in range(x0, e):
+                    gf = np.float64(g[i])
+                    d = gf - shift
+                    f_s += d
+                    f_q += d * d
+                    h_min = min(h_min, gf)
+                    h_max = max(h_max, gf)
+                fst[idx, 1] += f_s
+                fst[idx, 2] += f_q
+                fst[idx, 3] = min(fst[idx, 3], h_min)
+                fst[idx, 4] = max(fst[idx, 4], h_max)
+            else:
+                g_min = np.int64(2**62)
+                g_max = np.int64(-(2**62))
+                if small_grey:
+                    # at most 16-bit grey: int64 sums cannot overflow within a row
+                    s64 = np.int64(0)
+                    q64 = np.int64(0)
+                    for i in range(x0, e):
+                        gi = np.int64(g[i])
+                        s64 += gi
+                        q64 += gi * gi
+                        g_min = min(g_min, gi)
+                        g_max = max(g_max, gi)
+                    s_hi = np.int64(-1) if s64 < 0 else np.int64(0)
+                    s_lo, q_hi, q_lo = U64(s64), U64(0), U64(q64)
+                else:
+                    s_hi = np.int64(0)
+                    s_lo = q_hi = q_lo = U64(0)
+                    for i in range(x0, e):
+                        gi = np.int64(g[i])
+                        s_hi, s_lo, q_hi, q_lo = acc.add_grey(s_hi, s_lo, q_hi, q_lo, gi)
+                        g_min = min(g_min, gi)
+                        g_max = max(g_max, gi)
+                _flush_grey(idx, s_hi, s_lo, q_hi, q_lo, g_min, g_max, st)
+            # a face to +x: only from the run's last voxel
+            if e < ex:
+                b = r00[e]
+                if b >= 0 and b != idx:
+                    nev = _event(idx, b, 1, ev_a, ev_b, ev_n, nev)
+            x0 = e
+    nev = _face_events(r00, r01, cx, flags[1], ev_a, ev_b, ev_n, nev)
+    nev = _face_events(r00, r10, cx, flags[2], ev_a, ev_b, ev_n, nev)
+    return nev
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _irow(plane, none, ok, y):
+    if ok and 0 <= y < plane.shape[0]:
+        return plane[y]
+    return none
+
+
+@njit(cache=True, nogil=True)
+def _stats_kernel(lab, grey, core, origin, is2d, grey_float, small_grey, lut, dense, ranks, lo,
+                  keys, vals, st, fst, pkeys, pvals):
     """One streaming pass over the extended block; see :func:`chunk_stats`.
 
-    ``isum[i] = (grey_sum_hi)``, ``iacc[i] = (grey_sum_lo, grey_sq_hi, grey_sq_lo)``;
-    float grey: ``fsum[i] = (shift, sum(g - shift), sum((g - shift)**2))``.
+    The labels of planes z and z + 1 are first turned into dense indices (``_index_plane``);
+    every loop below works on those. ``st[i]``: the int64 accumulator row of label index ``i``
+    (layout ``_CNT`` ... ``_AHI``); float grey: ``fst[i] = (shift, sum(g - shift),
+    sum((g - shift)**2), min, max, seen)``.
     """
-    ex = lab.shape[2]
+    EZ, EY, ex = lab.shape
     cz, cy, cx = core[0], core[1], core[2]
     oz, oy, ox = origin[0], origin[1], origin[2]
-    zrow = np.zeros_like(lab[0, 0])
-    corner = np.zeros(8, dtype=np.uint64)
+    none = np.full(ex, -1, np.int32)
+    p_lo = np.full((EY, ex), -1, np.int32)
+    p_hi = np.full((EY, ex), -1, np.int32)
+    ex8 = (ex + 7) // 8 * 8
+    flags = np.zeros((5, ex8), np.uint8)  # bytes flagging windows, run ends, faces
+    cols = np.zeros((3, ex), np.int32)
+    ccfg = np.zeros(ex, np.uint8)
+    wmax = np.zeros(ex, np.int32)
+    wcfg = np.zeros(ex, np.uint8)
     ev_a = np.zeros(3 * ex + 3, dtype=np.int64)
-    ev_b = np.zeros(3 * ex + 3, dtype=np.uint64)
-    nev = np.int64(0)
-    npairs = np.int64(0)  # int64 from the start: no literal-typed extra compilation of _add_pairs
+    ev_b = np.zeros(3 * ex + 3, dtype=np.int64)
+    ev_n = np.zeros(3 * ex + 3, dtype=np.int64)
+    npairs = 0
+    bits = 14 if lab.size >= (1 << 20) else 8
+    recent = np.zeros((1 << bits, 2), np.int64)  # pair key 0 cannot occur (indices a < b)
+    shift = U64(64 - bits)
     zlo = 0 if (is2d or oz > 0) else -1
     ylo = -1 if oy == 0 else 0
     xlo = -1 if ox == 0 else 0
+    if zlo == 0:
+        _index_plane(lab, 0, dense, ranks, lo, keys, vals, p_lo)
     for z in range(zlo, cz):
+        has_hi = (not is2d) and z + 1 < EZ
+        if has_hi:
+            _index_plane(lab, z + 1, dense, ranks, lo, keys, vals, p_hi)
         for y in range(ylo, cy):
-            r00 = _row(lab, zrow, z, y)
-            r01 = _row(lab, zrow, z, y + 1)
-            r10 = zrow if is2d else _row(lab, zrow, z + 1, y)
-            r11 = zrow if is2d else _row(lab, zrow, z + 1, y + 1)
-            own = z >= 0 and y >= 0
-            if xlo < 0:
-                a0 = a1 = a2 = a3 = U64(0)
-            else:
-                a0, a1, a2, a3 = U64(r00[0]), U64(r01[0]), U64(r10[0]), U64(r11[0])
-            run = U64(0)
-            run_idx = np.int64(-1)
-            run_x0 = 0
-            s_hi = np.int64(0)
-            s_lo = q_hi = q_lo = U64(0)
-            f_s = f_q = 0.0
-            g_min = np.int64(0)
-            g_max = np.int64(0)
-            h_min = h_max = 0.0
-            for x in range(xlo, cx):
-                if x + 1 < ex:
-                    b0, b1 = U64(r00[x + 1]), U64(r01[x + 1])
-                    b2, b3 = U64(r10[x + 1]), U64(r11[x + 1])
-                else:
-                    b0 = b1 = b2 = b3 = U64(0)
-                if not (a0 == b0 and a0 == a1 and a0 == b1 and a0 == a2
-                        and a0 == b2 and a0 == a3 and a0 == b3):
-                    corner[0], corner[1], corner[2], corner[3] = a0, b0, a1, b1
-                    corner[4], corner[5], corner[6], corner[7] = a2, b2, a3, b3
-                    _window(corner, keys, vals, lut, area_hi, area_lo)
-                if own and x >= 0:
-                    if a0 != run:
-                        if run != 0:
-                            _flush_run(run_idx, oz + z, oy + y, ox + run_x0, ox + x, shape, is2d,
-                                       cnt, mom, bmin, bmax, border)
-                            _flush_grey(run_idx, grey_float, s_hi, s_lo, q_hi, q_lo, f_s, f_q,
-                                        g_min, g_max, h_min, h_max, isum, iacc, imin, imax,
-                                        fsum, fmin, fmax)
-                        run = a0
-                        run_x0 = x
-                        if a0 != 0:
-                            run_idx = acc.lookup(keys, vals, a0)
-                            s_hi = np.int64(0)
-                            s_lo = q_hi = q_lo = U64(0)
-                            f_s = f_q = 0.0
-                            g_min = np.int64(2**62)
-                            g_max = np.int64(-(2**62))
-                            h_min = np.inf
-                            h_max = -np.inf
-                            if grey_float and not fseen[run_idx]:
-                                fseen[run_idx] = True
-                                fsum[run_idx, 0] = np.float64(grey[z, y, x])
-                    if a0 != 0:
-                        if grey_float:
-                            g = np.float64(grey[z, y, x])
-                            d = g - fsum[run_idx, 0]
-                            f_s += d
-                            f_q += d * d
-                            h_min = min(h_min, g)
-                            h_max = max(h_max, g)
-                        else:
-                            gi = np.int64(grey[z, y, x])
-                            s_hi, s_lo, q_hi, q_lo = acc.add_grey(s_hi, s_lo, q_hi, q_lo, gi)
-                            g_min = min(g_min, gi)
-                            g_max = max(g_max, gi)
-                        # faces to +x, +y, +z: buffered, hashed once per row
-                        if b0 != 0 and b0 != a0:
-                            ev_a[nev] = run_idx
-                            ev_b[nev] = b0
-                            nev += 1
-                        if a1 != 0 and a1 != a0:
-                            ev_a[nev] = run_idx
-                            ev_b[nev] = a1
-                            nev += 1
-                        if a2 != 0 and a2 != a0:
-                            ev_a[nev] = run_idx
-                            ev_b[nev] = a2
-                            nev += 1
-                a0, a1, a2, a3 = b0, b1, b2, b3
-            if own and run != 0:
-                _flush_run(run_idx, oz + z, oy + y, ox + run_x0, ox + cx, shape, is2d,
-                           cnt, mom, bmin, bmax, border)
-                _flush_grey(run_idx, grey_float, s_hi, s_lo, q_hi, q_lo, f_s, f_q,
-                            g_min, g_max, h_min, h_max, isum, iacc, imin, imax,
-                            fsum, fmin, fmax)
-            if nev:
-                pkeys, pvals, npairs = _add_pairs(pkeys, pvals, npairs, keys, vals, ev_a, ev_b, nev)
-                nev = np.int64(0)
+            r00 = _irow(p_lo, none, z >= 0, y)
+            r01 = _irow(p_lo, none, z >= 0, y + 1)
+            r10 = _irow(p_hi, none, has_hi, y)
+            r11 = _irow(p_hi, none, has_hi, y + 1)
+            _row_windows(r00, r01, r10, r11, xlo, cx, cols, ccfg, wmax, wcfg, flags[3], flags[4],
+                         lut, st)
+            if z >= 0 and y >= 0:
+                nev = _row_runs(r00, r01, r10, grey[z, y], oz + z, oy + y, ox, cx, grey_float,
+                                small_grey, st, fst, flags, ev_a, ev_b, ev_n)
+                if nev:
+                    pkeys, pvals, npairs = _add_pairs(pkeys, pvals, npairs, ev_a, ev_b, ev_n, nev,
+                                                      recent, shift)
+        p_lo, p_hi = p_hi, p_lo
+    pkeys, pvals, npairs = _flush_pairs(pkeys, pvals, npairs, recent)
     return pkeys, pvals
 
 
 @njit(cache=True, nogil=True)
-def _flush_grey(idx, grey_float, s_hi, s_lo, q_hi, q_lo, f_s, f_q, g_min, g_max, h_min, h_max,
-                isum, iacc, imin, imax, fsum, fmin, fmax):
-    """Add a run's grey accumulators (integer or float, see :func:`_stats_kernel`)."""
-    if grey_float:
-        fsum[idx, 1] += f_s
-        fsum[idx, 2] += f_q
-        fmin[idx] = min(fmin[idx], h_min)
-        fmax[idx] = max(fmax[idx], h_max)
-        return
-    hi, lo = acc.add_u128(U64(0), iacc[idx, 0], s_lo)
-    isum[idx] += np.int64(hi) + s_hi
-    iacc[idx, 0] = lo
-    hi2, lo2 = acc.add_u128(iacc[idx, 1], iacc[idx, 2], q_lo)
-    iacc[idx, 1] = hi2 + q_hi
-    iacc[idx, 2] = lo2
-    imin[idx] = min(imin[idx], g_min)
-    imax[idx] = max(imax[idx], g_max)
+def _flush_grey(idx, s_hi, s_lo, q_hi, q_lo, g_min, g_max, st):
+    """Add a run's integer grey sums (128-bit words), min and max to its label's row."""
+    r = st[idx]
+    hi, lo = acc.add_u128(U64(0), U64(r[_GSL]), s_lo)
+    r[_GSH] += np.int64(hi) + s_hi
+    r[_GSL] = np.int64(lo)
+    hi2, lo2 = acc.add_u128(U64(r[_GSL + 1]), U64(r[_GSL + 2]), q_lo)
+    r[_GSL + 1] = np.int64(hi2 + q_hi)
+    r[_GSL + 2] = np.int64(lo2)
+    r[_GMIN] = min(r[_GMIN], g_min)
+    r[_GMAX] = max(r[_GMAX], g_max)
 
 
 # --------------------------------------------------------------------------------------
@@ -390,37 +677,54 @@ def chunk_stats(labels, grey, *, origin, core_shape, volume_shape, spacing):
     core3 = np.array((1,) * is2d + core, dtype=np.int64)
     shape3 = np.array((1,) * is2d + vshape, dtype=np.int64)
 
-    keys, vals = acc.new_table(1024)
-    keys, vals = acc.collect_keys(lab3, np.zeros((1, 1, 1), bool), False, keys, vals)
-    uniq = acc.table_keys(keys)
     dtypes = _label_dtypes(ndim, kind)
-    if uniq.size == 0:
+    lo, hi = (int(v) for v in _label_range(lab3))
+    if hi == 0:
         return StatsPartial(acc.empty_frame(dtypes), acc.empty_frame(_PAIR_DTYPES), sp)
-    acc.table_index(keys, vals, uniq)
+    span = hi - lo + 1
+    dense = span <= max(_DENSE_SPAN, lab3.size // 8)
+    if dense:
+        # label ids in a moderate range: a direct table of ranks, no hashing
+        ranks = _dense_ranks(lab3, U64(lo), span)
+        uniq = np.flatnonzero(ranks >= 0).astype(np.uint64) + U64(lo)
+        keys, vals = acc.new_table(16)
+    else:
+        ranks = np.zeros(1, np.int32)
+        keys, vals = acc.new_table(1024)
+        keys, vals = acc.collect_keys(lab3, np.zeros((1, 1, 1), bool), False, keys, vals)
+        uniq = acc.table_keys(keys)
+        acc.table_index(keys, vals, uniq)
     n = uniq.size
+    if n >= 2**31:
+        raise ValueError(
+            f"chunk_stats: {n} labels in one block (at most 2**31 - 1): use smaller chunks"
+        )
     lut, _ = fixed_point_lut(sp)
 
-    cnt = np.zeros(n, np.int64)
-    mom = np.zeros((n, 9), np.int64)
-    bmin = np.full((n, 3), _BIG, np.int64)
-    bmax = np.full((n, 3), -1, np.int64)
-    border = np.zeros(n, bool)
-    isum = np.zeros(n, np.int64)
-    iacc = np.zeros((n, 3), np.uint64)
-    imin = np.full(n, np.iinfo(np.int64).max, np.int64)
-    imax = np.full(n, np.iinfo(np.int64).min, np.int64)
-    fsum = np.zeros((n, 3), np.float64)
-    fmin = np.full(n, np.inf)
-    fmax = np.full(n, -np.inf)
-    fseen = np.zeros(n, bool)
-    area_hi = np.zeros(n, np.uint64)
-    area_lo = np.zeros(n, np.uint64)
+    st = _aligned_rows(n, _WORDS, np.int64, 0)
+    st[:, _BMIN:_BMIN + 3] = _BIG
+    st[:, _BMAX:_BMAX + 3] = -1
+    st[:, _GMIN] = np.iinfo(np.int64).max
+    st[:, _GMAX] = np.iinfo(np.int64).min
+    fst = np.zeros((n if kind == "float" else 1, _FWORDS), np.float64)
+    fst[:, 3] = np.inf
+    fst[:, 4] = -np.inf
     pkeys, pvals = acc.new_table(256)
     pkeys, pvals = _stats_kernel(
-        lab3, grey3, core3, origin3, shape3, is2d, kind == "float", lut, keys, vals,
-        cnt, mom, bmin, bmax, border, isum, iacc, imin, imax, fsum, fmin, fmax, fseen,
-        area_hi, area_lo, pkeys, pvals,
+        lab3, grey3, core3, origin3, is2d, kind == "float",
+        kind == "int" and grey3.dtype.itemsize <= 2, lut, dense, ranks, U64(lo), keys, vals,
+        st, fst, pkeys, pvals,
     )
+    cnt = st[:, _CNT]
+    mom = st[:, _MOM:_MOM + 9]
+    bmin = st[:, _BMIN:_BMIN + 3]
+    bmax = st[:, _BMAX:_BMAX + 3]
+    area_hi = st[:, _AHI].view(np.uint64)
+    area_lo = st[:, _AHI + 1].view(np.uint64)
+    # an owned voxel on the volume boundary <=> the owned bbox reaches it on some real axis
+    border = np.zeros(n, bool)
+    for ax in range(3 - ndim, 3):
+        border |= (bmin[:, ax] == 0) | (bmax[:, ax] == shape3[ax])
 
     axes = list(range(3))[-ndim:]
     out = {"label": uniq, "count": cnt}
@@ -434,11 +738,12 @@ def chunk_stats(labels, grey, *, origin, core_shape, volume_shape, spacing):
     for a, ax in enumerate(axes):
         out[f"bbox_max_{a}"] = bmax[:, ax]
     if kind == "int":
-        out.update(grey_sum_hi=isum, grey_sum_lo=iacc[:, 0], grey_sq_hi=iacc[:, 1],
-                   grey_sq_lo=iacc[:, 2], grey_min=imin, grey_max=imax)
+        gl = st[:, _GSL:_GSL + 3].view(np.uint64)
+        out.update(grey_sum_hi=st[:, _GSH], grey_sum_lo=gl[:, 0], grey_sq_hi=gl[:, 1],
+                   grey_sq_lo=gl[:, 2], grey_min=st[:, _GMIN], grey_max=st[:, _GMAX])
     else:
-        out["grey_mean"], out["grey_m2"] = acc.shifted_to_mean_m2(cnt, fsum)
-        out.update(grey_min=fmin, grey_max=fmax)
+        out["grey_mean"], out["grey_m2"] = acc.shifted_to_mean_m2(cnt, fst[:, :3])
+        out.update(grey_min=fst[:, 3], grey_max=fst[:, 4])
     out.update(area_hi=area_hi, area_lo=area_lo, touches_border=border)
     frame = pd.DataFrame({c: np.asarray(out[c], dtype=d) for c, d in dtypes.items()})
     keep = (cnt > 0) | (area_hi > 0) | (area_lo > 0)
