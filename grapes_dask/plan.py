@@ -329,15 +329,19 @@ def region_bytes(outer_shape, core_shape, label_itemsize, grey_itemsize, isotrop
 def pass1_bytes(block_shape, label_itemsize, grey_itemsize, float_grey=False, read_bytes=0) -> int:
     """Peak working memory of one pass-1 task in bytes (block plus the high-side voxel).
 
-    The block's labels and grey, the NaN check's mask and gather for float grey, and 2 bytes per
+    The block's labels and grey, the NaN check's mask and gather for float grey, 2 bytes per
     voxel for the per-label partial tables (measured: about 750 bytes per label met, so this
-    holds for labels of a few hundred voxels or more on average; the phantoms' have ~25,000).
+    holds for labels of a few hundred voxels or more on average; the phantoms' have ~25,000),
+    and the kernel's table from label id to dense index when the ids span few values (int32
+    over at most ``max(2**22, voxels / 8)`` ids: half a byte per voxel; the 16 MiB of a small
+    block's 2**22 ids are within the fixed slack).
     Measured on 256^3 and 400^3 blocks of the 512^3 phantom: about 1.6-1.7x the peak RSS.
     """
     n = int(np.prod(np.asarray(block_shape, np.int64) + 1))
     L, G = int(label_itemsize), int(grey_itemsize)
     extra = (2 + G) * n if float_grey else 0
-    return (L + G + 2) * n + extra + int(read_bytes) + _OVERHEAD
+    ranks = 4 * (n // 8)
+    return (L + G + 2) * n + extra + ranks + int(read_bytes) + _OVERHEAD
 
 
 @dataclass(frozen=True)
