@@ -264,14 +264,12 @@ def _centre_distance(lab, origin, spacing, sorted_labels, centroids):
 
 def _edge_layer_sums(lab_outer, grey_core, core, border, spacing, width, keys, max_distance):
     """Layer partial of the core by edge layers (EDT of the region, layer 1 at the surface)."""
-    fused = (lab_outer.ndim == 3 and len(set(spacing)) == 1
-             and grey_core.dtype.kind in "uib" and grey_core.dtype.itemsize <= 2 and np.isfinite(max_distance))
-    if fused:  # EDT and layer sums in one sweep, no float distance array
-        g = grey_core.view(np.uint8) if grey_core.dtype == bool else grey_core
-        return kernels.fused_layer_sums(lab_outer, g, core, border, spacing[0], width, keys, max_distance)
     if (lab_outer.ndim == 3 and grey_core.dtype.kind in "uib" and grey_core.dtype.itemsize <= 2
-            and np.isfinite(max_distance)):  # anisotropic: the same sweep in float64 with offsets
+            and np.isfinite(max_distance)):  # EDT and layer sums in one sweep, no float distance array
         g = grey_core.view(np.uint8) if grey_core.dtype == bool else grey_core
+        if len(set(spacing)) == 1:
+            return kernels.fused_layer_sums(lab_outer, g, core, border, spacing[0], width, keys, max_distance)
+        # anisotropic: the same sweep in float64 with the per-axis offsets
         return kernels.fused_layer_sums_aniso(lab_outer, g, core, border, spacing, width, keys, max_distance)
     d = distance_core(lab_outer, core=core, spacing=spacing, border=border)
     return kernels.layer_sums(lab_outer[core], grey_core, d, layer_width=width)

@@ -268,6 +268,19 @@ def finalize_layers(combined):
 
 
 @njit(cache=True, nogil=True)
+def _key_index(keys, lv):
+    """Position of ``lv`` in the sorted ``keys`` (binary search); -1 when absent."""
+    lo, hi = 0, keys.shape[0]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if keys[mid] < lv:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo if lo < keys.shape[0] and keys[lo] == lv else -1
+
+
+@njit(cache=True, nogil=True)
 def _fused_iso_kernel(lab, grey, c0, c1, border, keys, s, width, kcap, cnt, gsum, gsq, P2, pk):
     """Core EDT (integer route) with its last pass accumulating per (label index, layer).
 
@@ -282,7 +295,6 @@ def _fused_iso_kernel(lab, grey, c0, c1, border, keys, s, width, kcap, cnt, gsum
     bad = 0
     last = U64(0)
     idx = -1
-    nk = keys.shape[0]
     for b in range(cy):
         for cc0 in range(0, cx, _TILE):
             w = min(_TILE, cx - cc0)
@@ -293,14 +305,7 @@ def _fused_iso_kernel(lab, grey, c0, c1, border, keys, s, width, kcap, cnt, gsum
                     if lv == 0:
                         continue
                     if lv != last:
-                        lo, hi = 0, nk
-                        while lo < hi:
-                            mid = (lo + hi) // 2
-                            if keys[mid] < lv:
-                                lo = mid + 1
-                            else:
-                                hi = mid
-                        idx = lo if lo < nk and keys[lo] == lv else -1
+                        idx = _key_index(keys, lv)
                         last = lv
                     k2 = tile3[t, a]
                     if idx < 0 or k2 >= _IBIG:
@@ -402,7 +407,6 @@ def _fused_aniso_kernel(lab, grey, c0, c1, border, sz, sy, sx, keys, width, kcap
     bad = 0
     last = U64(0)
     idx = -1
-    nk = keys.shape[0]
     for b in range(cy):
         for cc0 in range(0, cx, _TILE):
             w = min(_TILE, cx - cc0)
@@ -413,14 +417,7 @@ def _fused_aniso_kernel(lab, grey, c0, c1, border, sz, sy, sx, keys, width, kcap
                     if lv == 0:
                         continue
                     if lv != last:
-                        lo, hi = 0, nk
-                        while lo < hi:
-                            mid = (lo + hi) // 2
-                            if keys[mid] < lv:
-                                lo = mid + 1
-                            else:
-                                hi = mid
-                        idx = lo if lo < nk and keys[lo] == lv else -1
+                        idx = _key_index(keys, lv)
                         last = lv
                     d2 = tile3[t, a]
                     if idx < 0 or not d2 < np.inf:
