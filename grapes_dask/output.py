@@ -254,12 +254,25 @@ def write_table(table, path: str | os.PathLike, *, overwrite: bool = False, extr
     if suffix == ".xlsx":
         _write_xlsx(df, path, overwrite, extra)
         return path
-    write = _write_parquet if suffix == ".parquet" else _write_csv
+    tables = [(df, path)] + [(t, companion_path(path, name)) for name, t in extra.items()]
     with contextlib.ExitStack() as stack:
         # entered first, renamed last: once the table is in place its companions are complete
-        write(df, path, overwrite, stack)
-        for name, t in extra.items():
-            write(t, companion_path(path, name), overwrite, stack)
+        if suffix == ".parquet":
+            # each file is written in a thread while the next table is converted (Parquet's
+            # writer releases the GIL); all are waited for before anything is renamed
+            from concurrent.futures import ThreadPoolExecutor
+
+            pool, futures = ThreadPoolExecutor(max_workers=len(tables)), []
+            try:
+                for t, p in tables:
+                    futures.append(_write_parquet(t, p, overwrite, stack, pool))
+            finally:  # no temporary file is removed while a thread still writes it
+                pool.shutdown(wait=True)
+            for f in futures:
+                f.result()
+        else:
+            for t, p in tables:
+                _write_csv(t, p, overwrite, stack)
     return path
 
 
@@ -359,30 +372,55 @@ def _arrow_table(df: pd.DataFrame):
     lists = _list_columns(df)
     prepared = df.copy(deep=False)
     prepared.attrs = {}  # stored under our own keys, not in pandas' metadata
+    # list columns are converted once, below: pandas' conversion would infer their type cell by
+    # cell and turn NaN inside lists into nulls (they are stored as NaN)
+    arrays = {}
     for name, (dt, uniform) in lists.items():
-        if not uniform:
-            prepared[name] = _normalised_cells(df[name], dt)
+        cells = df[name].to_numpy() if uniform else _normalised_cells(df[name], dt)
+        arrays[name] = pa.array(cells, type=pa.list_(pa.from_numpy_dtype(dt)), from_pandas=False)
+        prepared[name] = np.full(len(df), None, dtype=object)
     try:
         tbl = pa.Table.from_pandas(prepared, preserve_index=None)
     except (pa.ArrowException, TypeError, ValueError) as exc:
         raise GrapesInputError(f"the table cannot be converted to Parquet ({exc}): check its column types") from exc
-    # pandas' conversion turns NaN inside lists into nulls; store them as NaN
-    for name, (dt, _) in lists.items():
+    for name, arr in arrays.items():
         i = tbl.schema.get_field_index(str(name))
-        arr = pa.array(prepared[name].to_numpy(), type=pa.list_(pa.from_numpy_dtype(dt)), from_pandas=False)
         tbl = tbl.set_column(i, tbl.schema.field(i).with_type(arr.type), arr)
     meta = dict(tbl.schema.metadata or {})
+    if b"pandas" in meta and arrays:  # the placeholders' entries in pandas' metadata: the list types
+        pandas_meta = json.loads(meta[b"pandas"])
+        for col in pandas_meta.get("columns", []):
+            if col.get("field_name") in arrays:
+                col["pandas_type"] = f"list[{lists[col['field_name']][0].name}]"
+                col["numpy_type"] = "object"
+        meta[b"pandas"] = json.dumps(pandas_meta).encode()
     meta.update(metadata)
     return tbl.replace_schema_metadata(meta)
 
 
-def _write_parquet(df: pd.DataFrame, path: Path, overwrite: bool, stack: contextlib.ExitStack) -> None:
-    """Write `df` to a temporary name renamed to `path` when `stack` closes without error."""
+def _dictionary_columns(tbl) -> list[str]:
+    """Columns worth dictionary encoding in Parquet: all but floating-point ones (and lists of
+    them), whose values rarely repeat, so the dictionary costs time for nothing (0.8 s against
+    0.46 s to write 477,818 particles, 5% larger)."""
+    import pyarrow as pa
+
+    def floating(t):
+        return pa.types.is_floating(t) or (pa.types.is_list(t) and pa.types.is_floating(t.value_type))
+
+    return [f.name for f in tbl.schema if not floating(f.type)]
+
+
+def _write_parquet(df: pd.DataFrame, path: Path, overwrite: bool, stack: contextlib.ExitStack, pool=None):
+    """Write `df` to a temporary name renamed to `path` when `stack` closes without error; with a
+    thread `pool` the writing is submitted to it and its future returned."""
     import pyarrow.parquet as pq
 
     tbl = _arrow_table(df)
     tmp = stack.enter_context(atomic_output(path, overwrite=overwrite))
-    pq.write_table(tbl, tmp)
+    if pool is None:
+        pq.write_table(tbl, tmp, use_dictionary=_dictionary_columns(tbl))
+        return None
+    return pool.submit(pq.write_table, tbl, tmp, use_dictionary=_dictionary_columns(tbl))
 
 
 def _sidecar(path: Path) -> Path:
