@@ -415,12 +415,16 @@ def combine_frames(frames, key_columns, rules, what):
                 f"combine {what}: partial tables have different columns "
                 f"({columns} vs {list(f.columns)}); were they made with the same grey dtype kind?"
             )
-    data = {c: np.concatenate([f[c].to_numpy() for f in frames]) for c in columns}
+    if len(frames) == 1:  # no copy: the arrays are only read
+        data = {c: frames[0][c].to_numpy() for c in columns}
+    else:
+        data = {c: np.concatenate([f[c].to_numpy() for f in frames]) for c in columns}
     if data[key_columns[0]].size == 0:
         return frames[0].iloc[:0].copy()
-    order = np.lexsort([data[k] for k in reversed(key_columns)])
-    data = {c: v[order] for c, v in data.items()}
-    change = np.zeros(order.size, dtype=bool)
+    if not (len(frames) == 1 and _keys_sorted([data[k] for k in key_columns])):
+        order = np.lexsort([data[k] for k in reversed(key_columns)])
+        data = {c: v[order] for c, v in data.items()}
+    change = np.zeros(data[key_columns[0]].size, dtype=bool)
     change[0] = True
     for k in key_columns:
         change[1:] |= data[k][1:] != data[k][:-1]
@@ -448,6 +452,19 @@ def combine_frames(frames, key_columns, rules, what):
         elif rule != "implied":
             raise ValueError(f"unknown combine rule {rule!r}")
     return pd.DataFrame({c: out[c] for c in columns})
+
+
+def _keys_sorted(keys) -> bool:
+    """Whether rows are in lexicographic order of the key arrays `keys` (ties allowed), as a
+    single frame already combined (or the ROI's selection of one) is."""
+    n = keys[0].size
+    undecided = np.ones(max(n - 1, 0), dtype=bool)  # pairs (i, i + 1) equal on the keys so far
+    for k in keys:
+        a, b = k[:-1], k[1:]
+        if (undecided & (a > b)).any():
+            return False
+        undecided &= a == b
+    return True
 
 
 def grey_rules(kind):

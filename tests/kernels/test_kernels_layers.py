@@ -207,3 +207,25 @@ def test_fused_layer_sums_equals_distance_then_layer_sums():
         np.testing.assert_allclose(got["mean"].to_numpy(), ref["mean"].to_numpy(), rtol=1e-12)
     with pytest.raises(RuntimeError, match="inconsistent"):
         fused_layer_sums(lab, grey, tuple(slice(0, n) for n in shape), [True] * 6, 1.0, 1.0, keys[:-1], 40.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**31), st.integers(0, 40), st.booleans())
+def test_combine_of_one_frame_sorted_or_not_equals_the_sum_of_its_rows(seed, n, presorted):
+    """One frame (the ROI's case): already sorted by (label, layer) it skips the sort, shuffled it
+    does not; both equal sums computed row by row with Python integers."""
+    rng = np.random.default_rng(seed)
+    lab = rng.integers(1, 4, (6, 6, 6)).astype(np.uint16)
+    lab[rng.random(lab.shape) < 0.3] = 0
+    grey = rng.integers(0, 2**16, lab.shape).astype(np.uint16)
+    part = layer_sums(lab, grey, edt.edt(lab, black_border=True))
+    rows = part.sample(frac=1, random_state=seed % 1000) if not presorted else part
+    rows = rows.head(n).reset_index(drop=True) if n < len(rows) else rows
+    rows = rows.assign(layer=np.int64(1))  # many rows per key, as _roi makes
+    out = combine_layers([rows])
+    assert list(out["label"]) == sorted(set(rows["label"]))
+    for _, r in out.iterrows():
+        sel = rows[rows["label"] == r["label"]]
+        assert r["count"] == int(sel["count"].sum())
+        total = sum((int(h) << 64) + int(lo) for h, lo in zip(sel["grey_sum_hi"], sel["grey_sum_lo"].astype(np.uint64)))
+        assert (int(r["grey_sum_hi"]) << 64) + int(np.uint64(r["grey_sum_lo"])) == total
