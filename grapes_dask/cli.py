@@ -253,16 +253,26 @@ def synth(output_dir, size, mean_radius, states, seed, chunks, overwrite, quiet)
               help="Write only the particle table, not the layers and contacts tables (beside OUT, or as "
                    "sheets of an .xlsx OUT).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT (and its layers and contacts tables) if they exist.")
+@click.option("--partials", "partials_dir", default=None, metavar="DIR",
+              help="Folder of the per-region partial results that make an interrupted run resumable "
+                   "(default: OUT.partials beside OUT; on a shared file system for remote workers).")
+@click.option("--keep-partials", is_flag=True,
+              help="Keep the partial results after the table is written (default: removed).")
 @click.option("--quiet", is_flag=True, help="No progress, no dashboard link: only the closing line.")
 def analyze(grey, labels, out, spacing, chunks, grey_dataset, labels_dataset, dataset, scheduler, workers,
             memory_limit, layer_width, start_at, normalise, exclude_outer_layers, exclude_labels, no_black_border,
-            fill_holes, max_hole_size, region_size, no_check_labels, no_long_tables, overwrite, quiet):
+            fill_holes, max_hole_size, region_size, no_check_labels, no_long_tables, overwrite, partials_dir,
+            keep_partials, quiet):
     """Particle table (GREAT2 radial profiles and properties) of a grey and a label volume.
 
     Beside OUT (e.g. t.parquet) go the long tables in the same format: t.layers.parquet (label,
     layer, count, mean, std: one row per particle and radial layer) and t.contacts.parquet
     (label_a, label_b, n_faces: particles sharing faces); in an .xlsx OUT they are the sheets
     layers and contacts.
+
+    Interrupted (Ctrl-C, a killed job), the same command run again resumes: each finished block
+    and region left its partial result in OUT.partials (see --partials), which is removed once
+    the table is written.
     """
     from pathlib import Path
 
@@ -292,9 +302,11 @@ def analyze(grey, labels, out, spacing, chunks, grey_dataset, labels_dataset, da
         check_scheduler(scheduler)
     if not quiet:
         click.echo(f"inputs: {checked.describe()}", err=True)
+    partials = Path(partials_dir) if partials_dir else Path(str(out) + ".partials")
     t0 = time.perf_counter()
-    with _cluster(scheduler, workers, memory_limit, quiet) as client:
-        res = analyze_tables(checked.grey, checked.labels, client=client, progress=not quiet, **params)
+    with _cluster(scheduler, workers, memory_limit, quiet) as client, _notes():
+        res = analyze_tables(checked.grey, checked.labels, client=client, progress=not quiet, partials=partials,
+                             **params)
     dt = time.perf_counter() - t0
     extra = {}
     for name in long_tables:  # each long table carries the analysis' parameters too
@@ -302,12 +314,50 @@ def analyze(grey, labels, out, spacing, chunks, grey_dataset, labels_dataset, da
         t.attrs = {"grapes_dask": {**res.particles.attrs.get("grapes_dask", {}), "table": name}}
         extra[name] = t
     write_table(res.particles, out, overwrite=overwrite, extra=extra)
+    if not keep_partials:
+        from ._partials import remove_store
+
+        remove_store(partials)
     also = ""
     if long_tables:
         suffix = Path(out).suffix.lower()
         also = (" (sheets " if suffix == ".xlsx" else " (+ ") + ", ".join(
             n if suffix == ".xlsx" else companion_path(out, n).name for n in long_tables) + ")"
     click.echo(f"wrote {Path(out)}{also}: {summary(len(res.particles), checked.shape, dt)}")
+
+
+def _remove_partials_tree(folder: Path) -> None:
+    """Remove the per-state partials folders under `folder`, then `folder` if left empty."""
+    from ._partials import remove_store
+
+    if folder.is_dir():
+        for sub in folder.iterdir():
+            if sub.is_dir():
+                remove_store(sub)
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+@contextlib.contextmanager
+def _notes():
+    """Messages of the ``grapes_dask`` logger (resumed or discarded partial results) on standard
+    error as ``note: ...`` lines, while the block runs."""
+    import logging
+
+    class _Echo(logging.Handler):
+        def emit(self, record):
+            click.echo(f"note: {record.getMessage()}", err=True)
+
+    logger, handler = logging.getLogger("grapes_dask"), _Echo(logging.INFO)
+    old_level = logger.level
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
 
 
 @contextlib.contextmanager
@@ -452,10 +502,14 @@ def _parse_gap(text):
 @click.option("--memory-limit", default=None, metavar="SIZE",
               help="Memory of the local cluster's workers, e.g. 8GiB (default: the machine's memory).")
 @click.option("--overwrite", is_flag=True, help="Replace DIR if it exists.")
+@click.option("--partials", "partials_dir", default=None, metavar="DIR",
+              help="Folder of the partial results that make interrupted analyses resumable, one subfolder per "
+                   "state (default: DIR.partials beside DIR).")
+@click.option("--keep-partials", is_flag=True, help="Keep the partial results after the output is written.")
 @click.option("--quiet", is_flag=True, help="No progress, no dashboard link.")
 def operando(state_specs, reference, out_dir, exclude_outer_layers, noise_sigma, noise_region, drop_smallest,
              neighbour_gap, spacing, layer_width, start_at, chunks, scheduler, workers, memory_limit, overwrite,
-             quiet):
+             partials_dir, keep_partials, quiet):
     """Track the same particles through states of charge: cleaning, statistics, figures, report.
 
     Writes to DIR: particles.parquet (one row per particle and state, with the cleaning
@@ -508,12 +562,15 @@ def operando(state_specs, reference, out_dir, exclude_outer_layers, noise_sigma,
     check_states(states, **kw)
     if scheduler:
         check_scheduler(scheduler)
+    partials = Path(partials_dir) if partials_dir else Path(str(out_dir).rstrip("/\\") + ".partials")
     t0 = time.perf_counter()
-    with _cluster(scheduler, workers, memory_limit, quiet) as client:
-        tr = track(states, client=client, progress=not quiet, **kw)
+    with _cluster(scheduler, workers, memory_limit, quiet) as client, _notes():
+        tr = track(states, client=client, progress=not quiet, partials=partials, **kw)
     with atomic_output(out_dir, overwrite=overwrite) as tmp:
         tmp.mkdir()
         write_tracking(tr, tmp)
+    if not keep_partials:
+        _remove_partials_tree(partials)
     counts = tr.counts()
     kept = int(counts.loc[counts["reason"] == "kept", "n"].sum())
     click.echo(f"tracked {tr.particles['label'].nunique()} particles through {len(tr.states)} states "

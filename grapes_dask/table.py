@@ -37,6 +37,7 @@ is exact: integer squared distances for isotropic spacing, and for anisotropic s
 from __future__ import annotations
 
 import copy
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -45,7 +46,7 @@ import dask
 import numpy as np
 import pandas as pd
 
-from . import _precompile, kernels
+from . import _partials, _precompile, kernels
 from ._errors import Alt, GrapesInputError
 from .io import Volume, provenance, resolve_volume, settle_spacing
 from .kernels.distance import distance_core
@@ -237,6 +238,22 @@ def _first(pair):
 
 def _second(pair):
     return pair[1]
+
+
+def _task(store, kind, fn, name_parts, *args):
+    """``dask.delayed(fn)(*args)``; with a partials folder `store` (``(folder, manifest digest)``)
+    the task keeps its result there and a rerun loads it (:mod:`grapes_dask._partials`).
+    `name_parts` hold everything the result depends on besides the manifest. The key keeps
+    `fn`'s name, which progress bars and benchmarks go by."""
+    if store is None:
+        return dask.delayed(fn, pure=True)(*args)
+    name = _partials.task_name(kind, store[1], *name_parts)
+    return dask.delayed(_partials.persisted, pure=True)(store[0], name, fn, *args,
+                                                       dask_key_name=f"{fn.__name__}-{name[:-4]}")
+
+
+def _task_names(store, tasks) -> list:
+    return [] if store is None else [t.key.split("-", 1)[1] + ".npz" for t in tasks]
 
 
 def _tree_reduce(items, combine):
@@ -471,7 +488,7 @@ def _compute(*objs, client=None, progress=False, desc=""):
     return dask.compute(*objs)
 
 
-def _pass1(inp: _Inputs, edges):
+def _pass1(inp: _Inputs, edges, store=None):
     """One task per block of chunks (plus one voxel on the high side)."""
     shape = inp.labels.shape
     tasks, keys = [], []
@@ -480,12 +497,20 @@ def _pass1(inp: _Inputs, edges):
         hi = [int(e[i + 1]) for e, i in zip(edges, idx)]
         ext = tuple(slice(a, min(b + 1, n)) for a, b, n in zip(lo, hi, shape))
         core = tuple(b - a for a, b in zip(lo, hi))
-        tasks.append(dask.delayed(_pass1_task, pure=True)(*inp.block("labels", ext), *inp.block("grey", ext),
-                                                          tuple(lo), core, shape, inp.spacing))
+        tasks.append(_task(store, "pass1", _pass1_task, (ext, core, tuple(lo), shape),
+                           *inp.block("labels", ext), *inp.block("grey", ext), tuple(lo), core, shape, inp.spacing))
         keys.append(idx)
     parts = [dask.delayed(_first, pure=True)(t) for t in tasks]
     infos = [dask.delayed(_second, pure=True)(t) for t in tasks]
+    if store is not None:
+        _note_resume(store, "pass 1", "blocks", tasks)
     return _tree_reduce(parts, kernels.combine_stats), infos, keys
+
+
+def _note_resume(store, stage: str, what: str, tasks) -> None:
+    n = _partials.done(store[0], _task_names(store, tasks))
+    if n:
+        _partials.log.info(f"resuming {stage}: {n} of {len(tasks)} {what} done in an earlier run")
 
 
 # thresholds of the plausibility checks on pass-1 statistics (see _check_label_statistics)
@@ -605,7 +630,7 @@ def _fill_holes_task(lab_src, lab_sl, grey_src, grey_sl, border, spacing, width,
 
 
 def _pass2_fill_holes(inp, groups, all_labels, exclude, params, center, centre_table, black_border, max_hole_size,
-                      edge_roi=False):
+                      edge_roi=False, store=None):
     """Pass 2 with hole filling: one task per ownership group (:func:`grapes_dask.plan.plan_fill_groups`).
 
     A label is owned by one group; the box of a group is the union of its labels' boxes padded
@@ -619,10 +644,11 @@ def _pass2_fill_holes(inp, groups, all_labels, exclude, params, center, centre_t
         lo = [s.start for s in g.box]
         hi = [s.stop for s in g.box]
         border = tuple(x and bool(black_border) for a in range(nd) for x in (lo[a] == 0, hi[a] == shape[a]))
-        parts.append(dask.delayed(_fill_holes_task, pure=True)(
+        owned = all_labels[g.owned]
+        parts.append(_task(
+            store, "holes", _fill_holes_task, (g.box, border, owned, edge_roi),
             *inp.block("labels", g.box), *inp.block("grey", g.box), border, inp.spacing, params["layer_width"],
-            exclude, all_labels[g.owned], center, tuple(int(x) for x in lo), centre_table, max_hole_size,
-            edge_roi,
+            exclude, owned, center, tuple(int(x) for x in lo), centre_table, max_hole_size, edge_roi,
         ))
     return parts
 
@@ -656,7 +682,7 @@ def _check_hole_options(fill_holes, max_hole_size) -> None:
 
 def _run(grey, labels, *, spacing=None, chunks=None, layer_width=None, start_at="edge", black_border=True,
          normalise="radial_max", exclude_outer_layers=0, exclude_labels=None, fill_holes=False, max_hole_size=None,
-         client=None, progress=False, memory_limit=None, region_size=400, check_labels=True):
+         client=None, progress=False, memory_limit=None, region_size=400, check_labels=True, partials=None):
     budget, threads, budget_source = memory_budget(memory_limit, client)
     inp = _normalize_inputs(
         grey, labels, spacing=spacing, chunks=chunks, layer_width=layer_width, start_at=start_at,
@@ -667,6 +693,11 @@ def _run(grey, labels, *, spacing=None, chunks=None, layer_width=None, start_at=
     params = {**inp.params, "memory_limit_source": budget_source, "fill_holes": bool(fill_holes),
               "max_hole_size": None if max_hole_size is None else int(max_hole_size),
               **provenance(command="analyze", grey=inp.names["grey"], labels=inp.names["labels"])}
+    store = None
+    if partials is not None:  # resumable: each task keeps its result in this folder
+        manifest = _partials.fingerprint(inp.volumes, params)
+        folder, _ = _partials.open_store(partials, manifest)
+        store = (folder, _partials.task_name("run", json.dumps(manifest, sort_keys=True))[4:-4])
     center = start_at == "center"
     # the ROI always leaves out the outer, surface-side layers: with centre layers that takes the
     # EDT as well (halo regions, as start_at="edge"), only when some layers are excluded
@@ -687,7 +718,7 @@ def _run(grey, labels, *, spacing=None, chunks=None, layer_width=None, start_at=
                          label_itemsize=inp.labels.dtype.itemsize, grey_itemsize=inp.grey.dtype.itemsize,
                          float_grey=inp.grey.dtype.kind == "f", read_bytes=read_bytes,
                          name=repr(inp.names["labels"]))
-    combined, infos, keys = _pass1(inp, edges)
+    combined, infos, keys = _pass1(inp, edges, store)
     combined, infos = _compute(combined, infos, client=client, progress=progress, desc="pass 1 (statistics)")
     t1 = time.perf_counter()
     mins = [i["min_label"] for i in infos if "min_label" in i]
@@ -739,7 +770,7 @@ def _run(grey, labels, *, spacing=None, chunks=None, layer_width=None, start_at=
                           budget=budget, memory=memory, black_border=black_border, exclude=exclude,
                           fill_holes=fill_holes, chunks=inp.labels.chunks)
     regions, parts = ([], _pass2_fill_holes(inp, tasks, all_labels, exclude, params, center, centre_table,
-                                            black_border, max_hole_size, edge_roi)) if fill_holes else (tasks, [])
+                                            black_border, max_hole_size, edge_roi, store)) if fill_holes else (tasks, [])
     for reg in regions:
         origin = tuple(s.start for s in reg.core)
         # a side on the volume border is a boundary of the EDT only with black_border
@@ -747,10 +778,13 @@ def _run(grey, labels, *, spacing=None, chunks=None, layer_width=None, start_at=
         # the labels the core can meet and their largest distance bound size the fused kernel's accumulators
         keys = reg.labels.astype(np.uint64)
         max_distance = float(reg.bound) if len(keys) else 0.0
-        parts.append(dask.delayed(_pass2_task, pure=True)(
+        parts.append(_task(
+            store, "pass2", _pass2_task, (reg.outer, reg.core, reg.core_in_outer, border, keys, max_distance, edge_roi),
             *inp.block("labels", reg.outer), *inp.block("grey", reg.core), reg.core_in_outer, border, inp.spacing,
             params["layer_width"], exclude, center, origin, centre_table, keys, max_distance, edge_roi,
         ))
+    if store is not None:
+        _note_resume(store, "pass 2", "regions" if not fill_holes else "groups", parts)
     if edge_roi:  # pairs (centre partial, edge partial)
         combined_layers = (_tree_reduce(parts, _combine_pairs) if parts else
                            (_empty_layers_partial(inp.grey.dtype), _empty_layers_partial(inp.grey.dtype)))
@@ -793,6 +827,7 @@ def analyze(
     memory_limit: int | str | None = None,
     region_size: int = 400,
     check_labels: bool = True,
+    partials=None,
 ) -> pd.DataFrame:
     """The particle table of a grey volume and its label volume (GREAT2 and properties).
 
@@ -883,6 +918,17 @@ def analyze(
         scattered over the whole volume like grey levels (grey and labels swapped), or a single
         id spread over the volume (a binary mask). False analyses them anyway. A label volume
         with no particle gives an empty table and a :class:`GrapesInputWarning` either way.
+    partials : path, optional
+        Folder where each pass-1 block and pass-2 region keeps its partial result (small tables
+        of sums; created if missing; on a shared file system when the workers run on other
+        machines). Rerunning the same call after an interruption (Ctrl-C, a killed job, a lost
+        node) reads the finished tasks' results instead of computing them again, and gives the
+        same table to the bit. The folder is tied to the inputs (every file's size and
+        modification time) and to the parameters that shape the partials (spacing, layer width,
+        `start_at`, `black_border`, `exclude_outer_layers`, `exclude_labels`, `fill_holes`,
+        `max_hole_size`): made for anything else, it is emptied first, with a message on the
+        ``grapes_dask`` logger. The caller removes it when done (``grapes-dask analyze`` does
+        after writing the table, unless ``--keep-partials``).
 
     Returns
     -------
@@ -903,6 +949,7 @@ def analyze(
         black_border=black_border, normalise=normalise, exclude_outer_layers=exclude_outer_layers,
         exclude_labels=exclude_labels, fill_holes=fill_holes, max_hole_size=max_hole_size, client=client,
         progress=progress, memory_limit=memory_limit, region_size=region_size, check_labels=check_labels,
+        partials=partials,
     ).particles
 
 

@@ -1097,6 +1097,8 @@ def track(states, reference=None, *, spacing=None, exclude_outer_layers: int = 5
     **analyze_options
         Other options of :func:`grapes_dask.table.analyze` for the states given as volumes
         (``layer_width``, ``start_at``, ``black_border``, ``chunks``, ``memory_limit``...).
+        ``partials`` (a folder) makes the analyses resumable: each state keeps its partial
+        results in its own subfolder, named like its table (:func:`grapes_dask.report.file_name`).
 
     Returns
     -------
@@ -1120,9 +1122,16 @@ def track(states, reference=None, *, spacing=None, exclude_outer_layers: int = 5
     gap = None if neighbour_gap is None else int(neighbour_gap)
 
     # 2. analyses
+    partials = analyze_options.pop("partials", None)
     for st in parsed:
         if not st.analyse:
             continue
+        if partials is not None:
+            from pathlib import Path
+
+            from .report import file_name
+
+            analyze_options["partials"] = Path(partials) / file_name(st.name)
         res = analyze_tables(st.grey, st.labels, spacing=spacing, exclude_outer_layers=int(exclude_outer_layers),
                              client=client, progress=progress, **analyze_options)
         table = res.particles.copy()
