@@ -468,3 +468,25 @@ def test_api_noise_region_checked_before_compute():
     # slices and open bounds are boxes too
     with pytest.raises(RuntimeError, match="computed"):
         track(states, noise_region=(slice(0, 5), slice(None), (0, None)), neighbour_gap=None)
+
+
+def test_operando_partials_per_state_resume(series, tmp_path, monkeypatch):
+    """Each analysed state keeps its partials in its own subfolder; a second run resumes all of
+    them and writes the same long table."""
+    monkeypatch.setattr(grapes_dask.cluster, "cluster_client", _threads)
+    args = ["operando", "--state", f"pristine={vol(series, 0)}", "--state", f"4.0 V={vol(series, 1)}",
+            "--reference", "pristine", "--quiet", "--partials", tmp_path / "keep", "--keep-partials"]
+    r1 = invoke(*args, "--out", tmp_path / "one")
+    assert r1.exit_code == 0, r1.output
+    subs = sorted(p.name for p in (tmp_path / "keep").iterdir())
+    assert subs == ["4.0_V", "pristine"]
+    for s in subs:
+        assert (tmp_path / "keep" / s / "manifest.json").is_file()
+        assert list((tmp_path / "keep" / s).glob("pass2-*.npz"))
+    r2 = invoke(*args[:-1], "--out", tmp_path / "two")  # without --keep-partials: removed at the end
+    assert r2.exit_code == 0, r2.output
+    assert r2.output.count("note: resuming pass 2:") == 2
+    assert not (tmp_path / "keep").exists()
+    a, b = read_table(tmp_path / "one" / "particles.parquet"), read_table(tmp_path / "two" / "particles.parquet")
+    pd.testing.assert_frame_equal(a, b)
+    assert not (tmp_path / "one.partials").exists() and not (tmp_path / "two.partials").exists()
