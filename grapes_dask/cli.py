@@ -638,6 +638,8 @@ def operando(state_specs, reference, out_dir, exclude_outer_layers, noise_sigma,
     click.echo(f"tracked {tr.particles['label'].nunique()} particles through {len(tr.states)} states "
                f"({kept} kept) in {time.perf_counter() - t0:.1f} s")
     click.echo(f"report: {Path(out_dir) / 'report.html'}")
+    if profile and not quiet:
+        click.echo(f"performance report: {Path(profile)}", err=True)
 
 
 @cli.command()
