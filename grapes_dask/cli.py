@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import gc
 import re
 import sys
@@ -131,6 +132,106 @@ def _spacing_option(f):
     )(f)
 
 
+# click parameter -> keyword of grapes_dask.cluster.cluster_client
+_HPC_KEYWORDS = {"scheduler_file": "scheduler_file", "cluster": "cluster", "cluster_config": "cluster_config",
+                 "jobs": "jobs", "job_cores": "cores", "job_memory": "memory", "job_processes": "processes",
+                 "walltime": "walltime", "queue": "queue", "account": "account", "local_directory": "local_directory",
+                 "job_extra": "job_extra_directives", "job_name": "job_name", "worker_python": "python",
+                 "worker_timeout": "worker_timeout"}
+
+
+def _hpc_options(f):
+    """Options of scheduler files and batch-job clusters, handed to the command as one dict ``hpc``
+    (keywords of :func:`grapes_dask.cluster.cluster_client`, only those given)."""
+    options = [
+        click.option("--scheduler-file", default=None, metavar="PATH",
+                     help="JSON file of a running dask scheduler (dask scheduler --scheduler-file, dask-mpi "
+                          "--scheduler-file, a job script); the same as giving it to --scheduler."),
+        click.option("--cluster", default=None, metavar="slurm|pbs",
+                     help="Start the workers as SLURM or PBS batch jobs (dask-jobqueue; the scheduler runs here), "
+                          "cancelled at the end; default: a local cluster."),
+        click.option("--cluster-config", default=None, metavar="FILE.yaml",
+                     help="Job settings for --cluster (dask-jobqueue's names: cores, memory, processes, walltime, "
+                          "queue, account, local-directory, job-extra-directives, interface, ...); the options "
+                          "below override it, and it overrides ~/.config/dask/jobqueue.yaml."),
+        click.option("--jobs", type=int, default=None, metavar="N",
+                     help="--cluster: batch jobs to submit (default 1)."),
+        click.option("--job-cores", type=int, default=None, metavar="N", help="--cluster: cores per job."),
+        click.option("--job-memory", default=None, metavar="SIZE", help="--cluster: memory per job, e.g. 64GiB."),
+        click.option("--job-processes", type=int, default=None, metavar="N",
+                     help="--cluster: dask worker processes per job, sharing its cores and memory."),
+        click.option("--walltime", default=None, metavar="HH:MM:SS", help="--cluster: time limit of a job."),
+        click.option("--queue", default=None, metavar="NAME", help="--cluster: queue (SLURM partition)."),
+        click.option("--account", default=None, metavar="NAME", help="--cluster: account charged for the jobs."),
+        click.option("--local-directory", default=None, metavar="PATH",
+                     help="--cluster: the workers' scratch folder on the compute nodes (e.g. /tmp or $TMPDIR)."),
+        click.option("--job-extra", multiple=True, metavar="DIRECTIVE",
+                     help="--cluster: one more #SBATCH / #PBS line of the job script, without that prefix "
+                          "(repeat for more)."),
+        click.option("--job-name", default=None, metavar="NAME", help="--cluster: name of the jobs in the queue."),
+        click.option("--worker-python", default=None, metavar="PATH",
+                     help="--cluster: Python of the workers (default: this one)."),
+        click.option("--worker-timeout", type=float, default=None, metavar="SECONDS",
+                     help="Seconds to wait for the first worker of --cluster, --scheduler or --scheduler-file "
+                          "(default 600)."),
+    ]
+
+    @functools.wraps(f)
+    def command(*args, **kwargs):
+        given = {_HPC_KEYWORDS[k]: kwargs.pop(k) for k in _HPC_KEYWORDS}
+        hpc = {k: (list(v) if isinstance(v, tuple) else v) for k, v in given.items() if v not in (None, ())}
+        return f(*args, hpc=hpc, **kwargs)
+
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _check_hpc(hpc: dict, scheduler, workers, memory_limit) -> None:
+    """The cluster options checked together before the inputs are read and anything starts."""
+    from .cluster import check_cluster_options
+
+    if hpc:
+        check_cluster_options(scheduler, workers=workers, memory_limit=memory_limit or "auto", **hpc)
+
+
+def _profile_option(f):
+    return click.option(
+        "--profile", default=None, metavar="REPORT.html",
+        help="Save dask's performance report of the run (task stream, worker profiles, bandwidth) to this "
+             "HTML file.")(f)
+
+
+def _check_profile(profile, overwrite, *outputs) -> None:
+    if profile is None:
+        return
+    from .io import _check_can_write
+
+    path = Path(profile)
+    if path.is_dir():
+        raise GrapesInputError(f"--profile {profile}: this is a folder; give the HTML file to write, e.g. "
+                               f"{path / 'profile.html'}")
+    if any(o is not None and Path(o).resolve() == path.resolve() for o in outputs):
+        raise GrapesInputError(f"--profile {profile} is also the output: give the performance report another name")
+    _check_can_write(path, overwrite)
+
+
+@contextlib.contextmanager
+def _profiled(profile, overwrite):
+    """Dask's performance report of the computations in the block, written to `profile` when it ends
+    (under a temporary name, renamed when complete)."""
+    if profile is None:
+        yield
+        return
+    from distributed import performance_report
+
+    from .io import atomic_output
+
+    with atomic_output(profile, overwrite=overwrite) as tmp:
+        with performance_report(filename=str(tmp)):
+            yield
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @_verbose_option
 @click.version_option(package_name="grapes-dask")
@@ -221,8 +322,9 @@ def synth(output_dir, size, mean_radius, states, seed, chunks, overwrite, quiet)
               help="Dataset of LABELS inside an HDF5 file or Zarr group (or write LABELS as FILE::PATH).")
 @click.option("--dataset", default=None, hidden=True)
 @click.option("--scheduler", default=None, metavar="ADDRESS",
-              help="Address (tcp://host:8786) or scheduler file (.json) of a running dask scheduler; "
-                   "default: a local cluster.")
+              help="Address of a running dask scheduler (tcp://host:8786; a scheduler file is taken too, "
+                   "but give it with --scheduler-file); default: a local cluster.")
+@_hpc_options
 @click.option("--workers", type=int, default=None, help=_WORKERS_HELP)
 @click.option("--memory-limit", default=None, metavar="SIZE",
               help="Memory of the local cluster's workers, e.g. 8GiB (default: the machine's memory); "
@@ -252,6 +354,7 @@ def synth(output_dir, size, mean_radius, states, seed, chunks, overwrite, quiet)
 @click.option("--no-long-tables", is_flag=True,
               help="Write only the particle table, not the layers and contacts tables (beside OUT, or as "
                    "sheets of an .xlsx OUT).")
+@_profile_option
 @click.option("--overwrite", is_flag=True, help="Replace OUT (and its layers and contacts tables) if they exist.")
 @click.option("--partials", "partials_dir", default=None, metavar="DIR",
               help="Folder of the per-region partial results that make an interrupted run resumable "
@@ -262,7 +365,7 @@ def synth(output_dir, size, mean_radius, states, seed, chunks, overwrite, quiet)
 def analyze(grey, labels, out, spacing, chunks, grey_dataset, labels_dataset, dataset, scheduler, workers,
             memory_limit, layer_width, start_at, normalise, exclude_outer_layers, exclude_labels, no_black_border,
             fill_holes, max_hole_size, region_size, no_check_labels, no_long_tables, overwrite, partials_dir,
-            keep_partials, quiet):
+            keep_partials, quiet, hpc, profile):
     """Particle table (GREAT2 radial profiles and properties) of a grey and a label volume.
 
     Beside OUT (e.g. t.parquet) go the long tables in the same format: t.layers.parquet (label,
@@ -289,8 +392,10 @@ def analyze(grey, labels, out, spacing, chunks, grey_dataset, labels_dataset, da
     _check_memory_limit(memory_limit, scheduler)
     if scheduler and workers is not None:
         raise GrapesInputError(f"--workers {workers} sizes the local cluster: leave it out with --scheduler")
+    _check_hpc(hpc, scheduler, workers, memory_limit)
     long_tables = () if no_long_tables else ("layers", "contacts")
     check_table_path(out, overwrite, extra=long_tables)
+    _check_profile(profile, overwrite, out, *(companion_path(out, n) for n in long_tables))
     excl = _parse_ids(exclude_labels)
     params = dict(spacing=spacing, chunks=chunks, layer_width=layer_width,
                   start_at="center" if start_at == "centre" else start_at, normalise=normalise,
@@ -304,7 +409,7 @@ def analyze(grey, labels, out, spacing, chunks, grey_dataset, labels_dataset, da
         click.echo(f"inputs: {checked.describe()}", err=True)
     partials = Path(partials_dir) if partials_dir else Path(str(out) + ".partials")
     t0 = time.perf_counter()
-    with _cluster(scheduler, workers, memory_limit, quiet) as client, _notes():
+    with _cluster(scheduler, workers, memory_limit, quiet, hpc) as client, _profiled(profile, overwrite), _notes():
         res = analyze_tables(checked.grey, checked.labels, client=client, progress=not quiet, partials=partials,
                              **params)
     dt = time.perf_counter() - t0
@@ -324,6 +429,8 @@ def analyze(grey, labels, out, spacing, chunks, grey_dataset, labels_dataset, da
         also = (" (sheets " if suffix == ".xlsx" else " (+ ") + ", ".join(
             n if suffix == ".xlsx" else companion_path(out, n).name for n in long_tables) + ")"
     click.echo(f"wrote {Path(out)}{also}: {summary(len(res.particles), checked.shape, dt)}")
+    if profile and not quiet:
+        click.echo(f"performance report: {Path(profile)}", err=True)
 
 
 def _remove_partials_tree(folder: Path) -> None:
@@ -361,13 +468,17 @@ def _notes():
 
 
 @contextlib.contextmanager
-def _cluster(scheduler, workers, memory_limit, quiet):
-    """The client of `scheduler` or of a local cluster; its dashboard link on standard error;
-    a GrapesInputWarning (no particle) raised as an error."""
+def _cluster(scheduler, workers, memory_limit, quiet, hpc=None):
+    """The client of `scheduler`, of batch jobs (`hpc`: keywords of cluster_client) or of a local
+    cluster; its dashboard link on standard error; a GrapesInputWarning (no particle) raised as an error."""
     from .cluster import cluster_client, dashboard_link
 
+    extra = dict(hpc or {})
+    if extra.get("cluster") and not quiet:
+        extra["echo"] = lambda line: click.echo(line, err=True)
     # --quiet shows no link, so a local cluster serves no dashboard (starting it costs about 1 s)
-    with cluster_client(scheduler, workers=workers, memory_limit=memory_limit or "auto", dashboard=not quiet) as client:
+    with cluster_client(scheduler, workers=workers, memory_limit=memory_limit or "auto", dashboard=not quiet,
+                        **extra) as client:
         if not quiet:
             link = dashboard_link(client)
             if link:
@@ -497,10 +608,13 @@ def _parse_gap(text):
               help="Layer 1 at the particle surface (edge) or at its centroid (center or centre).")
 @click.option("--chunks", type=int, default=None, help="Chunk side for pass 1 (default: the stored chunks).")
 @click.option("--scheduler", default=None, metavar="ADDRESS",
-              help="Address or scheduler file of a running dask scheduler; default: a local cluster.")
+              help="Address of a running dask scheduler (tcp://host:8786; a scheduler file is taken too, but "
+                   "give it with --scheduler-file); default: a local cluster.")
+@_hpc_options
 @click.option("--workers", type=int, default=None, help=_WORKERS_HELP)
 @click.option("--memory-limit", default=None, metavar="SIZE",
               help="Memory of the local cluster's workers, e.g. 8GiB (default: the machine's memory).")
+@_profile_option
 @click.option("--overwrite", is_flag=True, help="Replace DIR if it exists.")
 @click.option("--partials", "partials_dir", default=None, metavar="DIR",
               help="Folder of the partial results that make interrupted analyses resumable, one subfolder per "
@@ -509,7 +623,7 @@ def _parse_gap(text):
 @click.option("--quiet", is_flag=True, help="No progress, no dashboard link.")
 def operando(state_specs, reference, out_dir, exclude_outer_layers, noise_sigma, noise_region, drop_smallest,
              neighbour_gap, spacing, layer_width, start_at, chunks, scheduler, workers, memory_limit, overwrite,
-             partials_dir, keep_partials, quiet):
+             partials_dir, keep_partials, quiet, hpc, profile):
     """Track the same particles through states of charge: cleaning, statistics, figures, report.
 
     Writes to DIR: particles.parquet (one row per particle and state, with the cleaning
@@ -541,6 +655,7 @@ def operando(state_specs, reference, out_dir, exclude_outer_layers, noise_sigma,
     if scheduler and workers is not None:
         raise GrapesInputError(f"--workers {workers} sizes the local cluster: leave it out with --scheduler")
     _check_memory_limit(memory_limit, scheduler)
+    _check_hpc(hpc, scheduler, workers, memory_limit)
     if noise_sigma is not None and not (np.isfinite(noise_sigma) and noise_sigma >= 0):
         raise GrapesInputError(f"--noise-sigma {noise_sigma}: give the image noise standard deviation in grey levels "
                                "(a number >= 0), or leave it out to estimate it from each state's background")
@@ -550,6 +665,10 @@ def operando(state_specs, reference, out_dir, exclude_outer_layers, noise_sigma,
     region = _parse_region(noise_region)
     neighbour_gap = _parse_gap(neighbour_gap)
     _check_can_write(Path(out_dir), overwrite)
+    if profile is not None and Path(profile).resolve().is_relative_to(Path(out_dir).resolve()):
+        raise GrapesInputError(f"--profile {profile} is inside --out {out_dir}, which is written as a whole: put "
+                               "the performance report beside it")
+    _check_profile(profile, overwrite, out_dir)
     kw = dict(reference=reference, spacing=spacing, exclude_outer_layers=exclude_outer_layers,
               noise_sigma=noise_sigma, noise_region=region, drop_smallest=drop_smallest,
               neighbour_gap=neighbour_gap)
@@ -564,7 +683,7 @@ def operando(state_specs, reference, out_dir, exclude_outer_layers, noise_sigma,
         check_scheduler(scheduler)
     partials = Path(partials_dir) if partials_dir else Path(str(out_dir).rstrip("/\\") + ".partials")
     t0 = time.perf_counter()
-    with _cluster(scheduler, workers, memory_limit, quiet) as client, _notes():
+    with _cluster(scheduler, workers, memory_limit, quiet, hpc) as client, _profiled(profile, overwrite), _notes():
         tr = track(states, client=client, progress=not quiet, partials=partials, **kw)
     with atomic_output(out_dir, overwrite=overwrite) as tmp:
         tmp.mkdir()
@@ -576,6 +695,8 @@ def operando(state_specs, reference, out_dir, exclude_outer_layers, noise_sigma,
     click.echo(f"tracked {tr.particles['label'].nunique()} particles through {len(tr.states)} states "
                f"({kept} kept) in {time.perf_counter() - t0:.1f} s")
     click.echo(f"report: {Path(out_dir) / 'report.html'}")
+    if profile and not quiet:
+        click.echo(f"performance report: {Path(profile)}", err=True)
 
 
 @cli.command()
