@@ -196,8 +196,9 @@ def _check_chunks(path, dataset, level, quiet) -> None:
         where = "" if err.chunk is None else f"chunk {err.chunk}: "
         click.echo(f"  {where}{err.path or ''} {err.detail or err}".rstrip())
     first = damaged[0]
+    are = "is" if len(damaged) == 1 else "are"
     raise GrapesDataError(
-        f"{len(damaged)} of the {n} chunks of {first.array!r} are damaged (listed above): restore those files (or "
+        f"{len(damaged)} of the {n} chunks of {first.array!r} {are} damaged (listed above): restore those files (or "
         "the whole input) from a copy, or write it again from its source", array=first.array)
 
 

@@ -272,7 +272,7 @@ def worker_died_error(exc: BaseException, objs=(), client=None) -> GrapesWorkerE
         what = _describe_task(key, objs)
     except Exception:  # pragma: no cover - never hide the worker's death behind our own error
         what = "a task"
-    times = f"{allowed + 1} times" if isinstance(allowed, int) else "every time it ran"
+    times = ("once" if allowed == 0 else f"{allowed + 1} times") if isinstance(allowed, int) else "every time it ran"
     workers = _workers_memory(client) if client is not None else ""
     fix = Alt(
         "use a smaller region_size (default 400: smaller pass 1 blocks and pass 2 regions) or a lower "

@@ -267,7 +267,8 @@ class _DirectZarrReader:
         except FileNotFoundError:
             return None
         except OSError as exc:  # a folder, no permission, an I/O error of the disk
-            raise chunk_error(self.name, idx, path, f"cannot be read ({exc.strerror or exc})", kind="unreadable") from exc
+            raise chunk_error(self.name, idx, path, f"cannot be read ({exc.strerror or exc})",
+                              kind="unreadable") from exc
         stored = len(raw)
         if not stored:
             raise chunk_error(self.name, idx, path, "is empty (0 bytes)")

@@ -202,8 +202,9 @@ def _as_dask_raw(r: _Resolved, chunks) -> da.Array:
     if isinstance(arr, zarr.Array):
         c = _normalize_chunks(chunks, arr.shape, default=r.native_chunks)
         # as dask.array.from_zarr (same name), read through a reader that names damaged chunks
-        return da.from_array(_ZarrReader(arr, r.name), chunks=c, name="from-zarr-" + dask.base.tokenize(arr, None, {}, c),
-                             asarray=False, fancy=False, lock=False, meta=np.empty((0,) * arr.ndim, dtype=arr.dtype))
+        name = "from-zarr-" + dask.base.tokenize(arr, None, {}, c)
+        return da.from_array(_ZarrReader(arr, r.name), chunks=c, name=name, asarray=False, fancy=False, lock=False,
+                             meta=np.empty((0,) * arr.ndim, dtype=arr.dtype))
     c = _normalize_chunks(chunks, arr.shape, default=r.native_chunks if isinstance(arr, _SqueezedZarr) else None)
     if isinstance(arr, np.ndarray):
         return da.from_array(arr, chunks=c)
