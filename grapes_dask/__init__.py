@@ -3,7 +3,10 @@
 Public API (see the README):
 
 - :func:`resolve_volume` (a :class:`Volume`: lazy array, voxel size and its source, reader),
-  :func:`open_volume`, :func:`convert`, :func:`volume_info`, :func:`read_spacing` (``grapes_dask.io``)
+  :func:`open_volume`, :func:`convert`, :func:`volume_info`, :func:`read_spacing` (``grapes_dask.io``;
+  ``grapes_dask.io.check_chunks`` lists damaged chunks)
+- errors: :class:`GrapesInputError` (bad input, named with its fix), :class:`GrapesDataError`
+  (a damaged chunk or file, named), :class:`GrapesWorkerError` (a task that killed its worker)
 - :func:`analyze`, :func:`analyze_tables`, :func:`particle_table`, :func:`check_inputs`
   (``grapes_dask.table``)
 - :func:`write_table`, :func:`read_table`, :func:`prop_to_image`, :func:`particle` (``grapes_dask.output``)
@@ -21,7 +24,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0+unknown"
 
-from ._errors import GrapesInputError, GrapesInputWarning  # noqa: E402
+from ._errors import GrapesDataError, GrapesInputError, GrapesInputWarning, GrapesWorkerError  # noqa: E402
 
 # The heavy modules (numba kernels, dask, zarr) load on first use, so that the command starts
 # at once and a Ctrl-C while they load is handled like any other.
@@ -61,6 +64,8 @@ def __dir__():
 __all__ = [
     "CheckedInputs",
     "GrapesInputError",
+    "GrapesDataError",
+    "GrapesWorkerError",
     "GrapesInputWarning",
     "Volume",
     "check_inputs",

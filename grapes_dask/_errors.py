@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["GrapesInputError", "GrapesInputWarning", "Alt", "cli_flag"]
+__all__ = ["GrapesInputError", "GrapesDataError", "GrapesWorkerError", "GrapesInputWarning", "Alt", "cli_flag"]
 
 # keyword -> command-line option, where the flag is not simply "--" + name with dashes
 _FLAGS = {
@@ -88,6 +88,14 @@ class GrapesInputError(ValueError):
         self.options = options
         super().__init__(self.render("api"))
 
+    def __reduce__(self):
+        # pickled whole (template, options and the subclass' fields), so that an error raised in
+        # a task on a distributed worker reaches the client as it was raised, CLI wording included
+        return (_rebuild, (type(self), self.template, self.options, self._fields()))
+
+    def _fields(self) -> dict:
+        return {}
+
     def renamed(self, **names) -> "GrapesInputError":
         """The same error with parameters renamed (``dataset="grey_dataset"``), for a caller
         whose own parameter carries the value on to the one that raised."""
@@ -107,6 +115,80 @@ class GrapesInputError(ValueError):
             return fmt(key, self.options[key]) if key in self.options else m.group(0)
 
         return re.sub(r"\{(\w+)\}", sub, self.template)
+
+
+def _rebuild(cls, template, options, fields):
+    err = cls.__new__(cls)
+    err.template, err.options = template, dict(options)
+    err.__dict__.update(fields)
+    Exception.__init__(err, err.render("api"))
+    return err
+
+
+class GrapesDataError(GrapesInputError):
+    """Stored input data that cannot be read: a corrupt, truncated, empty or unreadable chunk or file.
+
+    Raised by the task that reads it (the volume is never read ahead), so it stops the run at
+    the first damaged chunk met; ``grapes-dask info --check`` (:func:`grapes_dask.io.check_chunks`)
+    lists all of them. The command line prints its message and exits with status 2, as for any
+    :class:`GrapesInputError`.
+
+    Parameters
+    ----------
+    message : str
+        What is damaged and how to fix it, as for :class:`GrapesInputError`.
+    array : str
+        The input as the user gave it (``OUT/labels.zarr``, ``scan.h5::/entry/data``).
+    chunk : tuple of int, optional
+        Index of the chunk in the array's chunk grid, ``(z, y, x)`` (more axes for arrays with
+        leading axes); None when the format has no chunk grid we can name (a TIFF strip).
+    path : str, optional
+        Absolute path of the damaged file (a chunk or shard file, or the TIFF/HDF5 file).
+    detail : str, optional
+        What is wrong with the file, in a few words (``"is empty (0 bytes)"``), for lists of
+        damaged chunks.
+    **options
+        Parameter name -> value, as for :class:`GrapesInputError`.
+    """
+
+    def __init__(self, message: str, *, array: str, chunk: tuple | None = None, path: str | None = None,
+                 detail: str | None = None, **options):
+        self.array = array
+        self.chunk = None if chunk is None else tuple(int(i) for i in chunk)
+        self.path = path
+        self.detail = detail
+        super().__init__(message, **options)
+
+    def _fields(self) -> dict:
+        return {"array": self.array, "chunk": self.chunk, "path": self.path, "detail": self.detail}
+
+
+class GrapesWorkerError(GrapesInputError):
+    """A task that killed its dask worker every time it ran: most probably it ran out of memory.
+
+    Distributed reruns the task of a worker that died on another (or a restarted) worker, and
+    gives up after ``distributed.scheduler.allowed-failures`` deaths with ``KilledWorker``;
+    :func:`grapes_dask.cluster.worker_died_error` turns that into this error, which names the
+    task (pass 1 block or pass 2 region, with its voxel ranges) and the settings that give a
+    task more memory. A settings problem, not a bug, so the command line prints it as a user
+    error (status 2, no traceback without ``--verbose``).
+
+    Parameters
+    ----------
+    message : str
+        As for :class:`GrapesInputError`.
+    task : str, optional
+        The dask key of the task.
+    **options
+        Parameter name -> value, as for :class:`GrapesInputError`.
+    """
+
+    def __init__(self, message: str, *, task: str | None = None, **options):
+        self.task = task
+        super().__init__(message, **options)
+
+    def _fields(self) -> dict:
+        return {"task": self.task}
 
 
 class GrapesInputWarning(UserWarning):

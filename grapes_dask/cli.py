@@ -271,11 +271,36 @@ def convert(input_path, output, dataset, level, chunks, spacing, overwrite, quie
 @click.argument("path")
 @click.option("--dataset", default=None, help="Dataset path inside an HDF5/NeXus file or array in a Zarr group.")
 @click.option("--level", type=int, default=None, help="Resolution level of an OME-Zarr or pyramidal TIFF (default 0).")
-def info(path, dataset, level):
+@click.option("--check", is_flag=True, help="Read every chunk and list the damaged ones (exit status 2 if any).")
+@click.option("--quiet", is_flag=True, help="With --check, no progress.")
+def info(path, dataset, level, check, quiet):
     """Show shape, dtype, chunks, spacing, size on disk and provenance of a volume."""
     from . import io
 
     click.echo(io.volume_info(path, dataset=dataset, level=level).to_text())
+    if check:
+        _check_chunks(path, dataset, level, quiet)
+
+
+def _check_chunks(path, dataset, level, quiet) -> None:
+    """``info --check``: every chunk read; the damaged ones listed, then an error if any."""
+    from . import io
+    from ._errors import GrapesDataError
+
+    t0 = time.perf_counter()
+    n, damaged = io.check_chunks(path, dataset=dataset, level=level, progress=not quiet)
+    if not damaged:
+        click.echo(f"checked {n} chunks in {time.perf_counter() - t0:.1f} s: all readable")
+        return
+    click.echo(f"checked {n} chunks in {time.perf_counter() - t0:.1f} s: {len(damaged)} damaged")
+    for err in damaged:
+        where = "" if err.chunk is None else f"chunk {err.chunk}: "
+        click.echo(f"  {where}{err.path or ''} {err.detail or err}".rstrip())
+    first = damaged[0]
+    are = "is" if len(damaged) == 1 else "are"
+    raise GrapesDataError(
+        f"{len(damaged)} of the {n} chunks of {first.array!r} {are} damaged (listed above): restore those files (or "
+        "the whole input) from a copy, or write it again from its source", array=first.array)
 
 
 @cli.command()

@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ._errors import Alt, GrapesInputError
+from ._errors import Alt, GrapesInputError, GrapesWorkerError
 
 __all__ = ["cluster_client", "check_cluster_options", "check_scheduler", "cores", "dashboard_link", "hpc_cluster",
-           "hpc_settings", "read_cluster_config", "HpcSettings", "CLUSTER_KINDS", "DEFAULT_WORKER_TIMEOUT"]
+           "hpc_settings", "read_cluster_config", "worker_died_error", "HpcSettings", "CLUSTER_KINDS",
+           "DEFAULT_WORKER_TIMEOUT"]
 
 #: Seconds :func:`cluster_client` waits for the first worker of a scheduler or of batch jobs.
 DEFAULT_WORKER_TIMEOUT = 600.0
@@ -132,6 +133,7 @@ def cluster_client(scheduler: str | None = None, *, workers: int | None = None,
         missing or bad job setting: all before any job is submitted. No worker within
         `worker_timeout`.
     """
+    import dask
     from distributed import Client, LocalCluster
 
     hs = check_cluster_options(scheduler, workers=workers, memory_limit=memory_limit, scheduler_file=scheduler_file,
@@ -181,19 +183,30 @@ def cluster_client(scheduler: str | None = None, *, workers: int | None = None,
     # without the dashboard the scheduler still serves its health routes over HTTP: on a free
     # loopback port, as the dashboard (its default, 8787 on every interface, warns when taken)
     http = dict(dashboard_address="127.0.0.1:0", scheduler_kwargs=None if dashboard else {"dashboard": False})
+    # No pausing: a worker above distributed.worker.memory.pause (80% of its limit) stops taking
+    # tasks until its memory falls, which never happens when the memory is the process' own
+    # (Python, the Numba kernels, the client's tables for the in-process worker): the run hung
+    # (measured: --memory-limit 300MiB, 1 or 2 workers). Our tasks keep nothing a pause could
+    # spill; a worker process that passes 95% is restarted by its nanny and its tasks rerun
+    # (and a task that kills it every time is named, cluster.worker_died_error).
+    no_pause = dask.config.set({"distributed.worker.memory.pause": False})
     if n == 1:
         # one worker in this process, a thread per core: the kernels release the GIL, the data
-        # is held once, and Ctrl-C reaches only this process
-        cluster = LocalCluster(n_workers=1, threads_per_worker=threads, processes=False, memory_limit=memory_limit,
-                               silence_logs=logging.CRITICAL, **http)
+        # is held once, and Ctrl-C reaches only this process. It has no nanny: nothing restarts
+        # it, and a run that exhausts the machine's memory is killed by the system
+        with no_pause:
+            cluster = LocalCluster(n_workers=1, threads_per_worker=threads, processes=False,
+                                   memory_limit=memory_limit, silence_logs=logging.CRITICAL, **http)
     else:
         # worker processes ignore SIGINT (inherited through exec): a Ctrl-C in the terminal
-        # reaches the whole process group, and this process alone shuts the cluster down
+        # reaches the whole process group, and this process alone shuts the cluster down; each
+        # has a nanny, which restarts it when it dies (and passes it the configuration above)
         main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
         try:
-            cluster = LocalCluster(n_workers=n, threads_per_worker=threads, processes=True, memory_limit=memory_limit,
-                                   silence_logs=logging.CRITICAL, **http)
+            with no_pause:
+                cluster = LocalCluster(n_workers=n, threads_per_worker=threads, processes=True,
+                                       memory_limit=memory_limit, silence_logs=logging.CRITICAL, **http)
         finally:
             if main:
                 signal.signal(signal.SIGINT, previous)
@@ -771,3 +784,129 @@ def _no_job_worker_message(hs: HpcSettings, timeout: float) -> GrapesInputError:
         "wait longer with {worker_timeout}, or ask for less (cores, memory, walltime) or another queue. If they "
         "ran and ended, read their output files (the cluster config's log-directory collects them) and check "
         "that the compute nodes reach this machine (the 'interface' setting)", worker_timeout=None)
+
+
+# task functions of the engine -> what a user calls them
+_TASK_NAMES = {
+    "_pass1_task": "pass 1 block",
+    "_pass2_task": "pass 2 region",
+    "_fill_holes_task": "pass 2 region (hole filling)",
+    "_near_block": "neighbour-search block",
+}
+
+
+def _span(slices: tuple) -> str:
+    axes = "zyx"[-len(slices):] if len(slices) <= 3 else [f"axis {i}" for i in range(len(slices))]
+    return ", ".join(f"{a} {s.start}:{s.stop}" for a, s in zip(axes, slices))
+
+
+def _describe_task(key, objs) -> str:
+    """``pass 2 region z 0:64, y 0:64, x 32:64 (labels read z 0:64, ...)`` for the task `key` of
+    the graph of `objs`, from its function and the slices among its arguments."""
+    from dask.utils import key_split
+
+    def graphs(o):
+        if isinstance(o, (list, tuple)):
+            for x in o:
+                yield from graphs(x)
+        elif hasattr(o, "__dask_graph__"):
+            yield o.__dask_graph__()
+
+    task = None
+    for g in graphs(objs):
+        try:
+            task = g[key]
+            break
+        except (KeyError, TypeError):
+            continue
+    func = getattr(getattr(task, "func", None), "__name__", None) or key_split(key)
+    args = getattr(task, "args", ()) or ()
+    if func == "persisted" and len(args) >= 3:  # a resumable run's wrapper: (folder, file, function, *args)
+        func, args = getattr(args[2], "__name__", func), args[3:]
+    what = _TASK_NAMES.get(func) or _TASK_NAMES.get(key_split(key).lstrip("_"))
+    if what is None:
+        what = f"task {func}"
+    slices = [a for a in args if isinstance(a, tuple) and a and all(isinstance(x, slice) for x in a)]
+    if not slices:
+        return what
+    if func == "_pass2_task" and len(slices) >= 2 and slices[0] != slices[1]:
+        # (labels outer region with its halo, grey core)
+        return f"{what} {_span(slices[1])} (labels read with its halo: {_span(slices[0])})"
+    return f"{what} {_span(slices[0])}"
+
+
+def _workers_memory(client) -> str:
+    """``" (workers: 1.0 GiB for 2 threads)"`` from the scheduler, or "" when unknown."""
+    from dask.utils import format_bytes
+
+    kinds = set()
+    with contextlib.suppress(Exception):
+        for w in client.scheduler_info()["workers"].values():
+            kinds.add((int(w.get("memory_limit") or 0), int(w.get("nthreads") or 0)))
+    if not kinds:  # the dead worker's nanny is restarting it: the local cluster's own settings
+        from dask.utils import parse_bytes
+
+        with contextlib.suppress(Exception):
+            for spec in client.cluster.worker_spec.values():
+                opts = spec.get("options", {})
+                mem = opts.get("memory_limit")
+                kinds.add((int(parse_bytes(mem) if isinstance(mem, str) else mem or 0), int(opts.get("nthreads") or 0)))
+    kinds = sorted((m, t) for m, t in kinds if m and t)
+    if not kinds:
+        return ""
+    return " (workers: " + ", ".join(f"{format_bytes(m)} for {t} thread{'s' if t > 1 else ''}" for m, t in kinds) + ")"
+
+
+def worker_died_error(exc: BaseException, objs=(), client=None) -> GrapesWorkerError:
+    """The error for a task that killed its worker every time it ran (distributed's ``KilledWorker``).
+
+    Distributed reruns the tasks of a dead worker on another or restarted worker (the nanny of
+    a worker process restarts it when it passes its memory limit, by default at 95%), and gives
+    up after ``distributed.scheduler.allowed-failures`` deaths (default 3) by raising
+    ``KilledWorker`` in the client. This names the task (pass 1 block or pass 2 region and its
+    voxel ranges, read from the task in the graph of `objs`), says that the worker most probably
+    ran out of memory and which settings give a task less to hold or more memory, worded for
+    the API and for the command line. Every computation of :mod:`grapes_dask.table` on a
+    distributed client raises it in place of ``KilledWorker``.
+
+    Parameters
+    ----------
+    exc : distributed.KilledWorker
+        As raised by ``client.gather``; ``exc.task`` is the key, ``exc.allowed_failures`` the
+        setting.
+    objs : dask collections or lists of them
+        What was computed, to find the task's function and arguments.
+    client : distributed.Client, optional
+        To say the workers' memory limit and threads.
+
+    Returns
+    -------
+    GrapesWorkerError
+    """
+    key = getattr(exc, "task", None)
+    if key is None and getattr(exc, "args", None):
+        key = exc.args[0]
+    allowed = getattr(exc, "allowed_failures", None)
+    try:
+        what = _describe_task(key, objs)
+    except Exception:  # pragma: no cover - never hide the worker's death behind our own error
+        what = "a task"
+    times = ("once" if allowed == 0 else f"{allowed + 1} times") if isinstance(allowed, int) else "every time it ran"
+    workers = _workers_memory(client) if client is not None else ""
+    fix = Alt(
+        "use a smaller region_size (default 400: smaller pass 1 blocks and pass 2 regions) or a lower "
+        "memory_limit (the memory per worker the planner fits the regions to), or give each worker more memory "
+        "or fewer threads (LocalCluster(memory_limit=..., threads_per_worker=...), dask worker --memory-limit, "
+        "--nthreads)",
+        "use a smaller --region-size (default 400: smaller pass 1 blocks and pass 2 regions), or give each worker "
+        "more memory: a larger --memory-limit if the machine has it (a worker process holds about 350 MiB "
+        "before any data), a --memory-limit below the free memory if other programs use much of it (the "
+        "planner then cuts smaller regions), or with --scheduler workers started with more memory or fewer "
+        "threads (dask worker --memory-limit, --nthreads)",
+    )
+    return GrapesWorkerError(
+        f"{what} killed its dask worker {times} (task {key!r}){workers}, most probably by running out of "
+        "memory: a worker's nanny restarts it when it passes 95% of its memory limit, the system kills a "
+        "process that exhausts the machine's memory, and distributed gives up on a task after "
+        "distributed.scheduler.allowed-failures deaths. To give each task less to hold, {fix}",
+        task=str(key), fix=fix)

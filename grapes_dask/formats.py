@@ -46,7 +46,7 @@ from typing import Any, Sequence
 import dask.array as da
 import numpy as np
 
-from ._errors import GrapesInputError
+from ._errors import Alt, GrapesDataError, GrapesInputError
 
 #: dtypes accepted for grey and label volumes.
 SUPPORTED_DTYPES = tuple(
@@ -94,12 +94,13 @@ class _LazySource:
 
     kind = "file"
 
-    def __init__(self, path: str, shape: tuple, dtype: np.dtype):
+    def __init__(self, path: str, shape: tuple, dtype: np.dtype, name: str | None = None):
         # absolute, so that a worker started in another working folder finds the file
         self.path = os.path.abspath(path)
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype)
         self.ndim = len(self.shape)
+        self.name = name or path  # the input as the user gave it, for messages
 
     def token(self) -> tuple:
         return (type(self).__name__, _file_key(self.path), self.shape, str(self.dtype))
@@ -111,8 +112,8 @@ class _LazySource:
 class _TiffSource(_LazySource):
     kind = "tiff"
 
-    def __init__(self, path, shape, dtype, series: int = 0, level: int = 0, squeeze_axes=()):
-        super().__init__(path, shape, dtype)
+    def __init__(self, path, shape, dtype, series: int = 0, level: int = 0, squeeze_axes=(), name=None):
+        super().__init__(path, shape, dtype, name)
         self.series = series
         self.level = level
         self.squeeze_axes = tuple(squeeze_axes)
@@ -132,19 +133,20 @@ class _TiffSource(_LazySource):
 
     def __getitem__(self, key):
         arr = self._open()
+        full = key if isinstance(key, tuple) else (key,)
         if self.squeeze_axes:  # re-insert the singleton axes dropped from `shape`
-            full = list(key if isinstance(key, tuple) else (key,))
+            full = list(full)
             for ax in self.squeeze_axes:
                 full.insert(ax, 0)
-            return np.asarray(arr[tuple(full)])
-        return np.asarray(arr[key])
+            full = tuple(full)
+        return _read_named(arr, full, self.name, lambda idx: self.path, what="TIFF file")
 
 
 class _TiffSequenceSource(_LazySource):
     kind = "tiff-sequence"
 
-    def __init__(self, files: Sequence[str], shape, dtype):
-        super().__init__(files[0], shape, dtype)
+    def __init__(self, files: Sequence[str], shape, dtype, name=None):
+        super().__init__(files[0], shape, dtype, name)
         self.files = [os.path.abspath(f) for f in files]
 
     def token(self):
@@ -158,7 +160,13 @@ class _TiffSequenceSource(_LazySource):
         out = np.empty((len(idx),) + tuple(len(range(*s.indices(n))) for s, n in zip(rest, self.shape[1:])),
                        dtype=self.dtype)
         for i, z in enumerate(idx):
-            page = tifffile.imread(self.files[z])
+            try:
+                page = tifffile.imread(self.files[z])
+            except MemoryError:
+                raise
+            except Exception as exc:  # a slice truncated or overwritten since the stack was opened
+                raise chunk_error(self.name, (z, 0, 0), self.files[z], f"cannot be read as TIFF ({exc})",
+                                  what="slice", kind="unreadable" if isinstance(exc, OSError) else "damaged") from exc
             if page.shape != self.shape[1:] or page.dtype != self.dtype:
                 raise GrapesInputError(
                     f"slice {self.files[z]!r} has shape {page.shape} and dtype {page.dtype}, but the stack was "
@@ -172,8 +180,8 @@ class _TiffSequenceSource(_LazySource):
 class _Hdf5Source(_LazySource):
     kind = "hdf5"
 
-    def __init__(self, path, dataset: str, shape, dtype):
-        super().__init__(path, shape, dtype)
+    def __init__(self, path, dataset: str, shape, dtype, name=None):
+        super().__init__(path, shape, dtype, name)
         self.dataset = dataset
 
     def token(self):
@@ -185,8 +193,16 @@ class _Hdf5Source(_LazySource):
         # Opened and closed for every read (about a millisecond): a handle cached for the life
         # of the thread would keep the file open, and HDF5 then refuses to rewrite or append to
         # it anywhere in this process ("file is already open for read-only").
-        with h5py.File(self.path, "r") as f:
-            return np.asarray(f[self.dataset][key])
+        try:
+            f = h5py.File(self.path, "r")
+        except OSError as exc:  # truncated or overwritten since it was opened
+            raise GrapesDataError(
+                f"{self.name!r} cannot be opened any more ({exc}): the HDF5 file {self.path} was damaged or replaced "
+                "since the analysis started; restore it from a copy", array=self.name, path=self.path) from exc
+        with f:
+            ds = f[self.dataset]
+            return _read_named(ds, key if isinstance(key, tuple) else (key,), self.name, lambda idx: self.path,
+                               what="HDF5 file", chunks=ds.chunks)
 
 
 class _NpySource(_LazySource):
@@ -203,7 +219,7 @@ class _SqueezedZarr(_LazySource):
     kind = "zarr"
 
     def __init__(self, array, name: str, n_lead: int):
-        super().__init__(name, array.shape[n_lead:], array.dtype)
+        super().__init__(name, array.shape[n_lead:], array.dtype, name)
         self.array = array
         self.n_lead = n_lead
 
@@ -212,7 +228,7 @@ class _SqueezedZarr(_LazySource):
 
     def __getitem__(self, key):
         key = key if isinstance(key, tuple) else (key,)
-        return np.asarray(self.array[(0,) * self.n_lead + key])
+        return _read_zarr(self.array, (0,) * self.n_lead + key, self.name)
 
 
 class _DirectZarrReader:
@@ -226,27 +242,54 @@ class _DirectZarrReader:
     returns None for anything else, and the caller reads through zarr.
     """
 
-    def __init__(self, root: str, shape, chunks, dtype, fill, sep: str, codec: str | None):
+    def __init__(self, root: str, shape, chunks, dtype, fill, sep: str, codec: str | None, name: str | None = None):
         self.root, self.shape, self.chunks = root, tuple(shape), tuple(chunks)
         self.dtype, self.fill, self.sep, self.codec = np.dtype(dtype), fill, sep, codec
         self.ndim = len(self.shape)
+        self.name = name or root  # the input as the user gave it, for messages
+
+    def chunk_path(self, idx) -> str:
+        """Absolute path of the file of chunk `idx` (a tuple of chunk-grid indices)."""
+        if self.sep == "/":
+            return os.path.join(self.root, "c", *map(str, idx))
+        return os.path.join(self.root, "c" + self.sep + self.sep.join(map(str, idx)))
 
     def _chunk(self, idx):
-        path = os.path.join(self.root, "c", *map(str, idx)) if self.sep == "/" else os.path.join(
-            self.root, "c" + self.sep + self.sep.join(map(str, idx)))
+        """Chunk `idx` decoded (shape `chunks`), or None when its file does not exist (fill value).
+
+        Raises :class:`~grapes_dask.GrapesDataError` naming the array, the chunk and its file
+        when the file cannot be read, does not decode, or decodes to another size.
+        """
+        path = self.chunk_path(idx)
         try:
             with open(path, "rb") as f:
                 raw = f.read()
         except FileNotFoundError:
             return None
-        if self.codec == "blosc":
-            from numcodecs import Blosc
+        except OSError as exc:  # a folder, no permission, an I/O error of the disk
+            raise chunk_error(self.name, idx, path, f"cannot be read ({exc.strerror or exc})",
+                              kind="unreadable") from exc
+        stored = len(raw)
+        if not stored:
+            raise chunk_error(self.name, idx, path, "is empty (0 bytes)")
+        try:
+            if self.codec == "blosc":
+                from numcodecs import Blosc
 
-            raw = Blosc().decode(raw)
-        elif self.codec == "zstd":
-            from numcodecs import Zstd
+                raw = Blosc().decode(raw)
+            elif self.codec == "zstd":
+                from numcodecs import Zstd
 
-            raw = Zstd().decode(raw)
+                raw = Zstd().decode(raw)
+        except MemoryError:
+            raise
+        except Exception as exc:  # numcodecs raises RuntimeError (blosc), ValueError or its own (zstd)
+            raise chunk_error(self.name, idx, path, f"({stored} bytes) does not decode as {self.codec}: {exc}") from exc
+        expected = int(np.prod(self.chunks)) * self.dtype.itemsize
+        if len(raw) != expected:
+            how = f"decodes to {len(raw)} bytes" if self.codec else f"holds {len(raw)} bytes"
+            raise chunk_error(self.name, idx, path,
+                              f"{how}, not the {expected} of a {self.chunks} chunk of {self.dtype.newbyteorder('=')}")
         return np.frombuffer(raw, self.dtype).reshape(self.chunks)
 
     def __getitem__(self, key):
@@ -272,8 +315,11 @@ class _DirectZarrReader:
         return out
 
 
-def direct_reader(array):
-    """A :class:`_DirectZarrReader` for a local Zarr v3 array of a simple layout, else None."""
+def direct_reader(array, name: str | None = None):
+    """A :class:`_DirectZarrReader` for a local Zarr v3 array of a simple layout, else None.
+
+    `name` is the array as the user gave it (a path), for the messages of damaged chunks.
+    """
     try:
         from zarr.storage import LocalStore
 
@@ -295,9 +341,190 @@ def direct_reader(array):
         root = os.path.abspath(os.path.join(str(array.store.root), array.path) if array.path else str(array.store.root))
         fill = np.asarray(m.fill_value, dtype=array.dtype)[()]
         return _DirectZarrReader(root, array.shape, grid.chunk_shape, dtype, fill,
-                                 m.chunk_key_encoding.separator, codecs[tuple(names)])
+                                 m.chunk_key_encoding.separator, codecs[tuple(names)], name=name)
     except Exception:  # any layout we do not know: let zarr read it
         return None
+
+
+class _ZarrReader:
+    """A Zarr array read through zarr-python, naming the chunk and file of any damaged chunk.
+
+    For the layouts :class:`_DirectZarrReader` does not decode itself (Zarr v2, sharding, other
+    codecs, remote stores). Picklable as the Zarr array is; ``chunks`` is the array's.
+    """
+
+    def __init__(self, array, name: str):
+        self.array, self.name = array, name
+        self.shape, self.dtype, self.ndim = tuple(array.shape), np.dtype(array.dtype), array.ndim
+        self.chunks = tuple(array.chunks)
+
+    def __getitem__(self, key):
+        return _read_zarr(self.array, key if isinstance(key, tuple) else (key,), self.name)
+
+
+# --------------------------------------------------------------------------------------------
+# damaged data: the chunk and the file named
+# --------------------------------------------------------------------------------------------
+
+
+def _shell(text: str) -> str:
+    import shlex
+
+    return shlex.quote(str(text))
+
+
+def chunk_error(name: str, idx, path: str | None, problem: str, *, what: str = "chunk", kind: str = "damaged",
+                zarr: bool = True) -> GrapesDataError:
+    """The error for one damaged or unreadable chunk (or slice, or shard) of an input.
+
+    Parameters
+    ----------
+    name : str
+        The input as the user gave it.
+    idx : tuple of int
+        Index of the chunk in the chunk grid (or ``(z, 0, 0)`` for slice ``z`` of a TIFF stack).
+    path : str or None
+        Absolute path of the file that holds it.
+    problem : str
+        What is wrong with the file, continuing "its file PATH ...".
+    what : str
+        ``"chunk"``, ``"shard"`` or ``"slice"``.
+    kind : str
+        ``"damaged"`` (the bytes are wrong) or ``"unreadable"`` (the file cannot be opened).
+    zarr : bool
+        Whether the input is a Zarr store (the fix then writes the store again).
+
+    Returns
+    -------
+    GrapesDataError
+    """
+    idx = tuple(int(i) for i in idx)
+    label = f"slice {idx[0]}" if what == "slice" else f"{what} {idx}"
+    holder = f"its file {path}" if path else "its data"
+    if kind == "unreadable":
+        first = "Check that file (a readable file, on a working disk) or restore it"
+    else:
+        first = f"Restore that file (or the whole {'store' if zarr else 'file'}) from a copy"
+    if zarr:
+        again = "write the store again from its source ({fix})"
+        fix = Alt(f"grapes_dask.io.convert(SOURCE, {name!r}, overwrite=True)",
+                  f"grapes-dask convert SOURCE {_shell(name)} --overwrite")
+    else:
+        again, fix = "export it again from its source", None
+    check = Alt(f"grapes_dask.io.check_chunks({name!r})", f"grapes-dask info --check {_shell(name)}")
+    options = {"check": check} if fix is None else {"fix": fix, "check": check}
+    return GrapesDataError(
+        f"{label} of {name!r} is {kind}: {holder} {problem}. {first}, or {again}; {{check}} lists every "
+        "damaged chunk", array=name, chunk=idx, path=path, detail=problem, **options)
+
+
+def _region(key: tuple, shape: tuple):
+    """``[(lo, hi), ...]`` of a key of ints and contiguous slices (missing axes whole), else None."""
+    if key == (Ellipsis,):
+        key = ()
+    if len(key) > len(shape):
+        return None
+    out = []
+    for k, n in zip(key + (slice(None),) * (len(shape) - len(key)), shape):
+        if isinstance(k, (int, np.integer)):
+            k = int(k) + n if k < 0 else int(k)
+            out.append((k, k + 1))
+        elif isinstance(k, slice) and k.indices(n)[2] == 1:
+            a, b, _ = k.indices(n)
+            out.append((a, max(a, b)))
+        else:
+            return None
+    return out
+
+
+def _chunks_in(region, chunks):
+    """Chunk-grid indices of the chunks that `region` meets, in C order."""
+    ranges = [range(a // c, (b - 1) // c + 1) if b > a else range(0) for (a, b), c in zip(region, chunks)]
+    for idx in np.ndindex(*[len(r) for r in ranges]):
+        yield tuple(r[i] for r, i in zip(ranges, idx))
+
+
+def _locate(read, region, chunks):
+    """The first chunk of `region` whose own read fails, as ``(index, exception)``, or None."""
+    for idx in _chunks_in(region, chunks):
+        sl = tuple(slice(max(a, i * c), min(b, (i + 1) * c)) for (a, b), c, i in zip(region, chunks, idx))
+        try:
+            read(sl)
+        except MemoryError:
+            raise
+        except Exception as exc:
+            return idx, exc
+    return None
+
+
+def _read_named(arr, key: tuple, name: str, path_of, what: str, chunks=None):
+    """``arr[key]`` of a TIFF or HDF5 file; a failure names the chunk (when the file has a chunk
+    grid) and the file."""
+    try:
+        return np.asarray(arr[key])
+    except MemoryError:
+        raise
+    except Exception as exc:
+        chunks = chunks or getattr(arr, "chunks", None)
+        region = _region(key, arr.shape)
+        ok_chunks = isinstance(chunks, tuple) and all(isinstance(c, (int, np.integer)) for c in chunks)
+        found = _locate(lambda sl: arr[sl], region, chunks) if region and ok_chunks else None
+        if found is not None:
+            idx, err = found
+            raise chunk_error(name, idx, path_of(idx), f"holds data that cannot be decoded ({err})",
+                              zarr=False) from exc
+        span = ", ".join(f"{a}:{b}" for a, b in region) if region else str(key)
+        raise GrapesDataError(
+            f"reading voxels [{span}] of {name!r} failed ({exc}): the {what} {path_of(None)} is probably damaged; "
+            "restore it from a copy or export it again from its source", array=name, path=path_of(None),
+        ) from exc
+
+
+def _zarr_file(array, obj) -> str | None:
+    """Absolute path of the stored object (chunk, or shard of a sharded array) at grid index
+    `obj`; None for a store that is not a local folder."""
+    root = _zarr_location(array)
+    if root is None:
+        return None
+    try:
+        return os.path.join(root, *array.metadata.encode_chunk_key(tuple(obj)).split("/"))
+    except Exception:  # pragma: no cover - metadata without chunk keys
+        return None
+
+
+def _read_zarr(array, key: tuple, name: str):
+    """``array[key]`` through zarr-python; a damaged chunk stops the read with its index and file.
+
+    zarr reads an empty (0-byte) shard file as a missing shard, that is as the fill value: in a
+    local store the stored files of the region are checked for that first (one ``stat`` each).
+    """
+    region = _region(key, array.shape)
+    shards = getattr(array, "shards", None)
+    grid = tuple(shards or array.chunks)
+    if region is not None and _zarr_location(array) is not None:
+        for obj in _chunks_in(region, grid):
+            path = _zarr_file(array, obj)
+            with contextlib.suppress(OSError):
+                if path is not None and os.path.getsize(path) == 0 and os.path.isfile(path):
+                    raise chunk_error(name, obj, path, "is empty (0 bytes)", what="shard" if shards else "chunk")
+    try:
+        return np.asarray(array[key])
+    except MemoryError:
+        raise
+    except Exception as exc:
+        found = _locate(lambda sl: array[sl], region, tuple(array.chunks)) if region is not None else None
+        if found is None:
+            raise  # no chunk fails on its own: not a damaged chunk, the error as it is
+        idx, err = found
+        obj = tuple(i * c // g for i, c, g in zip(idx, array.chunks, grid))
+        path = _zarr_file(array, obj)
+        facts = [f"shard {obj}"] if shards else []
+        with contextlib.suppress(OSError, TypeError):
+            facts.append(f"{os.path.getsize(path)} bytes")
+        facts = f"({', '.join(facts)}) " if facts else ""
+        if isinstance(err, OSError):
+            raise chunk_error(name, idx, path, f"{facts}cannot be read ({err})", kind="unreadable") from exc
+        raise chunk_error(name, idx, path, f"{facts}does not decode ({type(err).__name__}: {err})") from exc
 
 
 # --------------------------------------------------------------------------------------------
@@ -612,7 +839,7 @@ def _resolve_tiff(p: Path, name: str, level) -> _Resolved:
         spacing, unit, how = _tiff_spacing(tf, len(kept))
         page = tf.pages.first
         native = (1,) * (len(kept) - 2) + tuple(page.shape[-2:]) if len(kept) >= 2 else None
-    src = _TiffSource(str(p), kept, dtype, series=0, level=lvl, squeeze_axes=squeeze)
+    src = _TiffSource(str(p), kept, dtype, series=0, level=lvl, squeeze_axes=squeeze, name=name)
     return _Resolved("tiff", name, src, native_chunks=native, spacing=spacing, unit=unit, spacing_source=how,
                      path=str(p), key=("tiff", os.path.realpath(p), lvl))
 
@@ -778,7 +1005,7 @@ def _resolve_tiff_sequence(files: list[str], name: str, path: str) -> _Resolved:
     if spacing is not None:
         spacing = (spacing[0],) + tuple(spacing)  # slices hold no z size: z taken equal to y
         how = f"{how} of the first slice, z taken equal to y"
-    src = _TiffSequenceSource(files, full, dtype)
+    src = _TiffSequenceSource(files, full, dtype, name=name)
     return _Resolved("tiff-sequence", name, src, native_chunks=(1,) + shape, spacing=spacing, unit=unit,
                      spacing_source=how, path=path, key=("tiff-sequence", tuple(os.path.realpath(f) for f in files)))
 
@@ -868,7 +1095,7 @@ def _resolve_hdf5(p: Path, name: str, dataset) -> _Resolved:
         dataset = ds.name  # absolute, e.g. "/exchange/data"
         spacing, unit, how = _hdf5_spacing(ds)
         native = ds.chunks
-        src = _Hdf5Source(str(p), dataset, ds.shape, ds.dtype)
+        src = _Hdf5Source(str(p), dataset, ds.shape, ds.dtype, name=f"{name}::{dataset}")
     return _Resolved("hdf5", f"{name}::{dataset}", src, native_chunks=native, spacing=spacing, unit=unit,
                      dataset=dataset, spacing_source=how, path=str(p),
                      key=("hdf5", os.path.realpath(p), dataset))

@@ -56,15 +56,17 @@ import dask
 import dask.array as da
 import numpy as np
 
-from ._errors import GrapesInputError
+from ._errors import GrapesDataError, GrapesInputError
 from .formats import (
     SUPPORTED_DTYPES,
     _check_array_like,
+    _DirectZarrReader,
     _LazySource,
     _Resolved,
     _SqueezedZarr,
     _TiffSequenceSource,
     _unit_factor,
+    _ZarrReader,
     direct_reader,
 )
 from .formats import _resolve as _resolve_source
@@ -77,6 +79,7 @@ __all__ = [
     "open_volume",
     "read_spacing",
     "volume_info",
+    "check_chunks",
     "convert",
     "write_zarr",
     "atomic_output",
@@ -198,7 +201,10 @@ def _as_dask_raw(r: _Resolved, chunks) -> da.Array:
 
     if isinstance(arr, zarr.Array):
         c = _normalize_chunks(chunks, arr.shape, default=r.native_chunks)
-        return da.from_zarr(arr, chunks=c)
+        # as dask.array.from_zarr (same name), read through a reader that names damaged chunks
+        name = "from-zarr-" + dask.base.tokenize(arr, None, {}, c)
+        return da.from_array(_ZarrReader(arr, r.name), chunks=c, name=name, asarray=False, fancy=False, lock=False,
+                             meta=np.empty((0,) * arr.ndim, dtype=arr.dtype))
     c = _normalize_chunks(chunks, arr.shape, default=r.native_chunks if isinstance(arr, _SqueezedZarr) else None)
     if isinstance(arr, np.ndarray):
         return da.from_array(arr, chunks=c)
@@ -210,8 +216,9 @@ def _as_dask_raw(r: _Resolved, chunks) -> da.Array:
 def _make_reader(r: _Resolved):
     """What tasks read blocks of `r` from directly: a picklable ``reader[slices] -> numpy``.
 
-    The numpy array itself, a Zarr array (or the faster :class:`_DirectZarrReader` of a local
-    Zarr v3 array) or a :class:`_LazySource` that opens its file inside the task; None for a dask
+    The numpy array itself, a Zarr array (the faster :class:`_DirectZarrReader` of a local Zarr v3
+    array, else a :class:`_ZarrReader` through zarr-python; both name the chunk and file of a
+    damaged chunk) or a :class:`_LazySource` that opens its file inside the task; None for a dask
     array (its blocks come from its own graph). Reading a region directly avoids building it from
     dask chunks (getitem + concatenate), which cost several times the decompression itself.
     """
@@ -221,7 +228,7 @@ def _make_reader(r: _Resolved):
     if isinstance(arr, np.ndarray):
         return arr
     if isinstance(arr, zarr.Array):
-        return direct_reader(arr) or arr
+        return direct_reader(arr, r.name) or _ZarrReader(arr, r.name)
     if isinstance(arr, _LazySource):
         return arr
     return None
@@ -588,6 +595,74 @@ def volume_info(source, *, dataset: str | None = None, level: int | None = None)
         spacing=r.spacing, unit=r.unit, nbytes=int(np.prod(shape)) * dtype.itemsize,
         nbytes_on_disk=on_disk, dataset=r.dataset, attrs=r.attrs, spacing_source=r.spacing_source,
     )
+
+
+def check_chunks(source, *, dataset: str | None = None, level: int | None = None, threads: int | None = None,
+                 progress: bool = False) -> tuple[int, list[GrapesDataError]]:
+    """Read every chunk of a stored volume and list the damaged ones.
+
+    An analysis stops at the first damaged chunk a task meets (the volume is never read ahead);
+    this reads them all, in threads, so that every file to restore is known at once.
+
+    Parameters
+    ----------
+    source : str, path, zarr.Array, zarr.Group or Volume
+        As for :func:`open_volume`. In-memory arrays have nothing stored to check.
+    dataset, level
+        As for :func:`open_volume`.
+    threads : int, optional
+        Chunks read at once (default: one per core). Each holds one decoded chunk.
+    progress : bool
+        Report the chunks read on standard error.
+
+    Returns
+    -------
+    n_chunks : int
+        Chunks read (the native chunk grid: Zarr chunks, HDF5 chunks, TIFF pages or slices).
+    damaged : list of GrapesDataError
+        One per damaged, empty or unreadable chunk (or file), in chunk order; each has
+        ``.chunk`` (grid index), ``.path`` (file), ``.detail`` (what is wrong) and the full
+        message as ``str(err)``. Empty when every chunk reads.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ._progress import Reporter
+    from .cluster import cores
+
+    vol = resolve_volume(source, dataset=dataset, level=level)
+    rd = vol.reader
+    if rd is None or isinstance(rd, np.ndarray):
+        return 0, []
+    grid = getattr(rd, "chunks", None)
+    if not (isinstance(grid, tuple) and len(grid) == vol.array.ndim
+            and all(isinstance(c, (int, np.integer)) and c > 0 for c in grid)):
+        native = vol.native_chunks
+        grid = tuple(native) if native is not None and len(native) == vol.array.ndim else vol.array.chunksize
+    grid = tuple(int(c) for c in grid)
+    shape = vol.array.shape
+    indices = list(np.ndindex(*[-(-n // c) for n, c in zip(shape, grid)]))
+
+    def read(idx):
+        try:
+            if isinstance(rd, _DirectZarrReader):
+                rd._chunk(idx)
+            else:
+                rd[tuple(slice(i * c, min(n, (i + 1) * c)) for i, c, n in zip(idx, grid, shape))]
+        except GrapesDataError as exc:
+            return exc
+        return None
+
+    bar = Reporter("checking chunks", unit="chunk") if progress else None
+    found = {}
+    with ThreadPoolExecutor(max(1, int(threads or cores()))) as pool:
+        for k, err in enumerate(pool.map(read, indices)):
+            if err is not None:  # one error per chunk (file formats may name a chunk twice)
+                found.setdefault((err.chunk, err.path), err)
+            if bar is not None:
+                bar.update_to(k + 1, len(indices))
+    if bar is not None:
+        bar.close()
+    return len(indices), list(found.values())
 
 
 # --------------------------------------------------------------------------------------------

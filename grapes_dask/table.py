@@ -474,14 +474,23 @@ def _compute(*objs, client=None, progress=False, desc=""):
     """Compute dask objects on `client` (a distributed Client) or the current scheduler.
 
     With `progress`, the tasks' progress goes to standard error (:mod:`grapes_dask._progress`).
+    A task that killed its worker every time it ran raises :class:`~grapes_dask.GrapesWorkerError`
+    (:func:`grapes_dask.cluster.worker_died_error`).
     """
     from ._progress import dask_callback, distributed_progress
 
     if client is not None:
+        from distributed import KilledWorker
+
+        from .cluster import worker_died_error
+
         futures = client.compute(list(objs))
-        if progress:
-            distributed_progress(futures, desc)
-        return tuple(client.gather(futures))
+        try:
+            if progress:
+                distributed_progress(futures, desc)
+            return tuple(client.gather(futures))
+        except KilledWorker as exc:  # a task that killed its worker every time: which, and what to change
+            raise worker_died_error(exc, objs, client) from exc
     if progress:
         with dask_callback(desc):
             return dask.compute(*objs)
