@@ -113,6 +113,14 @@ def _existing(path: Path) -> Path:
     return path
 
 
+def fmt_bytes(n: float) -> str:
+    """``12.34 GiB`` (or MiB, KiB, bytes for smaller sizes)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} bytes"
+
+
 def check_disk(folder, need: int, free: int | None = None) -> int:
     """Refuse (:class:`NotEnoughDisk`) when `folder` (or its nearest existing parent) has less
     than `need` bytes free; `free` overrides the measured free space (tests). Returns the free bytes."""
@@ -120,8 +128,8 @@ def check_disk(folder, need: int, free: int | None = None) -> int:
         free = shutil.disk_usage(_existing(folder)).free
     if free < need:
         raise NotEnoughDisk(
-            f"not enough disk space in {str(folder)!r}: this run needs about {need / 2**30:.2f} GiB "
-            f"(stores, tables and partial results, with a {MARGIN}x margin) but only {free / 2**30:.2f} GiB "
+            f"not enough disk space in {str(folder)!r}: this run needs about {fmt_bytes(need)} "
+            f"(stores, tables and partial results, with a {MARGIN}x margin) but only {fmt_bytes(free)} "
             "are free. Free some space, point --dir to another disk, or use a smaller --size.")
     return int(free)
 
@@ -266,8 +274,8 @@ def run(size: int = 2048, *, folder: Path | None = None, keep: bool = False, ski
         est = estimate_bytes(size, bytes_per_voxel=bpv, table_bytes_per_particle=bpp, generate=not skip_generate)
         free = check_disk(folder, est["total"], free_limit)
         res["disk_estimate"] = {**est, "free": free}
-        log(f"disk: about {est['total'] / 2**30:.2f} GiB needed ({est['bytes_per_voxel']:.3f} bytes/voxel x "
-            f"{MARGIN}), {free / 2**30:.1f} GiB free in {_existing(folder)}")
+        log(f"disk: about {fmt_bytes(est['total'])} needed ({est['bytes_per_voxel']:.3f} bytes/voxel x "
+            f"{MARGIN}), {fmt_bytes(free)} free in {_existing(folder)}")
         # 3. generation
         if skip_generate:
             res["generate"] = None

@@ -54,7 +54,8 @@ def test_out_of_core_refuses_without_disk_space_and_writes_nothing(ooc, tmp_path
     with pytest.raises(ooc.NotEnoughDisk) as exc:
         ooc.run(64, folder=folder, free_limit=need - 1, warmup_size=0, reference_size=0, log=lambda *a: None)
     msg = str(exc.value)
-    assert f"{need / 2**30:.2f} GiB" in msg and f"{(need - 1) / 2**30:.2f} GiB are free" in msg
+    assert f"needs about {ooc.fmt_bytes(need)}" in msg and f"only {ooc.fmt_bytes(need - 1)} are free" in msg
+    assert ooc.fmt_bytes(need).endswith("KiB")  # 64^3: about 370 kB of stores, 60 kB of tables
     assert not folder.exists()
     assert ooc.check_disk(folder, need, free=need) == need  # exactly enough passes
 
