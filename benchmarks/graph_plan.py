@@ -300,7 +300,7 @@ def intercepted(stats_for_edges):
         combined, lists = stats_for_edges(rec["edges"])
         rec["marks"]["synthesis"] = time.perf_counter() - t0
         rec["t_pass1_done"] = time.perf_counter()
-        return combined, [{"labels": x} for x in lists]
+        return ((combined, [{"labels": x} for x in lists]),)  # pass 1's one result: (partial, infos)
 
     def finalize_stats(*a, **kw):
         t0 = time.perf_counter()

@@ -128,8 +128,9 @@ def test_graph_plan_task_counts_follow_the_block_formula(gp):
     g1, g2 = gp.graph_stats(objs["pass1"]), gp.graph_stats(objs["pass2"])
     # a tree of fan-in 8 over 64 items: 8 + 1 combine tasks
     assert g1["tasks_by_function"]["_pass1_task"] == blocks
-    assert g1["tasks_by_function"]["_first"] == g1["tasks_by_function"]["_second"] == blocks
-    assert g1["tasks_by_function"]["combine_stats"] == 9 == gp.reduction_tasks(blocks)
+    # one result: the blocks' (partial, info) pairs combined in a tree
+    assert g1["tasks_by_function"]["_combine_pass1"] == 9 == gp.reduction_tasks(blocks)
+    assert g1["tasks"] == blocks + 9
     n2 = res["pass2_regions"]
     assert g2["tasks_by_function"]["_pass2_task"] == n2 >= blocks
     assert g2["tasks_by_function"]["combine_layers"] == gp.reduction_tasks(n2)
