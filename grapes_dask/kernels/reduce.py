@@ -932,12 +932,26 @@ def _inertia_eigvals(t, n, sums, spacing):
 
 
 def _neighbour_counts(labels, pairs):
-    both = np.concatenate([pairs["label_a"].to_numpy(), pairs["label_b"].to_numpy()])
-    uniq, counts = np.unique(both, return_counts=True)
-    out = np.zeros(labels.size, dtype=np.int64)
-    pos = np.searchsorted(labels, uniq)
-    out[pos] = counts
-    return out
+    """Distinct neighbours per label (`labels` sorted, unique; every pair's labels among them).
+
+    Each pair is one neighbour of each of its labels: positions of both ends, counted with
+    ``bincount``. Positions come from a direct id-to-position table when the ids span at most
+    four times their number (ids from a labelling are usually about consecutive), else from a
+    binary search.
+    """
+    n = labels.size
+    if n == 0 or len(pairs) == 0:
+        return np.zeros(n, dtype=np.int64)
+    ends = (pairs["label_a"].to_numpy().astype(np.uint64, copy=False),
+            pairs["label_b"].to_numpy().astype(np.uint64, copy=False))
+    lo, span = labels[0], int(labels[-1] - labels[0]) + 1
+    if span <= 4 * n:
+        table = np.empty(span, dtype=np.int64)
+        table[(labels - lo).astype(np.int64)] = np.arange(n)
+        pos = [table[(e - lo).astype(np.int64)] for e in ends]
+    else:
+        pos = [np.searchsorted(labels, e) for e in ends]
+    return np.bincount(pos[0], minlength=n) + np.bincount(pos[1], minlength=n)
 
 
 def contacts_table(combined):
