@@ -195,6 +195,11 @@ def remove_store(directory) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
+def manifest_digest(manifest: dict) -> str:
+    """Short digest of a run's manifest (part of every task's file name and key)."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:32]
+
+
 def task_name(kind: str, *parts) -> str:
     """File name of a task's partial: `kind` and a digest of `parts` (numbers, slices, tuples,
     arrays), which must hold everything the task's result depends on besides the manifest."""

@@ -732,7 +732,7 @@ def _run(grey, labels, *, spacing=None, chunks=None, layer_width=None, start_at=
     if partials is not None:  # resumable: each task keeps its result in this folder
         manifest = _partials.fingerprint(inp.volumes, params)
         folder, _ = _partials.open_store(partials, manifest)
-        store = (folder, _partials.task_name("run", json.dumps(manifest, sort_keys=True))[4:-4])
+        store = (folder, _partials.manifest_digest(manifest))
     center = start_at == "center"
     # the ROI always leaves out the outer, surface-side layers: with centre layers that takes the
     # EDT as well (halo regions, as start_at="edge"), only when some layers are excluded
