@@ -98,13 +98,18 @@ def volume_fingerprint(vol) -> dict:
     return out
 
 
+def shaping_params(params: dict) -> dict:
+    """The parameters of `params` that shape partial results (:data:`PARTIAL_PARAMS`)."""
+    return {k: params.get(k) for k in PARTIAL_PARAMS}
+
+
 def fingerprint(volumes: dict, params: dict) -> dict:
     """The manifest of a run: format, package version, inputs and partial-shaping parameters."""
     from . import __version__
 
     return {"format": FORMAT, "version": __version__,
             "inputs": {k: volume_fingerprint(v) for k, v in sorted(volumes.items())},
-            "params": {k: params.get(k) for k in PARTIAL_PARAMS}}
+            "params": shaping_params(params)}
 
 
 def _differences(old: dict, new: dict) -> list[str]:

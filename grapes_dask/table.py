@@ -250,21 +250,20 @@ def _task(store, kind, fn, name_parts, *args, run=""):
     loads it (:mod:`grapes_dask._partials`); `name_parts` then hold everything the result
     depends on besides the manifest. The key starts with `fn`'s name, which progress bars and
     benchmarks go by."""
+    name = _partials.task_name(kind, run if store is None else store[1], *name_parts)
+    key = f"{fn.__name__}-{name[len(kind) + 1:-4]}"
     if store is None:
-        name = _partials.task_name(kind, run, *name_parts)
-        return dask.delayed(fn, pure=True)(*args, dask_key_name=f"{fn.__name__}-{name[len(kind) + 1:-4]}")
-    name = _partials.task_name(kind, store[1], *name_parts)
-    return dask.delayed(_partials.persisted, pure=True)(store[0], name, fn, *args,
-                                                       dask_key_name=f"{fn.__name__}-{name[len(kind) + 1:-4]}")
+        return dask.delayed(fn, pure=True)(*args, dask_key_name=key)
+    return dask.delayed(_partials.persisted, pure=True)(store[0], name, fn, *args, dask_key_name=key)
 
 
 def _run_token(inp: "_Inputs", params: dict) -> str:
     """Token of a run's inputs and result-shaping parameters (the keys of its tasks)."""
     from dask.base import tokenize
 
-    shaping = {k: params.get(k) for k in _partials.PARTIAL_PARAMS}
     return tokenize(inp.volumes["labels"].key, inp.volumes["grey"].key, inp.readers.get("labels"),
-                    inp.readers.get("grey"), inp.labels.name, inp.grey.name, json.dumps(shaping, sort_keys=True))
+                    inp.readers.get("grey"), inp.labels.name, inp.grey.name,
+                    json.dumps(_partials.shaping_params(params), sort_keys=True))
 
 
 def _task_names(store, kind, tasks) -> list:
