@@ -752,6 +752,92 @@ def report(tables, out_dir, names, overwrite):
     click.echo(f"report: {Path(out_dir) / 'report.html'}")
 
 
+def _cluster_options(f):
+    """--scheduler, --workers, --memory-limit and the batch-job options of a pre-processing command."""
+    f = _hpc_options(f)
+    f = click.option("--memory-limit", default=None, metavar="SIZE",
+                     help="Memory of the local cluster's workers, e.g. 8GiB (default: the machine's memory).")(f)
+    f = click.option("--workers", type=int, default=None, help=_WORKERS_HELP)(f)
+    f = click.option("--scheduler", default=None, metavar="ADDRESS",
+                     help="Address of a running dask scheduler (tcp://host:8786); default: a local cluster.")(f)
+    return f
+
+
+def _check_cluster_args(scheduler, workers, memory_limit, hpc) -> None:
+    from .cluster import check_scheduler
+
+    _check_memory_limit(memory_limit, scheduler)
+    if scheduler and workers is not None:
+        raise GrapesInputError(f"--workers {workers} sizes the local cluster: leave it out with --scheduler")
+    _check_hpc(hpc, scheduler, workers, memory_limit)
+    if scheduler:
+        check_scheduler(scheduler)
+
+
+@cli.command()
+@_verbose_option
+@click.argument("grey", metavar="GREY")
+@click.argument("out", metavar="OUT.zarr")
+@click.option("--threshold", type=float, default=None,
+              help="Grey level above which a voxel is particle (default: Otsu's threshold of the histogram).")
+@click.option("--invert", is_flag=True, help="Particles are darker than the background (below the threshold).")
+@_spacing_option
+@click.option("--closing", type=int, default=1, show_default=True,
+              help="Radius (voxels) of the binary closing that fills small holes and cracks (0: none).")
+@click.option("--opening", type=int, default=1, show_default=True,
+              help="Radius (voxels) of the binary opening that removes specks and thin bridges (0: none).")
+@click.option("--no-fill-holes", is_flag=True, help="Leave cavities enclosed by a particle unfilled.")
+@click.option("--smoothing", type=float, default=None,
+              help="Standard deviation of the Gaussian smoothing of the distance map, spacing units "
+                   "(default: one voxel).")
+@click.option("--markers", type=click.Choice(["dynamics", "local_max"]), default="dynamics", show_default=True,
+              help="Maxima of the smoothed distance map that start a particle: those rising at least --h above "
+                   "the pass to a higher one (dynamics), or the highest point within --min-distance (local_max).")
+@click.option("--h", "h", type=float, default=None, help="Dynamics threshold, spacing units (default: half a voxel).")
+@click.option("--min-distance", type=float, default=None,
+              help="Footprint radius of --markers local_max, spacing units (default: 3 voxels).")
+@click.option("--min-size", type=int, default=20, show_default=True, help="Particles of fewer voxels are removed.")
+@click.option("--seeds", default=None, metavar="LABELS",
+              help="Reference labels (e.g. the pristine state, registered onto GREY): each particle keeps its id.")
+@click.option("--seed-erosion", type=int, default=2, show_default=True,
+              help="With --seeds: erode each reference particle by this many voxels before it seeds.")
+@click.option("--dataset", default=None, help="Dataset path of GREY inside an HDF5 file or Zarr group.")
+@click.option("--chunks", type=int, default=192, show_default=True, help="Side of the processing blocks, voxels.")
+@_cluster_options
+@click.option("--keep-work", is_flag=True, help="Keep the intermediate arrays (OUT.work: mask, distance map, basins).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--quiet", is_flag=True, help="No progress, no dashboard link: only the closing line.")
+def segment(grey, out, threshold, invert, spacing, closing, opening, no_fill_holes, smoothing, markers, h,
+            min_distance, min_size, seeds, seed_erosion, dataset, chunks, scheduler, workers, memory_limit, hpc,
+            keep_work, overwrite, quiet):
+    """Label the particles of a grey volume (threshold, morphology, watershed), out of core.
+
+    The paper's segmentation: threshold, closing and opening, cavities filled, an exact distance
+    map smoothed, and a watershed from its maxima. With --seeds the later states of an operando
+    series keep the reference ids. The labels go to OUT.zarr (uint32, or the seeds' dtype) with
+    the parameters and threshold in its attributes.
+    """
+    from .io import _check_can_write, resolve_volume
+    from .segment import segment as run_segment
+
+    _check_can_write(Path(out), overwrite)
+    _check_cluster_args(scheduler, workers, memory_limit, hpc)
+    vol = resolve_volume(grey if dataset is None else f"{grey}::{dataset}")
+    t0 = time.perf_counter()
+    with _cluster(scheduler, workers, memory_limit, quiet, hpc) as client, _notes():
+        res = run_segment(vol, threshold=threshold, invert=invert, spacing=spacing, closing=closing, opening=opening,
+                          fill_holes=not no_fill_holes, smoothing=smoothing, markers=markers, h=h,
+                          min_distance=min_distance, min_size=min_size, seeds=seeds, seed_erosion=seed_erosion,
+                          out=out, overwrite=overwrite, chunks=chunks, keep_work=keep_work, client=client,
+                          progress=not quiet)
+    dt = time.perf_counter() - t0
+    extra = f", {res.n_removed} under --min-size removed" if res.n_removed else ""
+    if seeds is not None:
+        extra += f", {res.unlabelled_voxels} foreground voxels reached by no seed left 0"
+    click.echo(f"wrote {Path(out)}: {res.n_particles} particles (threshold {res.threshold:g}, "
+               f"{res.n_basins} basins{extra}), shape {tuple(vol.array.shape)}, in {dt:.1f} s")
+
+
 @cli.command()
 @_verbose_option
 @click.option("--out", "out_dir", default="grapes-demo", show_default=True, help="Folder for the demo outputs.")

@@ -600,6 +600,7 @@ def segment(
     chunks=None,
     work_dir=None,
     keep_work: bool = False,
+    client=None,
     progress: bool = False,
 ) -> Segmentation:
     """Segment a grey volume into labelled particles, out of core.
@@ -653,6 +654,12 @@ def segment(
     work_dir : path, optional
         Folder for the intermediate Zarr arrays (default: beside `out`, else a temporary folder);
         removed at the end unless `keep_work`.
+    keep_work : bool
+        Keep the intermediate arrays of `work_dir` (mask ``fg.zarr``, smoothed distance map
+        ``S.zarr``, basin keys ``basins.zarr``) for inspection.
+    client : distributed.Client, optional
+        Cluster to run on (default: the current client if there is one, else the local
+        threaded scheduler).
     progress : bool
         Report each stage's progress on standard error.
 
@@ -710,7 +717,7 @@ def segment(
     ch = _norm_chunks(chunks, vol.array.shape)
     if flat2d:
         ch = ((1,),) + ch
-    client = _client()
+    client = _client() if client is None else client
     timings: dict = {}
 
     def run(*objs, desc):
