@@ -367,7 +367,7 @@ def _distance_task(fg_path: str, lo, hi, shape, spacing, sigma_vox, halo0):
                 "leaves the background as foreground; check it (or invert=True for dark particles)",
                 threshold=None,
             )
-        h = np.maximum(h * 2, need)
+        h = np.maximum(h + 16, need + 4)
     if any(s > 0 for s in sigma_vox):
         from scipy import ndimage as ndi
 
@@ -432,7 +432,8 @@ def _basin_task(paths: dict, lo, hi, shape, halo0, ball, basins_path):
         cut = np.array([wlo[0] > 0, whi[0] < shape[0], wlo[1] > 0, whi[1] < shape[1], wlo[2] > 0,
                         whi[2] < shape[2]])
         par = _ws.steepest_ascent(S, fg, seed, wlo, shape, cut)
-        K, unresolved = _ws.resolve_basins(par, seed, klo - wlo, khi - wlo, wlo, shape)
+        K, unresolved, roots, counts = _ws.resolve_basins(par, seed, klo - wlo, khi - wlo, lo - wlo, hi - wlo, wlo,
+                                                          shape)
         if unresolved == 0:
             break
         if np.any(h * 2 > _MAX_HALO):
@@ -441,32 +442,31 @@ def _basin_task(paths: dict, lo, hi, shape, halo0, ball, basins_path):
                 f"{tuple(int(v) for v in lo)}: the foreground is probably one slab; check the {{threshold}}",
                 threshold=None)
         h = h * 2
+    del par
     c0, c1 = lo - klo, hi - klo
     Sk = S[tuple(slice(a - w, b - w) for a, b, w in zip(klo, khi, wlo))]
     ea, eb, es = _ws.basin_edges(K, np.ascontiguousarray(Sk), c0, c1)
     ea, eb, es = _reduce_edges(ea, eb, es)
     Kc = K[tuple(slice(a, b) for a, b in zip(c0, c1))]
-    # basins of the core: sizes, peaks, and whether the root is a footprint maximum
-    keys, counts = np.unique(Kc[Kc != 0], return_counts=True)
-    peaks = np.full(keys.size, np.inf)
-    marked = np.zeros(keys.size, np.int8)
-    pos = keys > 0
-    if pos.any():
-        flat = keys[pos] - 1
-        rz = flat // (shape[1] * shape[2])
-        ry = (flat // shape[2]) % shape[1]
-        rx = flat % shape[2]
-        loc = np.stack([rz, ry, rx], 1) - wlo
-        inwin = np.all((loc >= 0) & (loc < (whi - wlo)), axis=1)
-        pk = np.full(flat.size, np.nan)
-        pk[inwin] = S[tuple(loc[inwin].T)]
-        peaks[pos] = pk
-        own = np.all((loc + wlo >= lo) & (loc + wlo < hi), axis=1)
-        if ball.size:
-            m = np.full(flat.size, -1, np.int8)
-            if own.any():
-                m[own] = _ws.roots_are_ball_max(S, fg, np.ascontiguousarray(loc[own]), ball, wlo, shape).astype(np.int8)
-            marked[pos] = m
+    # the basins of the core: root keys, sizes, peaks, and whether the root is a footprint maximum
+    wsh = np.asarray(S.shape, np.int64)
+    loc = np.stack(np.unravel_index(roots, S.shape), 1).astype(np.int64)
+    sv = seed.ravel()[roots] if seed.shape == S.shape else np.zeros(roots.size, np.int64)
+    gpos = loc + wlo
+    keys = np.where(sv != 0, -sv, np.ravel_multi_index(tuple(gpos.T), tuple(shape)) + 1) if roots.size else \
+        np.zeros(0, np.int64)
+    peaks = np.where(sv != 0, np.inf, S.ravel()[roots].astype(np.float64))
+    marked = np.zeros(roots.size, np.int8)
+    if ball.size and roots.size:
+        own = (sv == 0) & np.all((gpos >= lo) & (gpos < hi), axis=1)
+        marked[:] = -1
+        if own.any():
+            marked[own] = _ws.roots_are_ball_max(S, fg, np.ascontiguousarray(loc[own]), ball, wlo, shape)
+    del wsh
+    if keys.size:  # seeded basins: every seed voxel is a root of the same key
+        keys, first, inv = np.unique(keys, return_index=True, return_inverse=True)
+        counts = np.bincount(inv, weights=counts, minlength=keys.size).astype(np.int64)
+        peaks, marked = peaks[first], marked[first]
     zarr.open_array(basins_path, mode="r+")[tuple(slice(a, b) for a, b in zip(lo, hi))] = Kc
     return {"ea": ea, "eb": eb, "es": es, "keys": keys, "counts": counts, "peaks": peaks, "marked": marked,
             "halo": int(h.max())}
@@ -779,7 +779,7 @@ def segment(
 
         # 3. smoothed distance map
         t0 = time.perf_counter()
-        halo0 = tuple(16 if not (flat2d and i == 0) else 0 for i in range(3))
+        halo0 = tuple(32 if not (flat2d and i == 0) else 0 for i in range(3))
         name = "grapes-seg-distance-" + dask.base.tokenize(str(fg_path), shape, ch, sp, sigma_vox)
         S = _from_tasks(name, _distance_task, shape, ch, np.float32, str(fg_path), shape, sp, sigma_vox, halo0)
         S_path = work / "S.zarr"
@@ -800,7 +800,8 @@ def segment(
         paths = {"S": str(S_path), "fg": str(fg_path), "seeds": str(work / "seeds.zarr") if seeds_arr is not None
                  else None}
         smax = run(da.from_zarr(str(S_path)).max(), desc="segment: peak")[0]
-        halo_b = tuple(0 if (flat2d and i == 0) else int(math.ceil(2 * float(smax) / s)) + 2
+        # ascent paths end at a particle's centre, about one inscribed radius away (the window grows if not)
+        halo_b = tuple(0 if (flat2d and i == 0) else int(math.ceil(float(smax) / s)) + 2
                        for i, s in enumerate(sp))
         tasks = [dask.delayed(_basin_task, pure=True)(paths, lo, hi, shape, halo_b, ball, str(basins_path))
                  for _, lo, hi in _blocks(shape, ch)]
@@ -840,6 +841,13 @@ def segment(
         else:
             (result_labels,) = run(labels, desc="segment: labels")
         timings["labels"] = time.perf_counter() - t0
+        if path is not None:  # the seconds per stage join the provenance once the labels are written
+            import zarr
+
+            z = zarr.open_array(str(path), mode="r+")
+            meta = dict(z.attrs["grapes_dask"])
+            meta["seconds"] = {k: round(v, 3) for k, v in timings.items()}
+            z.attrs["grapes_dask"] = meta
     finally:
         if not keep_work and own_work:
             shutil.rmtree(work, ignore_errors=True)

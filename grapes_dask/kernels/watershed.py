@@ -65,8 +65,6 @@ def steepest_ascent(S, fg, seed, origin, full, cut):
     """
     nz, ny, nx = S.shape
     has_seed = seed.shape[0] == nz and seed.shape[1] == ny and seed.shape[2] == nx
-    FY = full[1]
-    FX = full[2]
     par = np.empty((nz, ny, nx), np.int32)
     for z in range(nz):
         for y in range(ny):
@@ -82,8 +80,8 @@ def steepest_ascent(S, fg, seed, origin, full, cut):
                         or (y == ny - 1 and cut[3]) or (x == 0 and cut[4]) or (x == nx - 1 and cut[5])):
                     par[z, y, x] = _UNKNOWN
                     continue
+                # window-flat and global-flat indices are both raster orders: they order voxels alike
                 bs = S[z, y, x]
-                bi = ((origin[0] + z) * FY + (origin[1] + y)) * FX + (origin[2] + x)
                 best = p
                 for dz in range(-1, 2):
                     zz = z + dz
@@ -100,18 +98,18 @@ def steepest_ascent(S, fg, seed, origin, full, cut):
                             if fg[zz, yy, xx] == 0:
                                 continue
                             s = S[zz, yy, xx]
-                            i = ((origin[0] + zz) * FY + (origin[1] + yy)) * FX + (origin[2] + xx)
-                            if _higher(s, i, bs, bi):
+                            q = (zz * ny + yy) * nx + xx
+                            if s > bs or (s == bs and q > best):
                                 bs = s
-                                bi = i
-                                best = (zz * ny + yy) * nx + xx
+                                best = q
                 par[z, y, x] = best
     return par
 
 
 @njit(cache=True, nogil=True)
-def resolve_basins(par, seed, lo, hi, origin, full):
-    """Basin key of every foreground voxel of the box ``lo:hi`` of a region.
+def resolve_basins(par, seed, lo, hi, c0, c1, origin, full):
+    """Basin key of every foreground voxel of the box ``lo:hi`` of a region, and the number of
+    voxels of its core ``c0:c1`` (inside the box) in each basin.
 
     Parameters
     ----------
@@ -121,6 +119,8 @@ def resolve_basins(par, seed, lo, hi, origin, full):
         As for :func:`steepest_ascent`.
     lo, hi : ndarray of int64, shape (3,)
         The box, in region voxels.
+    c0, c1 : ndarray of int64, shape (3,)
+        The core, in region voxels (inside the box).
     origin, full : ndarray of int64, shape (3,)
         As for :func:`steepest_ascent`.
 
@@ -131,12 +131,17 @@ def resolve_basins(par, seed, lo, hi, origin, full):
         background.
     unresolved : int
         Number of foreground voxels of the box whose path reaches a cut face (their key is 0).
+    roots : ndarray of int64, shape (R,)
+        Region-flat index of each root reached from the core.
+    counts : ndarray of int64, shape (R,)
+        Core voxels of each of those basins.
     """
     nz, ny, nx = par.shape
     has_seed = seed.shape[0] == nz and seed.shape[1] == ny and seed.shape[2] == nx
     flat = par.ravel()
     n = flat.size
     res = np.full(n, _UNSEEN, np.int32)
+    cnt = np.zeros(n, np.int32)
     stack = np.empty(64, np.int32)
     keys = np.zeros((hi[0] - lo[0], hi[1] - lo[1], hi[2] - lo[2]), np.int64)
     FY = full[1]
@@ -170,6 +175,8 @@ def resolve_basins(par, seed, lo, hi, origin, full):
                 if r < 0:
                     unresolved += 1
                     continue
+                if c0[0] <= z < c1[0] and c0[1] <= y < c1[1] and c0[2] <= x < c1[2]:
+                    cnt[r] += 1
                 rz = r // (ny * nx)
                 ry = (r // nx) % ny
                 rx = r % nx
@@ -178,7 +185,19 @@ def resolve_basins(par, seed, lo, hi, origin, full):
                 else:
                     keys[z - lo[0], y - lo[1], x - lo[2]] = (
                         ((origin[0] + rz) * FY + (origin[1] + ry)) * FX + (origin[2] + rx) + 1)
-    return keys, unresolved
+    m = 0
+    for i in range(n):
+        if cnt[i] > 0:
+            m += 1
+    roots = np.empty(m, np.int64)
+    counts = np.empty(m, np.int64)
+    m = 0
+    for i in range(n):
+        if cnt[i] > 0:
+            roots[m] = i
+            counts[m] = cnt[i]
+            m += 1
+    return keys, unresolved, roots, counts
 
 
 @njit(cache=True, nogil=True)
