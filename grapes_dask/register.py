@@ -75,6 +75,9 @@ _METRICS = ("mattes", "correlation")
 _FORMAT = "grapes_dask.transform/1"
 _DEFAULT_CROP = 128
 _DEFAULT_VIEW = 256
+# voxels SimpleITK's metric samples per iteration (random, fixed seed): the coarse stage, and
+# twice as many at the fine one; a rigid motion has 6 parameters, so this is plenty
+_SAMPLES = 50_000
 # magnitude of the largest pole of the B-spline prefilter of each order: the prefilter's
 # influence decays as pole**distance, which sets the margin read around a block for order > 1
 _SPLINE_POLE = {2: 3.0 - math.sqrt(8.0), 3: 2.0 - math.sqrt(3.0), 4: 0.361341225900220177, 5: 0.430575347099973791}
@@ -681,7 +684,7 @@ def register(
         bins; for states whose grey levels changed non-linearly).
     upsample : int
         Translation: upsampling factor of the phase correlation; the shift is resolved to
-        ``1 / upsample`` voxel at the fine stage (``downsample / upsample`` at the coarse one).
+        ``1 / upsample`` voxel at the fine stage (the coarse stage uses half of it, on the view).
     max_view : int
         Side (voxels) of the largest coarse view the default `downsample` allows.
     fixed_dataset, moving_dataset : str, optional
@@ -720,6 +723,8 @@ def register(
         raise GrapesInputError(f"unknown {{metric}}: use one of {list(_METRICS)}", metric=metric)
     if not (isinstance(upsample, numbers.Integral) and upsample >= 1):
         raise GrapesInputError("{upsample} must be a positive integer", upsample=upsample)
+    if not (isinstance(iterations, numbers.Integral) and iterations >= 1):
+        raise GrapesInputError("{iterations} must be a positive integer", iterations=iterations)
     if not (isinstance(max_view, numbers.Integral) and max_view >= 16):
         raise GrapesInputError("{max_view} must be an integer >= 16", max_view=max_view)
     fv = resolve_volume(fixed, dataset=fixed_dataset)
@@ -764,7 +769,7 @@ def register(
         init = _to_sitk(matrix, offset, spacing, centre_v)
         small = min(fview.shape) >= 64
         tx, _, it0 = _sitk_register(fimg, mimg, init, metric=metric, shrink=[2, 1] if small else [1],
-                                    sigmas=[1, 0] if small else [0], sampling=0.1 if fview.size > 2e5 else 1.0,
+                                    sigmas=[1, 0] if small else [0], sampling=min(1.0, _SAMPLES / fview.size),
                                     iterations=iterations)
         matrix, offset = _from_sitk(tx, spacing)
         params["coarse_matrix"] = matrix.tolist()
@@ -808,7 +813,7 @@ def register(
         init = _to_sitk(matrix, offset, spacing, centre)
         tx, error, it1 = _sitk_register(_sitk_image(fcrop, spacing, lo), _sitk_image(mregion, spacing, mbox[0]), init,
                                         metric=metric, shrink=[1], sigmas=[0],
-                                        sampling=0.25 if fcrop.size > 2e5 else 1.0, iterations=iterations)
+                                        sampling=min(1.0, 2 * _SAMPLES / fcrop.size), iterations=iterations)
         matrix, offset = _from_sitk(tx, spacing)
         params["fine_iterations"] = it1
         params["metric"] = metric
