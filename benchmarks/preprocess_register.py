@@ -149,7 +149,7 @@ def main(argv=None):
     ap.add_argument("--method", choices=["translation", "rigid", "both"], default="both")
     ap.add_argument("--shift", type=float, nargs=3, default=[3.3, -5.7, 2.45], metavar=("Z", "Y", "X"))
     ap.add_argument("--angle", type=float, default=1.5, help="rigid: rotation about z, degrees")
-    ap.add_argument("--max-view", type=int, default=256)
+    ap.add_argument("--max-view", type=int, default=128, help="register's max_view (its default: 128)")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--skip-generate", action="store_true")
     ap.add_argument("--_step", help=argparse.SUPPRESS)
