@@ -885,6 +885,11 @@ def _resample_block(src, src_lo, out_lo, out_shape, matrix, offset, order, fill,
                 c = c + m[i, j] * axes[j]
             c = c + o[i]
             coords[i] = c - float(src_lo[i])
+        if order <= 1 and dtype.kind != "b":
+            # no overshoot: scipy's own cast (integers rounded half away from zero) is the result
+            ndi.map_coordinates(src, coords, output=out[z0:z1], order=order, mode="constant", cval=float(fill),
+                                prefilter=False)
+            continue
         vals = ndi.map_coordinates(src, coords, output=np.float64, order=order, mode="constant", cval=float(fill),
                                    prefilter=order > 1)
         out[z0:z1] = _round_to(vals, dtype) if dtype.kind in "iub" else vals.astype(dtype)
