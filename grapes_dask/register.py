@@ -62,7 +62,7 @@ import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -335,7 +335,9 @@ class Transform:
         store written by :func:`apply_transform` (its ``transform`` attribute)."""
         p = Path(path)
         if not p.exists():
-            raise GrapesInputError(f"transform file {str(p)!r} does not exist: give the JSON written by Transform.save()")
+            raise GrapesInputError(
+                f"transform file {str(p)!r} does not exist: give the JSON written by Transform.save()"
+            )
         if p.is_dir():
             import zarr
 
@@ -363,7 +365,8 @@ def _as_transform(t) -> Transform:
     if isinstance(t, (str, os.PathLike)):
         return Transform.load(t)
     raise GrapesInputError(
-        f"transform: expected a Transform, its dict or a JSON path, got {type(t).__name__}; estimate one with register()"
+        f"transform: expected a Transform, its dict or a JSON path, got {type(t).__name__}; "
+        "estimate one with register()"
     )
 
 
@@ -1041,7 +1044,8 @@ def apply_transform(
     for idx in np.ndindex(*blocks.shape):
         lo = np.array([starts[a][i] for a, i in enumerate(idx)])
         bshape = tuple(int(out_chunks[a][i]) for a, i in enumerate(idx))
-        corners = np.array(np.meshgrid(*[[a, a + s - 1] for a, s in zip(lo, bshape)], indexing="ij")).reshape(t.ndim, -1)
+        corners = np.array(np.meshgrid(*[[a, a + s - 1] for a, s in zip(lo, bshape)], indexing="ij"))
+        corners = corners.reshape(t.ndim, -1)
         mapped = m @ corners + o[:, None]
         cmin, cmax = mapped.min(axis=1), mapped.max(axis=1)
         if np.any(cmax < -2) or np.any(cmin > np.asarray(vol.shape) + 1):
