@@ -88,7 +88,7 @@ def da_round(a):
 
 
 def step_register(data: Path, method: str, max_view: int) -> dict:
-    from grapes_dask.register import register
+    from grapes_dask.registration import register
 
     t0 = time.perf_counter()
     t = register(data / "grey.zarr", data / f"moved_{method}.zarr", method=method, max_view=max_view)
@@ -98,7 +98,7 @@ def step_register(data: Path, method: str, max_view: int) -> dict:
 
 
 def step_apply(data: Path, method: str) -> dict:
-    from grapes_dask.register import apply_transform
+    from grapes_dask.registration import apply_transform
 
     t0 = time.perf_counter()
     apply_transform(data / f"moved_{method}.zarr", data / f"transform_{method}.json",

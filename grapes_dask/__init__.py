@@ -14,6 +14,9 @@ Public API (see the README):
   :func:`estimate_noise` (``grapes_dask.stats``: the paper's eq. 1-6)
 - :func:`grapes_dask.track.track` (operando tracking and cleaning, a :class:`Tracking`),
   ``grapes_dask.plotting`` (the paper's figures), ``grapes_dask.report`` (HTML reports)
+- pre-processing (paper section 2.2): :func:`register`, :func:`apply_transform`, :class:`Transform`
+  (``grapes_dask.registration``), :func:`segment` (``grapes_dask.segmentation``: threshold, morphology,
+  watershed, seeds), :func:`prepare_series` (``grapes_dask.preprocess``: the chain for a series)
 - :func:`grapes_dask.synthetic.make_phantom` and friends
 """
 
@@ -37,11 +40,13 @@ _LAZY = {
     "estimate_noise": "stats", "Tracking": "track",
     "Particle": "output", "particle": "output", "prop_to_image": "output", "read_table": "output",
     "write_table": "output",
+    "register": "registration", "apply_transform": "registration", "Transform": "registration",
+    "segment": "segmentation", "Segmentation": "segmentation", "prepare_series": "preprocess",
 }
 
 
-_SUBMODULES = {"cli", "cluster", "demo", "formats", "io", "kernels", "output", "plan", "plotting", "report",
-               "stats", "synthetic", "table", "track"}
+_SUBMODULES = {"cli", "cluster", "demo", "formats", "io", "kernels", "output", "plan", "plotting", "preprocess",
+               "registration", "report", "segmentation", "stats", "synthetic", "table", "track"}
 
 
 def __getattr__(name):
@@ -91,4 +96,10 @@ __all__ = [
     "estimate_noise",
     "Tracking",
     "write_table",
+    "register",
+    "apply_transform",
+    "Transform",
+    "segment",
+    "Segmentation",
+    "prepare_series",
 ]

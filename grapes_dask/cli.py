@@ -818,7 +818,7 @@ def segment(grey, out, threshold, invert, spacing, closing, opening, no_fill_hol
     the parameters and threshold in its attributes.
     """
     from .io import _check_can_write, resolve_volume
-    from .segment import segment as run_segment
+    from .segmentation import segment as run_segment
 
     _check_can_write(Path(out), overwrite)
     _check_cluster_args(scheduler, workers, memory_limit, hpc)

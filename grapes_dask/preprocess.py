@@ -3,14 +3,14 @@
 The paper's chain (section 2.2, case study 2), each step out of core and written to Zarr under
 one folder, ``DIR/<state>/``:
 
-1. **register** every state onto the reference state (:func:`grapes_dask.register.register`,
+1. **register** every state onto the reference state (:func:`grapes_dask.registration.register`,
    translation or rigid), and resample it onto the reference grid
-   (:func:`grapes_dask.register.apply_transform`) -> ``grey.zarr`` (the reference state's grey is
+   (:func:`grapes_dask.registration.apply_transform`) -> ``grey.zarr`` (the reference state's grey is
    used as it is); the transform goes to ``transform.json`` and the Zarr attributes;
 2. optionally **denoise** each registered state (:func:`grapes_dask.denoise.denoise`) ->
    ``denoised.zarr``, used for the segmentation only: the analysis reads the unsmoothed grey
    levels, as in the paper;
-3. **segment** the reference state (:func:`grapes_dask.segment.segment`) -> ``labels.zarr``;
+3. **segment** the reference state (:func:`grapes_dask.segmentation.segment`) -> ``labels.zarr``;
 4. segment every other state **seeded** with the reference labels, so that each particle keeps
    its id and a particle that is gone stays absent -> ``labels.zarr``.
 
@@ -43,9 +43,9 @@ class PreparedSeries:
     reference : str
         Name of the reference state.
     transforms : dict
-        State name -> :class:`grapes_dask.register.Transform` (the reference has none).
+        State name -> :class:`grapes_dask.registration.Transform` (the reference has none).
     segmentations : dict
-        State name -> :class:`grapes_dask.segment.Segmentation` (its `labels` read the written
+        State name -> :class:`grapes_dask.segmentation.Segmentation` (its `labels` read the written
         Zarr array).
     seconds : dict
         State name -> seconds per step.
@@ -101,7 +101,7 @@ def prepare_series(
         Filter applied before the segmentation only (None: segment the registered grey).
     denoise_options, segment_options : dict, optional
         Keyword arguments of :func:`grapes_dask.denoise.denoise` and
-        :func:`grapes_dask.segment.segment` (not `seeds`, `out`).
+        :func:`grapes_dask.segmentation.segment` (not `seeds`, `out`).
     spacing : float or sequence of float, optional
         Voxel size (default: from the reference's metadata).
     overwrite : bool
@@ -114,7 +114,7 @@ def prepare_series(
     PreparedSeries
     """
     from .io import resolve_volume
-    from .segment import segment
+    from .segmentation import segment
 
     if len(states) < 1:
         raise GrapesInputError("give at least one state to prepare")
@@ -152,7 +152,7 @@ def prepare_series(
         if n == reference or register is None:
             grey_of[n] = vols[n]
         else:
-            from .register import apply_transform, register as estimate
+            from .registration import apply_transform, register as estimate
 
             tr = estimate(vols[reference], vols[n], method=register)
             res.transforms[n] = tr

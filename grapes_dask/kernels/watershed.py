@@ -1,4 +1,4 @@
-"""Numba kernels of the out-of-core watershed (:mod:`grapes_dask.segment`): pure functions on
+"""Numba kernels of the out-of-core watershed (:mod:`grapes_dask.segmentation`): pure functions on
 numpy blocks, no dask inside.
 
 The watershed is defined locally so that a block computed with enough halo gives exactly what

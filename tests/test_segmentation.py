@@ -1,4 +1,4 @@
-"""grapes_dask.segment against independent references (scipy, scikit-image, plain Python loops),
+"""grapes_dask.segmentation against independent references (scipy, scikit-image, plain Python loops),
 and the same labels for every chunking."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import zarr
 from scipy import ndimage as ndi
 
 from grapes_dask import GrapesInputError
-from grapes_dask.segment import segment
+from grapes_dask.segmentation import segment
 from grapes_dask.synthetic import phantom_numpy
 
 

@@ -1,4 +1,4 @@
-"""Registration between states (``grapes_dask.register``), checked against known motions and scipy.
+"""Registration between states (``grapes_dask.registration``), checked against known motions and scipy.
 
 Known motions are made independently: phantom states drifted by the generator (particles
 rendered at shifted positions), or scipy.ndimage.shift / affine_transform of a phantom by a
@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from grapes_dask import GrapesInputError
 from grapes_dask.io import write_zarr
-from grapes_dask.register import Transform, apply_transform, register
+from grapes_dask.registration import Transform, apply_transform, register
 from grapes_dask.synthetic import phantom_numpy
 
 SHAPE = (96, 96, 96)
