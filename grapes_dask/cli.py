@@ -776,6 +776,60 @@ def _check_cluster_args(scheduler, workers, memory_limit, hpc) -> None:
 
 @cli.command()
 @_verbose_option
+@click.argument("fixed", metavar="FIXED")
+@click.argument("moving", metavar="MOVING")
+@click.argument("out", metavar="OUT.zarr")
+@click.option("--method", type=click.Choice(["translation", "rigid"]), default="translation", show_default=True,
+              help="Motion model: a sub-voxel translation (phase correlation) or a rigid motion (SimpleITK).")
+@click.option("--transform", "transform_path", default=None, metavar="T.json",
+              help="Apply this saved transform instead of estimating one (e.g. the grey's, to its labels).")
+@click.option("--save-transform", default=None, metavar="T.json",
+              help="Also write the transform here (it is always in OUT's attributes).")
+@click.option("--downsample", type=int, default=None,
+              help="Block-mean factor of the coarse view (default: the view is at most 128 voxels per side).")
+@click.option("--crop", type=int, default=None,
+              help="Side of the full-resolution crop of the fine stage, voxels (default 128).")
+@click.option("--order", type=int, default=1, show_default=True,
+              help="Interpolation order of the resampling (0 nearest: for labels; 1 linear; 3 cubic).")
+@_spacing_option
+@click.option("--chunks", type=int, default=None, help="Chunk side of OUT (default: MOVING's chunks).")
+@_cluster_options
+@click.option("--overwrite", is_flag=True, help="Replace OUT (and --save-transform) if they exist.")
+@click.option("--quiet", is_flag=True, help="No progress, no dashboard link: only the closing lines.")
+def register(fixed, moving, out, method, transform_path, save_transform, downsample, crop, order, spacing, chunks,
+             scheduler, workers, memory_limit, hpc, overwrite, quiet):
+    """Register MOVING onto FIXED (two states of charge) and write MOVING resampled on FIXED's grid.
+
+    The motion is estimated on a block-mean view and refined on a full-resolution crop; the
+    resampling runs block by block. The transform maps FIXED's voxel coordinates to MOVING's.
+    """
+    from .io import _check_can_write
+    from .registration import Transform, apply_transform, register as estimate
+
+    _check_can_write(Path(out), overwrite)
+    if save_transform is not None:
+        _check_can_write(Path(save_transform), overwrite)
+    _check_cluster_args(scheduler, workers, memory_limit, hpc)
+    t0 = time.perf_counter()
+    tr = Transform.load(transform_path) if transform_path is not None else None
+    with _cluster(scheduler, workers, memory_limit, quiet, hpc), _notes():
+        if tr is None:
+            tr = estimate(fixed, moving, method=method, spacing=spacing, downsample=downsample, crop=crop,
+                          progress=not quiet)
+        t1 = time.perf_counter()
+        if save_transform is not None:
+            tr.save(save_transform)
+        apply_transform(moving, tr, out=out, order=order, chunks=chunks, overwrite=overwrite, progress=not quiet)
+    shift = ", ".join(f"{v:+.3f}" for v in tr.shift)
+    how = f"loaded from {transform_path}" if transform_path else f"estimated in {t1 - t0:.1f} s"
+    ncc = "" if tr.ncc is None else f"; agreement (NCC) {tr.ncc:.3f}" + (
+        "" if tr.ncc_identity is None else f", {tr.ncc_identity:.3f} before")
+    click.echo(f"{tr.method} transform {how}: shift at the centre ({shift}) voxels{ncc}")
+    click.echo(f"wrote {Path(out)} in {time.perf_counter() - t0:.1f} s")
+
+
+@cli.command()
+@_verbose_option
 @click.argument("grey", metavar="GREY")
 @click.argument("out", metavar="OUT.zarr")
 @click.option("--threshold", type=float, default=None,

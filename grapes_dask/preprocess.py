@@ -63,7 +63,7 @@ class PreparedSeries:
         for name in self.states:
             seg = self.segmentations[name]
             tr = self.transforms.get(name)
-            shift = "reference" if tr is None else "shift " + ", ".join(f"{v:+.2f}" for v in tr.offset) + " voxels"
+            shift = "reference" if tr is None else "shift " + ", ".join(f"{v:+.2f}" for v in tr.shift) + " voxels"
             lines.append(f"{name}: {shift}; {seg.n_particles} particles; threshold {seg.threshold:g}")
         return "\n".join(lines)
 
