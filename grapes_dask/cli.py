@@ -577,6 +577,38 @@ def _parse_state(text: str):
     return name, (parts[0] if len(parts) == 1 else tuple(parts))
 
 
+def _parse_raw_state(text: str):
+    """``NAME=GREY`` (operando --segment) -> (name, grey)."""
+    name, sep, rest = text.partition("=")
+    if not sep or not name.strip() or not rest.strip() or "," in rest:
+        raise GrapesInputError(f"--state {text!r}: with --segment give each state as NAME=GREY (one raw grey "
+                               "volume), e.g. --state pristine=scan_s0.zarr")
+    if _is_table_path(rest.strip()):
+        raise GrapesInputError(f"--state {text!r}: {rest.strip()!r} is a table; --segment needs grey volumes")
+    return name.strip(), rest.strip()
+
+
+def _check_prepare(states: dict, reference, prep: Path, overwrite: bool) -> None:
+    """Checks of operando --segment that read no voxel: the inputs open and agree, outputs are free."""
+    from .io import _check_can_write, resolve_volume
+
+    if reference is not None and reference not in states:
+        raise GrapesInputError(f"--reference {reference}: not one of the states {list(states)}")
+    shapes = {n: resolve_volume(v).array.shape for n, v in states.items()}
+    first = next(iter(shapes.values()))
+    for n, sh in shapes.items():
+        if sh != first:
+            raise GrapesInputError(f"--state {n}: shape {sh} differs from {first}: crop the states to the same "
+                                   "region of interest first")
+    from .report import file_name
+
+    for n in states:
+        labels = prep / file_name(n) / "labels.zarr"
+        if labels.exists() and not overwrite:
+            raise GrapesInputError(f"{labels} already exists (an earlier --segment run): pass --overwrite, or give "
+                                   "another --prep-dir")
+
+
 def _parse_region(text):
     """``z0:z1,y0:y1,x0:x1`` -> tuple of (start, stop)."""
     if text is None:
@@ -613,6 +645,16 @@ def _parse_gap(text):
                    "give --noise-sigma and --neighbour-gap none); or NAME=GREY,LABELS,TABLE, such a table with "
                    "the volumes it was made from (not analysed again).")
 @click.option("--reference", default=None, metavar="NAME", help="Reference state (default: the first).")
+@click.option("--segment", "segment_states", is_flag=True,
+              help="The states are raw grey volumes (--state NAME=GREY): register each onto the reference, "
+                   "segment the reference and seed the others with its labels, then track (volumes in --prep-dir).")
+@click.option("--register", "register_method", type=click.Choice(["translation", "rigid", "none"]),
+              default="translation", show_default=True, help="With --segment: motion model of the registration.")
+@click.option("--denoise", "denoise_method", type=click.Choice(["nlm", "gaussian", "median", "none"]), default="none",
+              show_default=True, help="With --segment: filter applied before the segmentation only.")
+@click.option("--prep-dir", default=None, metavar="DIR",
+              help="With --segment: folder of the registered, denoised and label volumes (default: DIR.prep "
+                   "beside --out; kept).")
 @click.option("--out", "out_dir", required=True, metavar="DIR",
               help="Output folder: tables, summary, figures and report.html.")
 @click.option("--exclude-outer-layers", type=int, default=5, show_default=True,
@@ -646,9 +688,10 @@ def _parse_gap(text):
                    "state (default: DIR.partials beside DIR).")
 @click.option("--keep-partials", is_flag=True, help="Keep the partial results after the output is written.")
 @click.option("--quiet", is_flag=True, help="No progress, no dashboard link.")
-def operando(state_specs, reference, out_dir, exclude_outer_layers, noise_sigma, noise_region, drop_smallest,
-             neighbour_gap, spacing, layer_width, start_at, chunks, scheduler, workers, memory_limit, overwrite,
-             partials_dir, keep_partials, quiet, hpc, profile):
+def operando(state_specs, reference, segment_states, register_method, denoise_method, prep_dir, out_dir,
+             exclude_outer_layers, noise_sigma, noise_region, drop_smallest, neighbour_gap, spacing, layer_width,
+             start_at, chunks, scheduler, workers, memory_limit, overwrite, partials_dir, keep_partials, quiet, hpc,
+             profile):
     """Track the same particles through states of charge: cleaning, statistics, figures, report.
 
     Writes to DIR: particles.parquet (one row per particle and state, with the cleaning
@@ -661,9 +704,12 @@ def operando(state_specs, reference, out_dir, exclude_outer_layers, noise_sigma,
     from .report import file_name, write_tracking
     from .track import check_states, track
 
+    if not segment_states and (register_method != "translation" or denoise_method != "none" or prep_dir):
+        raise GrapesInputError("--register, --denoise and --prep-dir set up --segment: add --segment (the states "
+                               "then are raw grey volumes, NAME=GREY)")
     states = {}
     for spec in state_specs:
-        name, value = _parse_state(spec)
+        name, value = _parse_raw_state(spec) if segment_states else _parse_state(spec)
         if name in states:
             raise GrapesInputError(f"--state {spec!r}: the state {name!r} is given twice; give each state once")
         states[name] = value
@@ -703,12 +749,27 @@ def operando(state_specs, reference, out_dir, exclude_outer_layers, noise_sigma,
     if chunks is not None:
         analysis["chunks"] = chunks
     kw.update(analysis)
-    check_states(states, **kw)
+    if segment_states:
+        prep = Path(prep_dir) if prep_dir else Path(str(out_dir).rstrip("/\\") + ".prep")
+        _check_prepare(states, reference, prep, overwrite)
+    else:
+        check_states(states, **kw)
     if scheduler:
         check_scheduler(scheduler)
     partials = Path(partials_dir) if partials_dir else Path(str(out_dir).rstrip("/\\") + ".partials")
     t0 = time.perf_counter()
     with _cluster(scheduler, workers, memory_limit, quiet, hpc) as client, _profiled(profile, overwrite), _notes():
+        if segment_states:
+            from .preprocess import prepare_series
+
+            series = prepare_series(states, prep, reference=reference,
+                                    register=None if register_method == "none" else register_method,
+                                    denoise=None if denoise_method == "none" else denoise_method, spacing=spacing,
+                                    overwrite=overwrite, client=client, progress=not quiet)
+            if not quiet:
+                click.echo(series.summary(), err=True)
+            states = series.states
+            check_states(states, **kw)
         tr = track(states, client=client, progress=not quiet, partials=partials, **kw)
     with atomic_output(out_dir, overwrite=overwrite) as tmp:
         tmp.mkdir()
