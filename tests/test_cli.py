@@ -443,13 +443,22 @@ def test_readme_and_help_list_the_same_options():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = readme.split("## Command line", 1)[1].split("```", 2)[1]
-    synopsis, cmd = {}, None
+    synopsis, cmd, shared = {}, None, set()
     for line in block.splitlines():
         m = re.match(r"grapes-dask (\w+)", line.strip())
+        if line.startswith("CLUSTER OPTIONS"):
+            cmd = None
         cmd = m.group(1) if m else cmd
+        opts = set(re.findall(r"--[a-z][a-z-]+", line))
         if cmd:
-            synopsis.setdefault(cmd, set()).update(re.findall(r"--[a-z][a-z-]+", line))
-    assert set(synopsis) == {"demo", "analyze", "operando", "report", "convert", "synth", "info"}
+            synopsis.setdefault(cmd, set()).update(opts)
+        elif m is None and line.strip():
+            shared |= opts  # the CLUSTER OPTIONS paragraph
+    for cmd in ("register", "segment"):
+        assert "CLUSTER OPTIONS" in block.split(f"grapes-dask {cmd} ", 1)[1].split("grapes-dask", 1)[0]
+        synopsis[cmd] |= shared
+    assert set(synopsis) == {"demo", "analyze", "operando", "report", "register", "segment", "convert", "synth",
+                             "info"}
     for cmd, opts in synopsis.items():
         r = run(cmd, "--help")
         assert r.returncode == 0
