@@ -765,7 +765,8 @@ def operando(state_specs, reference, segment_states, register_method, denoise_me
             series = prepare_series(states, prep, reference=reference,
                                     register=None if register_method == "none" else register_method,
                                     denoise=None if denoise_method == "none" else denoise_method, spacing=spacing,
-                                    overwrite=overwrite, client=client, progress=not quiet)
+                                    overwrite=overwrite, client=client, progress=not quiet,
+                                    echo=None if quiet else functools.partial(click.echo, err=True))
             if not quiet:
                 click.echo(series.summary(), err=True)
             states = series.states

@@ -81,6 +81,7 @@ def prepare_series(
     overwrite: bool = False,
     client=None,
     progress: bool = False,
+    echo=None,
 ) -> PreparedSeries:
     """Register, denoise and segment the states of an operando series, out of core.
 
@@ -108,6 +109,9 @@ def prepare_series(
         Replace existing outputs in `out_dir`.
     client : distributed.Client, optional
     progress : bool
+        Report each step's progress on standard error.
+    echo : callable, optional
+        Called with one line of text as each step starts (e.g. ``print``).
 
     Returns
     -------
@@ -143,6 +147,7 @@ def prepare_series(
     order = [reference] + [n for n in names if n != reference]
     res = PreparedSeries(states={}, reference=reference)
     grey_of, labels_of = {}, {}
+    say = echo or (lambda text: None)
     for n in order:
         t = {}
         d = out / _safe(n)
@@ -154,6 +159,7 @@ def prepare_series(
         else:
             from .registration import apply_transform, register as estimate
 
+            say(f"{n}: registering onto {reference} ({register})")
             tr = estimate(vols[reference], vols[n], method=register)
             res.transforms[n] = tr
             (d / "transform.json").write_text(json.dumps(tr.to_dict(), indent=1))
@@ -166,6 +172,7 @@ def prepare_series(
         if denoise is not None:
             from .denoise import denoise as run_denoise
 
+            say(f"{n}: denoising ({denoise})")
             run_denoise(grey_of[n], method=denoise, out=d / "denoised.zarr", overwrite=overwrite,
                         **(denoise_options or {}))
             seg_input = resolve_volume(d / "denoised.zarr")
@@ -173,6 +180,7 @@ def prepare_series(
         # 3./4. segmentation, seeded from the reference for the other states
         t0 = time.perf_counter()
         seeds = None if n == reference else labels_of[reference]
+        say(f"{n}: segmenting" + ("" if seeds is None else f", seeded with the labels of {reference}"))
         seg = segment(seg_input, seeds=seeds, out=d / "labels.zarr", overwrite=overwrite, spacing=spacing,
                       client=client, progress=progress, **seg_opts)
         labels_of[n] = seg.path
