@@ -647,7 +647,7 @@ def _parse_gap(text):
 @click.option("--reference", default=None, metavar="NAME", help="Reference state (default: the first).")
 @click.option("--segment", "segment_states", is_flag=True,
               help="The states are raw grey volumes (--state NAME=GREY): register each onto the reference, "
-                   "segment the reference and seed the others with its labels, then track (volumes in --prep-dir).")
+                   "segment the reference and seed the others with its labels, then track.")
 @click.option("--register", "register_method", type=click.Choice(["translation", "rigid", "none"]),
               default="translation", show_default=True, help="With --segment: motion model of the registration.")
 @click.option("--denoise", "denoise_method", type=click.Choice(["nlm", "gaussian", "median", "none"]), default="none",
