@@ -62,10 +62,14 @@ class LabelMatch:
     min_share : float
         Share of a truth particle's voxels that a predicted label must hold to count in a split
         or a merge (the `min_share` argument).
+    exclude_border : bool
+        Whether truth particles touching the volume's faces were left out (the argument).
+    n_border : int
+        Truth particles left out for touching the volume's faces (0 without `exclude_border`).
     n_truth : int
-        Truth particles (distinct non-zero truth labels).
+        Truth particles scored (distinct non-zero truth labels, less the `n_border` left out).
     n_pred : int
-        Predicted particles (distinct non-zero predicted labels).
+        Predicted particles (distinct non-zero predicted labels, all of them).
     n_matched : int
         One-to-one matches with IoU >= `threshold` (see :func:`match_labels` for the rule).
     matched_fraction : float
@@ -93,6 +97,8 @@ class LabelMatch:
 
     threshold: float
     min_share: float
+    exclude_border: bool
+    n_border: int
     n_truth: int
     n_pred: int
     n_matched: int
@@ -105,7 +111,7 @@ class LabelMatch:
 
     def summary(self) -> dict:
         """The scalar fields as a dict (for a row of a results table)."""
-        return {k: getattr(self, k) for k in ("threshold", "n_truth", "n_pred", "n_matched", "matched_fraction",
+        return {k: getattr(self, k) for k in ("threshold", "n_border", "n_truth", "n_pred", "n_matched", "matched_fraction",
                                               "mean_iou", "n_split", "n_merged")}
 
 
@@ -205,14 +211,29 @@ def block_pairs(t: np.ndarray, p: np.ndarray, names=("truth", "pred")):
     return _reduce_pairs(rt, rp, lengths)
 
 
+def _border_labels(t: np.ndarray, faces) -> np.ndarray:
+    """Distinct non-zero labels of block `t` on the given faces ``(axis, 0 | -1)``, uint64."""
+    if not faces:
+        return np.empty(0, _U64)
+    vals = [np.unique(np.take(t, [side], axis=axis)) for axis, side in faces]
+    u = np.unique(np.concatenate(vals)).astype(_U64)
+    return u[u != 0]
+
+
+def _block_task(t, p, faces, names):
+    """Overlap table of a block and the truth labels on the volume faces it holds."""
+    return (*block_pairs(t, p, names), _border_labels(t, faces))
+
+
 def _combine(parts):
-    """Overlap tables of several blocks combined by pair."""
+    """Block results ``(t, p, voxels, border labels)`` combined by pair (and border labels united)."""
+    border = np.unique(np.concatenate([x[3] for x in parts])) if parts else np.empty(0, _U64)
     parts = [x for x in parts if len(x[0])]
     if not parts:
-        return _empty_pairs()
+        return (*_empty_pairs(), border.astype(_U64))
     if len(parts) == 1:
-        return parts[0]
-    return _reduce_pairs(*(np.concatenate([x[i] for x in parts]) for i in range(3)))
+        return (*parts[0][:3], border.astype(_U64))
+    return (*_reduce_pairs(*(np.concatenate([x[i] for x in parts]) for i in range(3))), border.astype(_U64))
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,8 +286,9 @@ def overlap_graph(a, b, *, chunks=None, names=("truth", "pred")):
     Returns
     -------
     dask.delayed.Delayed
-        Computes to ``(t_labels, p_labels, voxels)`` as :func:`block_pairs`, for the whole
-        volume.
+        Computes to ``(t_labels, p_labels, voxels, border)``: the overlap table of the whole
+        volume as :func:`block_pairs`, and the sorted distinct non-zero labels of `a` on the
+        volume's faces (uint64).
 
     Raises
     ------
@@ -274,9 +296,15 @@ def overlap_graph(a, b, *, chunks=None, names=("truth", "pred")):
         Before any compute: shapes differ, a non-integer dtype, an input that cannot be opened.
     """
     xa, xb = _resolve_pair(a, b, chunks, names)
-    da_blocks = xa.to_delayed().ravel()
-    db_blocks = xb.to_delayed().ravel()
-    tasks = [dask.delayed(block_pairs, pure=True)(ta, tb, names) for ta, tb in zip(da_blocks, db_blocks)]
+    da_blocks = xa.to_delayed()
+    db_blocks = xb.to_delayed()
+    tasks = []
+    for idx in np.ndindex(*da_blocks.shape):
+        faces = tuple((ax, side) for ax, i in enumerate(idx) for side, edge in ((0, 0), (-1, len(xa.chunks[ax]) - 1))
+                      if i == edge)
+        tasks.append(dask.delayed(_block_task, pure=True)(da_blocks[idx], db_blocks[idx], faces, names))
+    if len(tasks) == 1:
+        tasks = [dask.delayed(_combine, pure=True)(tasks)]
     while len(tasks) > 1:
         nxt = []
         for i in range(0, len(tasks), _FAN_IN):
@@ -305,7 +333,7 @@ def overlap_table(a, b, *, chunks=None, scheduler=None) -> pd.DataFrame:
         Columns ``truth_label, pred_label`` (uint64; 0 is background) and ``voxels`` (int64),
         one row per pair that occurs, sorted by `a`'s label then `b`'s.
     """
-    t, p, n = dask.compute(overlap_graph(a, b, chunks=chunks), scheduler=scheduler)[0]
+    t, p, n, _ = dask.compute(overlap_graph(a, b, chunks=chunks), scheduler=scheduler)[0]
     return pd.DataFrame({"truth_label": t, "pred_label": p, "voxels": n})
 
 
@@ -383,9 +411,16 @@ def _best_per_truth(t2, p2, n2, iou):
     return order[first]
 
 
-def _score(t, p, n, threshold, min_share) -> LabelMatch:
+def _score(t, p, n, threshold, min_share, border=None) -> LabelMatch:
     (tu, tsz, pu, psz), (t2, p2, n2, ts, ps, iou) = _pair_iou(t, p, n)
     truth_ids, truth_sz = tu[tu != 0], tsz[tu != 0]
+    n_border = 0
+    if border is not None:  # leave out the truth particles on the volume faces (sizes stay whole)
+        keep = ~np.isin(truth_ids, border)
+        n_border = int(len(truth_ids) - keep.sum())
+        truth_ids, truth_sz = truth_ids[keep], truth_sz[keep]
+        keep = ~np.isin(t2, border)
+        t2, p2, n2, ts, ps, iou = (x[keep] for x in (t2, p2, n2, ts, ps, iou))
     n_truth = len(truth_ids)
     n_pred = int(np.count_nonzero(pu))
     best = _best_per_truth(t2, p2, n2, iou)
@@ -416,7 +451,8 @@ def _score(t, p, n, threshold, min_share) -> LabelMatch:
     up, cp = np.unique(p2[big], return_counts=True)
     n_matched = len(matches)
     return LabelMatch(
-        threshold=threshold, min_share=min_share, n_truth=n_truth, n_pred=n_pred, n_matched=n_matched,
+        threshold=threshold, min_share=min_share, exclude_border=border is not None, n_border=n_border,
+        n_truth=n_truth, n_pred=n_pred, n_matched=n_matched,
         matched_fraction=(n_matched / n_truth) if n_truth else float("nan"),
         mean_iou=float(iou[matches].mean()) if n_matched else float("nan"),
         n_split=int(np.count_nonzero(ct >= 2)), n_merged=int(np.count_nonzero(cp >= 2)),
@@ -426,8 +462,8 @@ def _score(t, p, n, threshold, min_share) -> LabelMatch:
     )
 
 
-def match_labels(truth, pred, *, iou: float = 0.85, min_share: float = 0.1, chunks=None,
-                 scheduler=None) -> LabelMatch:
+def match_labels(truth, pred, *, iou: float = 0.85, min_share: float = 0.1, exclude_border: bool = False,
+                 chunks=None, scheduler=None) -> LabelMatch:
     """Score a segmentation against a reference one: per-particle IoU, matches, splits, merges.
 
     Out of core: each block of chunks gives the voxel count of every (truth, pred) label pair
@@ -452,6 +488,11 @@ def match_labels(truth, pred, *, iou: float = 0.85, min_share: float = 0.1, chun
         A predicted label "covers" a truth particle when it holds at least this share of the
         truth particle's voxels, in (0, 1]: a truth particle covered by two labels or more is a
         split, a predicted label covering two truth particles or more is a merge.
+    exclude_border : bool
+        Leave out the truth particles that touch a face of the volume (cut by the field of
+        view: every method sees only part of them, and their distance map is distorted). The
+        predicted particles are all kept (as candidates and in ``n_pred``), and the sizes are
+        those of the whole volume. ``n_border`` says how many were left out.
     chunks : int or tuple of int, optional
         Block shape, voxels (default: the chunks of `truth`, 128^3 for numpy arrays; `pred` is
         rechunked to them if its chunks differ). Only memory and speed depend on it.
@@ -478,8 +519,8 @@ def match_labels(truth, pred, *, iou: float = 0.85, min_share: float = 0.1, chun
     threshold = _check_fraction("iou", iou)
     share = _check_fraction("min_share", min_share)
     graph = overlap_graph(truth, pred, chunks=chunks, names=("truth", "pred"))
-    t, p, n = dask.compute(graph, scheduler=scheduler)[0]
-    return _score(t, p, n, threshold, share)
+    t, p, n, border = dask.compute(graph, scheduler=scheduler)[0]
+    return _score(t, p, n, threshold, share, border if exclude_border else None)
 
 
 def same_partition(a, b, *, chunks=None, scheduler=None) -> bool:
@@ -508,7 +549,7 @@ def same_partition(a, b, *, chunks=None, scheduler=None) -> bool:
     GrapesInputError
         Shapes differ or a non-integer dtype (before any compute).
     """
-    t, p, _ = dask.compute(overlap_graph(a, b, chunks=chunks, names=("a", "b")), scheduler=scheduler)[0]
+    t, p, _, _ = dask.compute(overlap_graph(a, b, chunks=chunks, names=("a", "b")), scheduler=scheduler)[0]
     both_bg = (t == 0) & (p == 0)
     t, p = t[~both_bg], p[~both_bg]
     if np.any((t == 0) != (p == 0)):  # a particle voxel against background
@@ -548,7 +589,7 @@ def kept_ids(reference, pred, *, min_iou: float = 0.0, chunks=None, scheduler=No
     """
     thr = _check_fraction("min_iou", min_iou, lo_open=False)
     graph = overlap_graph(reference, pred, chunks=chunks, names=("reference", "pred"))
-    t, p, n = dask.compute(graph, scheduler=scheduler)[0]
+    t, p, n, _ = dask.compute(graph, scheduler=scheduler)[0]
     m = _score(t, p, n, 1.0, 1.0)
     tab = m.table
     kept = (tab["pred_label"].to_numpy() == tab["truth_label"].to_numpy()) & (tab["iou"].to_numpy() >= thr)

@@ -39,10 +39,22 @@ def ref_ious(truth, pred):
     return out
 
 
-def ref_match(truth, pred, thr, share=0.1):
+def ref_border(truth):
+    """Labels on the faces of the volume (loop over axes)."""
+    faces = []
+    for ax in range(truth.ndim):
+        faces += [np.take(truth, 0, axis=ax).ravel(), np.take(truth, -1, axis=ax).ravel()]
+    return {int(v) for v in np.concatenate(faces) if v != 0}
+
+
+def ref_match(truth, pred, thr, share=0.1, exclude_border=False):
     """Brute-force scores: best pred per truth, greedy one-to-one matching, splits, merges."""
     pairs = ref_ious(truth, pred)
     tl = sorted(int(v) for v in np.unique(truth) if v != 0)
+    if exclude_border:
+        out = ref_border(truth)
+        tl = [t for t in tl if t not in out]
+        pairs = {k: v for k, v in pairs.items() if k[0] not in out}
     pl = sorted(int(v) for v in np.unique(pred) if v != 0)
     rows = []
     for t in tl:
@@ -83,8 +95,9 @@ def ref_same_partition(a, b):
     return True
 
 
-def check_against_reference(m: LabelMatch, truth, pred, thr, share=0.1):
-    ref = ref_match(truth, pred, thr, share)
+def check_against_reference(m: LabelMatch, truth, pred, thr, share=0.1, exclude_border=False):
+    ref = ref_match(truth, pred, thr, share, exclude_border)
+    assert m.n_border == (len(ref_border(truth)) if exclude_border else 0)
     for k in ("n_truth", "n_pred", "n_matched", "n_split", "n_merged"):
         assert getattr(m, k) == ref[k], k
     if ref["n_matched"]:
@@ -316,12 +329,12 @@ def label_pair(draw):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(label_pair(), st.sampled_from([0.3, 0.5, 0.85, 1.0]), st.sampled_from([0.1, 0.4]))
-def test_match_labels_matches_brute_force(pair, thr, share):
+@given(label_pair(), st.sampled_from([0.3, 0.5, 0.85, 1.0]), st.sampled_from([0.1, 0.4]), st.booleans())
+def test_match_labels_matches_brute_force(pair, thr, share, exclude_border):
     t, p, chunks = pair
     with dask.config.set(scheduler="sync"):
-        m = match_labels(t, p, iou=thr, min_share=share, chunks=chunks)
-    check_against_reference(m, t, p, thr, share)
+        m = match_labels(t, p, iou=thr, min_share=share, exclude_border=exclude_border, chunks=chunks)
+    check_against_reference(m, t, p, thr, share, exclude_border)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -352,4 +365,7 @@ def test_phantom_labels_against_themselves_shifted():
     shifted = np.roll(labels, 1, axis=0)
     m = match_labels(labels, shifted, chunks=(17, 23, 29))
     check_against_reference(m, labels, shifted, 0.85)
+    m = match_labels(labels, shifted, chunks=(17, 23, 29), exclude_border=True)
+    check_against_reference(m, labels, shifted, 0.85, exclude_border=True)
+    assert 0 < m.n_border < m.n_border + m.n_truth
     assert same_partition(labels, labels.astype(np.uint64) * np.uint64(3), chunks=(17, 23, 29))
