@@ -41,8 +41,10 @@ Methods:
   ``r_max=4, sigma=0.4`` and tuned variants. PoreSpy is not a dependency of grapes_dask (it
   pins ``edt<3.1``): ``pip install porespy`` in a separate environment, or
   ``pip install --no-deps porespy`` beside grapes_dask; without it these methods are skipped.
-- ``grapes-dask``: :func:`grapes_dask.segment.segment` with its defaults, out of core to Zarr,
-  when the installed grapes_dask has it (skipped otherwise).
+- ``grapes-dask``: grapes_dask's own out-of-core ``segment`` (module ``grapes_dask.segmentation``
+  or ``grapes_dask.segment``) with its defaults, to Zarr, when the grapes_dask on the path has
+  it (skipped otherwise); ``grapes-dask-r4``: with ``markers="local_max"`` and a
+  ``min_distance`` of a quarter of the mean radius.
 
 Prints one markdown table (and one JSON line per method, ``{"benchmark": "segmentation", ...}``).
 """
@@ -77,6 +79,7 @@ METHODS = {
     "snow2-r3": ("snow2", {"r_max": 3, "sigma": 0.4}),
     "snow2-r5-s0": ("snow2", {"r_max": 5, "sigma": 0.0}),
     "grapes-dask": ("grapes-dask", {}),
+    "grapes-dask-r4": ("grapes-dask", {"markers": "local_max", "min_distance": "r/4"}),
 }
 DEFAULT_METHODS = ["paper-r2", "paper-r4", "paper-r4-ball", "paper-hmax0.5", "paper-hrel0.9", "snow2", "snow2-r3",
                    "grapes-dask"]
@@ -197,14 +200,18 @@ def _run(kind, params, grey_path, out_path, mean_radius, min_size) -> dict:
             return {"skipped": "porespy is not installed (pip install porespy, in another environment: "
                                "it pins edt<3.1)"}
     if kind == "grapes-dask":
-        try:
-            from grapes_dask.segment import segment
-        except ImportError as exc:
-            return {"skipped": f"grapes_dask.segment is not importable here ({exc})"}
+        segment = _grapes_dask_segment()
+        if isinstance(segment, str):
+            return {"skipped": segment}
+        kwargs = {k: (mean_radius / {"r/2": 2, "r/4": 4}[v] if v in ("r/2", "r/4") else v) for k, v in params.items()}
         t0 = time.perf_counter()
-        result = segment(grey_path, out=out_path)
+        result = segment(str(grey_path), out=str(out_path), **kwargs)
         seconds = time.perf_counter() - t0
-        return {"times": {"segment": seconds}, "labels": str(out_path), "result": repr(result)[:200]}
+        info = {"times": {"segment": seconds}, "labels": str(out_path)}
+        for key in ("threshold", "n_particles", "n_basins", "timings"):
+            if hasattr(result, key):
+                info[key] = getattr(result, key)
+        return json.loads(json.dumps(info, default=str))
     t0 = time.perf_counter()
     grey = np.asarray(_open(grey_path))
     t_read = time.perf_counter() - t0
@@ -214,6 +221,22 @@ def _run(kind, params, grey_path, out_path, mean_radius, min_size) -> dict:
     info["times"]["read"] = t_read
     info["labels"] = str(out_path)
     return info
+
+
+def _grapes_dask_segment():
+    """grapes_dask's out-of-core ``segment`` function, or why it is not there."""
+    import importlib
+
+    errors = []
+    for module in ("grapes_dask.segmentation", "grapes_dask.segment"):
+        try:
+            func = getattr(importlib.import_module(module), "segment")
+        except (ImportError, AttributeError) as exc:
+            errors.append(f"{module}: {exc}")
+            continue
+        if callable(func):
+            return func
+    return "grapes_dask has no segment() here (" + "; ".join(errors) + ")"
 
 
 def _open(path):
@@ -261,6 +284,8 @@ def main(argv=None):
     ap.add_argument("--damage", type=float, default=PHANTOM["damage"])
     ap.add_argument("--min-size", type=int, default=64, help="islands below this many voxels are removed")
     ap.add_argument("--keep", action="store_true", help="keep the predicted label volumes")
+    ap.add_argument("--grapes-dask-root", type=Path, default=ROOT,
+                    help="source tree whose grapes_dask the grapes-dask methods run (default: this one)")
     ap.add_argument("--list", action="store_true", help="list the methods and exit")
     args = ap.parse_args(argv)
     if args.list:
@@ -286,7 +311,10 @@ def main(argv=None):
         out = data / (f"pred_{name}.zarr" if kind == "grapes-dask" else f"pred_{name}.npy")
         cmd = [sys.executable, str(Path(__file__).resolve()), "_run", kind, json.dumps(params), str(grey), str(out),
                str(args.mean_radius), str(args.min_size)]
-        res = _measure.run_measured(cmd, env=env)
+        run_env = env
+        if kind == "grapes-dask" and args.grapes_dask_root.resolve() != ROOT:
+            run_env = dict(env, PYTHONPATH=os.pathsep.join([str(args.grapes_dask_root), env["PYTHONPATH"]]))
+        res = _measure.run_measured(cmd, env=run_env)
         if res["returncode"] != 0:
             print(f"{name}: failed\n{res['stderr'][-3000:]}", flush=True)
             rows.append({"method": name, "error": res["stderr"].strip().splitlines()[-1:]})

@@ -34,7 +34,8 @@ import pandas as pd
 
 from ._errors import GrapesInputError
 
-__all__ = ["match_labels", "same_partition", "kept_ids", "overlap_table", "LabelMatch", "KeptIds"]
+__all__ = ["match_labels", "same_partition", "kept_ids", "overlap_table", "overlap_graph", "block_pairs", "LabelMatch",
+           "KeptIds"]
 
 _FAN_IN = 8
 _U64 = np.uint64
@@ -359,7 +360,8 @@ def _check_fraction(name, value, lo_open=True):
         v = float(value)
     except (TypeError, ValueError):
         raise GrapesInputError(f"{{{name}}} is not a number: give a value in (0, 1]", **{name: value}) from None
-    if not (0.0 < v <= 1.0) if lo_open else not (0.0 <= v <= 1.0):
+    ok = (0.0 < v <= 1.0) if lo_open else (0.0 <= v <= 1.0)  # False for NaN
+    if not ok:
         interval = "(0, 1]" if lo_open else "[0, 1]"
         raise GrapesInputError(f"{{{name}}} is outside {interval}: give a fraction, e.g. 0.85", **{name: value})
     return v

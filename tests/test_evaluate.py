@@ -280,6 +280,8 @@ def test_bad_inputs_raise_before_compute():
         match_labels(lazy, pred.astype(np.float32))
     with pytest.raises(GrapesInputError, match="iou"):
         match_labels(lazy, pred, iou=0)
+    with pytest.raises(GrapesInputError, match="iou"):
+        match_labels(lazy, pred, iou=float("nan"))
     with pytest.raises(GrapesInputError, match="min_share"):
         match_labels(lazy, pred, min_share=1.5)
     with pytest.raises(GrapesInputError, match="min_iou"):
