@@ -347,7 +347,8 @@ def main(argv=None):
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for r in rows:
         if "matched" not in r:
-            print(f"| {r['method']} | {r.get('skipped') or r.get('error')} |||||||||||")
+            why = "skipped" if "skipped" in r else "failed"
+            print(f"| {r['method']} | {why} (see above) |||||||||||")
             continue
         print(f"| {r['method']} | {r['n_truth']} ({r['n_interior']}) | {r['n_pred']} | {r['matched']:.3f} "
               f"| {r['matched_interior']:.3f} | {r['mean_iou']:.3f} | {r['n_split']} | {r['n_merged']} "
