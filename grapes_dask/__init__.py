@@ -16,7 +16,8 @@ Public API (see the README):
   ``grapes_dask.plotting`` (the paper's figures), ``grapes_dask.report`` (HTML reports)
 - pre-processing (paper section 2.2): :func:`register`, :func:`apply_transform`, :class:`Transform`
   (``grapes_dask.registration``), :func:`segment` (``grapes_dask.segmentation``: threshold, morphology,
-  watershed, seeds), :func:`prepare_series` (``grapes_dask.preprocess``: the chain for a series)
+  watershed, seeds), :func:`prepare_series` (``grapes_dask.preprocess``: the chain for a series),
+  ``grapes_dask.evaluate`` (scoring a segmentation against ground truth, out of core)
 - :func:`grapes_dask.synthetic.make_phantom` and friends
 """
 
@@ -45,8 +46,8 @@ _LAZY = {
 }
 
 
-_SUBMODULES = {"cli", "cluster", "demo", "formats", "io", "kernels", "output", "plan", "plotting", "preprocess",
-               "registration", "report", "segmentation", "stats", "synthetic", "table", "track"}
+_SUBMODULES = {"cli", "cluster", "demo", "evaluate", "formats", "io", "kernels", "output", "plan", "plotting",
+               "preprocess", "registration", "report", "segmentation", "stats", "synthetic", "table", "track"}
 
 
 def __getattr__(name):
