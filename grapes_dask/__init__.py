@@ -15,6 +15,8 @@ Public API (see the README):
 - :func:`grapes_dask.track.track` (operando tracking and cleaning, a :class:`Tracking`),
   ``grapes_dask.plotting`` (the paper's figures), ``grapes_dask.report`` (HTML reports)
 - :func:`grapes_dask.synthetic.make_phantom` and friends
+- ``grapes_dask.denoise(grey, method, ...)`` (Gaussian, median, fast non-local means, out of
+  core; the module is callable) and :func:`estimate_noise_sigma` (``grapes_dask.denoise``)
 """
 
 from importlib.metadata import PackageNotFoundError, version as _version
@@ -37,11 +39,14 @@ _LAZY = {
     "estimate_noise": "stats", "Tracking": "track",
     "Particle": "output", "particle": "output", "prop_to_image": "output", "read_table": "output",
     "write_table": "output",
+    "estimate_noise_sigma": "denoise",
 }
 
 
 _SUBMODULES = {"cli", "cluster", "demo", "formats", "io", "kernels", "output", "plan", "plotting", "report",
                "stats", "synthetic", "table", "track"}
+# a module that is also its main function: grapes_dask.denoise(...) calls grapes_dask.denoise.denoise
+_SUBMODULES |= {"denoise"}
 
 
 def __getattr__(name):

@@ -367,3 +367,12 @@ def test_path_inputs_resolved(tmp_path):
     with dask.config.set(scheduler="sync"):
         np.testing.assert_array_equal(denoise(g, "gaussian", sigma=0.8).compute(),
                                       _round_clip(ndi.gaussian_filter(g.astype(np.float32), 0.8), np.uint8))
+
+
+def test_package_level_call():
+    """``grapes_dask.denoise(...)`` is the function, whichever way the module was imported."""
+    import grapes_dask.denoise as module
+
+    g = _random((9, 10, 11), np.uint8, seed=11)
+    np.testing.assert_array_equal(grapes_dask.denoise(g, "median").compute(), ndi.median_filter(g, size=3))
+    assert module.denoise is denoise and grapes_dask.estimate_noise_sigma is estimate_noise_sigma
