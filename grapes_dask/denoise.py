@@ -31,7 +31,7 @@ What is exact where (the tests check each against the in-memory filter on the wh
   rounding of those sums (see ``docs/preprocess_denoise.md``).
 
 The noise's variance is not subtracted from patch distances (scikit-image's ``sigma=0``): that
-keeps the sums above integers, hence the exactness. The default cut-off ``h = 0.8 x noise
+keeps the sums integers, hence the exactness. The default cut-off ``h = 0.8 x noise
 sigma`` is a compromise measured on the package's phantoms (uint8, contrast 110, blur 1): the
 best factor falls from 1.0 or more at noise sigma 4-6 to 0.8 at 12 and 0.7 at 20, and 0.8 stays
 within about 10% of the best RMSE over that range (``docs/preprocess_denoise.md``).
@@ -254,6 +254,21 @@ def _check_depth(chunks: tuple, depth: tuple, name: str, reach: str, fix: dict) 
     return out
 
 
+def _nlm_scheduler():
+    """The scheduler NLM writes with when none is given: the current one if the user chose one
+    (a distributed Client, or ``dask.config.set(scheduler=...)``), else dask's processes
+    scheduler, since scikit-image's NLM holds the GIL (threads would run one block at a time)."""
+    if dask.config.get("scheduler", None) is not None:
+        return None
+    try:
+        from distributed import default_client
+
+        default_client()
+        return None
+    except (ImportError, ValueError):
+        return "processes"
+
+
 def _fits(shape: tuple, depth: tuple) -> bool:
     """Whether dask-image can filter: it asks for its full overlap along every axis, which dask
     refuses along an axis shorter than the overlap ("The overlapping depth ... is larger than
@@ -341,7 +356,11 @@ def denoise(
     progress : bool
         Show a progress bar while writing `out`.
     scheduler : optional
-        Dask scheduler or distributed Client (default: the current one).
+        Dask scheduler or distributed Client (default: the current one; for ``nlm`` written to
+        `out` with no distributed client and no configured scheduler, dask's ``"processes"``
+        scheduler, because scikit-image's NLM holds the GIL: threads would filter one block at
+        a time. Compute a lazy NLM result likewise, e.g. ``res.compute(scheduler="processes")``
+        or on a distributed cluster of processes.)
 
     Returns
     -------
@@ -461,6 +480,8 @@ def denoise(
                                   dtype=dtype.name),
     }
     attrs = {k: v for k, v in attrs.items() if v is not None}
+    if method == "nlm" and scheduler is None:
+        scheduler = _nlm_scheduler()
     return write_zarr(res, out, chunks=zchunks, attrs=attrs, overwrite=overwrite, progress=progress,
                       scheduler=scheduler)
 

@@ -376,3 +376,12 @@ def test_package_level_call():
     g = _random((9, 10, 11), np.uint8, seed=11)
     np.testing.assert_array_equal(grapes_dask.denoise(g, "median").compute(), ndi.median_filter(g, size=3))
     assert module.denoise is denoise and grapes_dask.estimate_noise_sigma is estimate_noise_sigma
+
+
+def test_nlm_writes_with_processes_unless_a_scheduler_is_chosen():
+    """scikit-image's NLM holds the GIL: threads would filter one block at a time."""
+    from grapes_dask.denoise import _nlm_scheduler
+
+    assert _nlm_scheduler() == "processes"
+    with dask.config.set(scheduler="threads"):
+        assert _nlm_scheduler() is None
