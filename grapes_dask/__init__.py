@@ -15,7 +15,8 @@ Public API (see the README):
 - :func:`grapes_dask.track.track` (operando tracking and cleaning, a :class:`Tracking`),
   ``grapes_dask.plotting`` (the paper's figures), ``grapes_dask.report`` (HTML reports)
 - pre-processing (paper section 2.2): :func:`register`, :func:`apply_transform`, :class:`Transform`
-  (``grapes_dask.registration``), :func:`segment` (``grapes_dask.segmentation``: threshold, morphology,
+  (``grapes_dask.registration``), :func:`denoise`, :func:`estimate_noise_sigma` (``grapes_dask.denoising``),
+  :func:`segment` (``grapes_dask.segmentation``: threshold, morphology,
   watershed, seeds), :func:`prepare_series` (``grapes_dask.preprocess``: the chain for a series),
   ``grapes_dask.evaluate`` (scoring a segmentation against ground truth, out of core)
 - :func:`grapes_dask.synthetic.make_phantom` and friends
@@ -43,11 +44,13 @@ _LAZY = {
     "write_table": "output",
     "register": "registration", "apply_transform": "registration", "Transform": "registration",
     "segment": "segmentation", "Segmentation": "segmentation", "prepare_series": "preprocess",
+    "denoise": "denoising", "estimate_noise_sigma": "denoising",
 }
 
 
-_SUBMODULES = {"cli", "cluster", "demo", "evaluate", "formats", "io", "kernels", "output", "plan", "plotting",
-               "preprocess", "registration", "report", "segmentation", "stats", "synthetic", "table", "track"}
+_SUBMODULES = {"cli", "cluster", "demo", "denoising", "evaluate", "formats", "io", "kernels", "output", "plan",
+               "plotting", "preprocess", "registration", "report", "segmentation", "stats", "synthetic", "table",
+               "track"}
 
 
 def __getattr__(name):
@@ -103,4 +106,6 @@ __all__ = [
     "segment",
     "Segmentation",
     "prepare_series",
+    "denoise",
+    "estimate_noise_sigma",
 ]

@@ -7,7 +7,7 @@ one folder, ``DIR/<state>/``:
    translation or rigid), and resample it onto the reference grid
    (:func:`grapes_dask.registration.apply_transform`) -> ``grey.zarr`` (the reference state's grey is
    used as it is); the transform goes to ``transform.json`` and the Zarr attributes;
-2. optionally **denoise** each registered state (:func:`grapes_dask.denoise.denoise`) ->
+2. optionally **denoise** each registered state (:func:`grapes_dask.denoising.denoise`) ->
    ``denoised.zarr``, used for the segmentation only: the analysis reads the unsmoothed grey
    levels, as in the paper;
 3. **segment** the reference state (:func:`grapes_dask.segmentation.segment`) -> ``labels.zarr``;
@@ -101,7 +101,7 @@ def prepare_series(
     denoise : {"nlm", "gaussian", "median", None}
         Filter applied before the segmentation only (None: segment the registered grey).
     denoise_options, segment_options : dict, optional
-        Keyword arguments of :func:`grapes_dask.denoise.denoise` and
+        Keyword arguments of :func:`grapes_dask.denoising.denoise` and
         :func:`grapes_dask.segmentation.segment` (not `seeds`, `out`).
     spacing : float or sequence of float, optional
         Voxel size (default: from the reference's metadata).
@@ -170,7 +170,7 @@ def prepare_series(
         t0 = time.perf_counter()
         seg_input: Any = grey_of[n]
         if denoise is not None:
-            from .denoise import denoise as run_denoise
+            from .denoising import denoise as run_denoise
 
             say(f"{n}: denoising ({denoise})")
             run_denoise(grey_of[n], method=denoise, out=d / "denoised.zarr", overwrite=overwrite,
