@@ -894,6 +894,75 @@ def register(fixed, moving, out, method, transform_path, save_transform, downsam
 @_verbose_option
 @click.argument("grey", metavar="GREY")
 @click.argument("out", metavar="OUT.zarr")
+@click.option("--method", type=click.Choice(["nlm", "gaussian", "median"]), default="nlm", show_default=True,
+              help="Fast non-local means (the paper's choice), a Gaussian blur or a median filter.")
+@click.option("--sigma", type=float, default=None, help="gaussian: standard deviation, voxels (default 1).")
+@click.option("--size", type=int, default=None, help="median: window side, voxels (default 3).")
+@click.option("--patch-size", type=int, default=5, show_default=True, help="nlm: side of the compared patches, voxels.")
+@click.option("--patch-distance", type=int, default=6, show_default=True,
+              help="nlm: search radius around each voxel, voxels.")
+@click.option("--h", "h", type=float, default=None,
+              help="nlm: filter strength, grey levels (default 0.8 x the noise sigma).")
+@click.option("--noise-sigma", type=float, default=None,
+              help="nlm: noise standard deviation, grey levels (default: estimated once on the whole volume).")
+@_spacing_option
+@click.option("--chunks", type=int, default=None, help="Side of the blocks and of OUT's chunks (default: GREY's chunks).")
+@_cluster_options
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--quiet", is_flag=True, help="No progress, no dashboard link: only the closing line.")
+def denoise(grey, out, method, sigma, size, patch_size, patch_distance, h, noise_sigma, spacing, chunks, scheduler,
+            workers, memory_limit, hpc, overwrite, quiet):
+    """Denoise a grey volume block by block (equal to the filter on the whole volume), to Zarr.
+
+    NLM holds Python's lock while it filters, so for it the local cluster starts one worker
+    process per core unless --workers says otherwise.
+    """
+    import os
+
+    from .denoising import denoise as run_denoise
+    from .io import _check_can_write
+
+    _check_can_write(Path(out), overwrite)
+    _check_cluster_args(scheduler, workers, memory_limit, hpc)
+    if method == "nlm" and workers is None and not scheduler and not hpc:
+        workers = max(1, os.cpu_count() or 1)
+    kw = {"gaussian": dict(sigma=sigma), "median": dict(size=size),
+          "nlm": dict(patch_size=patch_size, patch_distance=patch_distance, h=h, noise_sigma=noise_sigma)}[method]
+    for name, v in (("--sigma", sigma), ("--size", size), ("--h", h), ("--noise-sigma", noise_sigma)):
+        if v is not None and name.lstrip("-").replace("-", "_") not in kw:
+            raise GrapesInputError(f"{name} {v} is not an option of --method {method}: leave it out")
+    kw = {k: v for k, v in kw.items() if v is not None}
+    t0 = time.perf_counter()
+    with _cluster(scheduler, workers, memory_limit, quiet, hpc), _notes():
+        path = run_denoise(grey, method, out=out, chunks=chunks, spacing=spacing, overwrite=overwrite,
+                           progress=not quiet, **kw)
+    import zarr
+
+    attrs = dict(zarr.open_array(str(path)).attrs)
+    meta = attrs.get("grapes_dask", attrs)
+    extra = ""
+    if method == "nlm":
+        ns, hh = _find_key(meta, "noise_sigma"), _find_key(meta, "h")
+        extra = f" (noise sigma {ns:.3g}, h {hh:.3g} grey levels)" if ns is not None and hh is not None else ""
+    click.echo(f"wrote {Path(out)}: {method}{extra} in {time.perf_counter() - t0:.1f} s")
+
+
+def _find_key(d, key):
+    """The value of `key` in a nested dict of attributes (None if absent)."""
+    if isinstance(d, dict):
+        if key in d and not isinstance(d[key], dict):
+            return d[key]
+        for v in d.values():
+            r = _find_key(v, key)
+            if r is not None:
+                return r
+    return None
+
+
+@cli.command()
+@_verbose_option
+@click.argument("grey", metavar="GREY")
+@click.argument("out", metavar="OUT.zarr")
 @click.option("--threshold", type=float, default=None,
               help="Grey level above which a voxel is particle (default: Otsu's threshold of the histogram).")
 @click.option("--invert", is_flag=True, help="Particles are darker than the background (below the threshold).")

@@ -454,11 +454,11 @@ def test_readme_and_help_list_the_same_options():
             synopsis.setdefault(cmd, set()).update(opts)
         elif m is None and line.strip():
             shared |= opts  # the CLUSTER OPTIONS paragraph
-    for cmd in ("register", "segment"):
+    for cmd in ("register", "denoise", "segment"):
         assert "CLUSTER OPTIONS" in block.split(f"grapes-dask {cmd} ", 1)[1].split("grapes-dask", 1)[0]
         synopsis[cmd] |= shared
-    assert set(synopsis) == {"demo", "analyze", "operando", "report", "register", "segment", "convert", "synth",
-                             "info"}
+    assert set(synopsis) == {"demo", "analyze", "operando", "report", "register", "denoise", "segment", "convert",
+                             "synth", "info"}
     for cmd, opts in synopsis.items():
         r = run(cmd, "--help")
         assert r.returncode == 0

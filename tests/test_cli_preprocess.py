@@ -107,3 +107,15 @@ def test_operando_segment_chain(tmp_path):
     r = run("operando", "--state", f"a={grey[0]}", "--state", f"b={grey[1]}", "--out", tmp_path / "o2",
             "--denoise", "nlm")
     assert r.returncode == 2 and "--segment" in r.stderr
+
+
+def test_denoise_command(grey_zarr):
+    d, grey, _ = grey_zarr
+    out = d / "g.zarr"
+    r = run("denoise", d / "grey.zarr", out, "--method", "gaussian", "--sigma", "1.5", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"wrote {out}: gaussian")
+    ref = np.clip(np.rint(ndi.gaussian_filter(grey.astype(np.float32), 1.5)), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(zarr.open_array(str(out))[...], ref)
+    r = run("denoise", d / "grey.zarr", d / "m.zarr", "--method", "median", "--h", "3", "--quiet")
+    assert r.returncode == 2 and "--h 3.0 is not an option of --method median" in r.stderr
