@@ -191,15 +191,6 @@ def _morphology(block: np.ndarray, closing: int, opening: int) -> np.ndarray:
     return m
 
 
-def morphology_reference(fg: np.ndarray, closing: int, opening: int) -> np.ndarray:
-    """In-memory closing then opening with the volume edge extended (what the blockwise stage does)."""
-    d = 2 * (closing + opening)
-    if d == 0:
-        return fg.astype(bool)
-    p = np.pad(fg.astype(bool), d, mode="edge")
-    return _morphology(p, closing, opening)[(slice(d, -d),) * fg.ndim]
-
-
 def _mask(grey: da.Array, threshold: float, invert: bool, closing: int, opening: int) -> da.Array:
     """Threshold, closing, opening (lazy, blockwise with the overlap the balls need)."""
     fg = grey < threshold if invert else grey > threshold
@@ -383,26 +374,6 @@ def _halo_needed(d: np.ndarray, sp: np.ndarray) -> np.ndarray:
     if not np.isfinite(m):
         return np.full(sp.shape, 1 << 30, np.int64)
     return np.ceil(m / sp - 1e-9).astype(np.int64) + 1
-
-
-def smoothed_distance_reference(fg: np.ndarray, spacing=None, smoothing_vox=None) -> np.ndarray:
-    """In-memory smoothed distance map of a foreground mask (the stage-3 definition).
-
-    ``gaussian_filter(distance_transform_edt(fg, sampling=spacing), smoothing_vox, mode="nearest")``
-    restricted to the foreground, float32, with no background outside the volume.
-    """
-    from scipy import ndimage as ndi
-
-    fg = np.asarray(fg, bool)
-    sp = (1.0,) * fg.ndim if spacing is None else tuple(spacing)
-    if fg.all():
-        raise GrapesInputError("everything is foreground: no distance map")
-    d = ndi.distance_transform_edt(fg, sampling=sp)
-    if smoothing_vox is not None and any(s > 0 for s in smoothing_vox):
-        d = ndi.gaussian_filter(d, smoothing_vox, mode="nearest", truncate=4.0)
-    S = d.astype(np.float32)
-    S[~fg] = 0
-    return S
 
 
 # --------------------------------------------------------------------------------------------
