@@ -201,14 +201,15 @@ def resolve_basins(par, seed, lo, hi, c0, c1, origin, full):
 
 
 @njit(cache=True, nogil=True)
-def _count_edges(K, c0, c1):
+def _edge_pass(K, S, c0, c1, a, b, sd, write):
+    """The touching voxel pairs of the core: counted, and written to `a, b, sd` when `write`."""
     nz, ny, nx = K.shape
     n = 0
     for z in range(c0[0], c1[0]):
         for y in range(c0[1], c1[1]):
             for x in range(c0[2], c1[2]):
-                a = K[z, y, x]
-                if a == 0:
+                ka = K[z, y, x]
+                if ka == 0:
                     continue
                 for o in range(13):
                     dz = 1 if o < 9 else 0
@@ -219,9 +220,14 @@ def _count_edges(K, c0, c1):
                     xx = x + dx
                     if zz >= nz or yy < 0 or yy >= ny or xx < 0 or xx >= nx:
                         continue
-                    b = K[zz, yy, xx]
-                    if b != 0 and b != a:
-                        n += 1
+                    kb = K[zz, yy, xx]
+                    if kb == 0 or kb == ka:
+                        continue
+                    if write:
+                        a[n] = min(ka, kb)
+                        b[n] = max(ka, kb)
+                        sd[n] = min(S[z, y, x], S[zz, yy, xx])
+                    n += 1
     return n
 
 
@@ -252,38 +258,12 @@ def basin_edges(K, S, c0, c1):
     offsets ``o`` that come after ``(0, 0, 0)`` in raster order, so every pair of the volume is
     listed by exactly one block.
     """
-    n = _count_edges(K, c0, c1)
+    none_i = np.empty(0, np.int64)
+    n = _edge_pass(K, S, c0, c1, none_i, none_i, np.empty(0, np.float32), False)
     a = np.empty(n, np.int64)
     b = np.empty(n, np.int64)
     sd = np.empty(n, np.float32)
-    nz, ny, nx = K.shape
-    i = 0
-    for z in range(c0[0], c1[0]):
-        for y in range(c0[1], c1[1]):
-            for x in range(c0[2], c1[2]):
-                ka = K[z, y, x]
-                if ka == 0:
-                    continue
-                for o in range(13):
-                    dz = 1 if o < 9 else 0
-                    dy = (o // 3) - 1 if o < 9 else (1 if o < 12 else 0)
-                    dx = (o % 3) - 1 if o < 12 else 1
-                    zz = z + dz
-                    yy = y + dy
-                    xx = x + dx
-                    if zz >= nz or yy < 0 or yy >= ny or xx < 0 or xx >= nx:
-                        continue
-                    kb = K[zz, yy, xx]
-                    if kb == 0 or kb == ka:
-                        continue
-                    if ka < kb:
-                        a[i] = ka
-                        b[i] = kb
-                    else:
-                        a[i] = kb
-                        b[i] = ka
-                    sd[i] = min(S[z, y, x], S[zz, yy, xx])
-                    i += 1
+    _edge_pass(K, S, c0, c1, a, b, sd, True)
     return a, b, sd
 
 
