@@ -420,7 +420,6 @@ def _basin_task(paths: dict, lo, hi, shape, halo0, ball, basins_path):
     ea, eb, es = _reduce_edges(ea, eb, es)
     Kc = K[tuple(slice(a, b) for a, b in zip(c0, c1))]
     # the basins of the core: root keys, sizes, peaks, and whether the root is a footprint maximum
-    wsh = np.asarray(S.shape, np.int64)
     loc = np.stack(np.unravel_index(roots, S.shape), 1).astype(np.int64)
     sv = seed.ravel()[roots] if seed.shape == S.shape else np.zeros(roots.size, np.int64)
     gpos = loc + wlo
@@ -433,7 +432,6 @@ def _basin_task(paths: dict, lo, hi, shape, halo0, ball, basins_path):
         marked[:] = -1
         if own.any():
             marked[own] = _ws.roots_are_ball_max(S, fg, np.ascontiguousarray(loc[own]), ball, wlo, shape)
-    del wsh
     if keys.size:  # seeded basins: every seed voxel is a root of the same key
         keys, first, inv = np.unique(keys, return_index=True, return_inverse=True)
         counts = np.bincount(inv, weights=counts, minlength=keys.size).astype(np.int64)
