@@ -1,7 +1,7 @@
 """Denoising out of core: ``grapes_dask.denoise`` (module ``grapes_dask.denoising``) from a Zarr grey volume to a Zarr output.
 
-    grapes-dask synth /work/bench_data/dn512 --size 512 512 512     # the input (noise sigma 6, uint8)
-    python benchmarks/preprocess_denoise.py --data /work/bench_data/dn512
+    grapes-dask synth benchmarks/_data/dn512 --size 512 512 512     # the input (noise sigma 6, uint8)
+    python benchmarks/preprocess_denoise.py --data benchmarks/_data/dn512
     python benchmarks/preprocess_denoise.py --data DIR --methods gaussian median --repeat 2
     python benchmarks/preprocess_denoise.py --data DIR --methods nlm --crop 256   # NLM on a 256^3 corner
 
@@ -130,7 +130,7 @@ def summary(rows) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=Path("/work/bench_data/dn512"),
+    ap.add_argument("--data", type=Path, default=Path("benchmarks/_data/dn512"),
                     help="folder with grey.zarr (grapes-dask synth DIR --size 512 512 512)")
     ap.add_argument("--methods", nargs="+", default=["gaussian", "median", "nlm"], choices=list(DEFAULTS))
     ap.add_argument("--crop", type=int, default=None, help="denoise the corner [:N, :N, :N] only")

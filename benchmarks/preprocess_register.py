@@ -145,7 +145,7 @@ def run_step(name: str, args, method: str) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--data", type=Path, default=Path("/work/bench_data/reg512"))
+    ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parent / "_data" / "reg512")
     ap.add_argument("--method", choices=["translation", "rigid", "both"], default="both")
     ap.add_argument("--shift", type=float, nargs=3, default=[3.3, -5.7, 2.45], metavar=("Z", "Y", "X"))
     ap.add_argument("--angle", type=float, default=1.5, help="rigid: rotation about z, degrees")
