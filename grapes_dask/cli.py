@@ -1003,11 +1003,13 @@ def segment(grey, out, threshold, invert, spacing, closing, opening, no_fill_hol
     the parameters and threshold in its attributes.
     """
     from .io import _check_can_write, resolve_volume
-    from .segmentation import segment as run_segment
+    from .segmentation import check_seeds, segment as run_segment
 
     _check_can_write(Path(out), overwrite)
     _check_cluster_args(scheduler, workers, memory_limit, hpc)
     vol = resolve_volume(grey if dataset is None else f"{grey}::{dataset}")
+    if seeds is not None:
+        seeds = check_seeds(vol, seeds)
     t0 = time.perf_counter()
     with _cluster(scheduler, workers, memory_limit, quiet, hpc) as client, _notes():
         res = run_segment(vol, threshold=threshold, invert=invert, spacing=spacing, closing=closing, opening=opening,

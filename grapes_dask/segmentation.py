@@ -51,7 +51,7 @@ import numpy as np
 from ._errors import GrapesInputError
 from .kernels import watershed as _ws
 
-__all__ = ["segment", "Segmentation", "otsu_threshold"]
+__all__ = ["segment", "Segmentation", "otsu_threshold", "check_seeds"]
 
 _MAX_HALO = 512  # voxels: a window that would need more is an error (threshold or smoothing wrong)
 
@@ -673,15 +673,7 @@ def segment(
     sigma_vox = tuple(0.0 if (flat2d and i == 0) else smoothing / s for i, s in enumerate(sp))
     seeds_arr = None
     if seeds is not None:
-        sv = resolve_volume(seeds)
-        if sv.array.shape != vol.array.shape:
-            raise GrapesInputError(
-                f"the {{seeds}} have shape {sv.array.shape} but the grey volume {vol.name} has shape "
-                f"{vol.array.shape}: give the reference labels registered onto this volume (apply_transform)",
-                seeds=sv.name)
-        if sv.array.dtype.kind not in "ui":
-            raise GrapesInputError("the {seeds} must be integer labels, got dtype " + str(sv.array.dtype),
-                                   seeds=sv.name)
+        sv = check_seeds(vol, seeds)
         seeds_arr = sv.array[None] if flat2d else sv.array
     ch = _norm_chunks(chunks, vol.array.shape)
     if flat2d:
@@ -782,6 +774,14 @@ def segment(
         ukeys, values, n_particles, n_basins, removed, unlabelled = _combine(
             parts, markers, h, min_size, seeds_arr is not None)
         timings["merge"] = time.perf_counter() - t0
+        if n_particles == 0:
+            if seeds_arr is not None:
+                raise GrapesInputError(
+                    f"no seed of {{seeds}} lies in the foreground of {vol.name} (after an erosion of "
+                    f"{seed_erosion} voxels): are they the reference labels, registered onto this volume? Check "
+                    "them, or lower {seed_erosion}", seeds=sv.name, seed_erosion=seed_erosion)
+            raise GrapesInputError(f"every particle of {vol.name} has fewer than {{min_size}} voxels: lower it",
+                                   min_size=min_size)
 
         # 6. labels
         t0 = time.perf_counter()
@@ -823,6 +823,39 @@ def segment(
     return Segmentation(labels=result_labels, path=path, threshold=threshold, n_particles=n_particles,
                         n_basins=n_basins, n_removed=removed, unlabelled_voxels=unlabelled, params=params,
                         timings=timings)
+
+
+def check_seeds(grey, seeds):
+    """The seeds of :func:`segment`, opened and checked against the grey volume (no voxel read).
+
+    Parameters
+    ----------
+    grey, seeds : array-like, path or Volume
+        The grey volume and the reference labels.
+
+    Returns
+    -------
+    grapes_dask.io.Volume
+        The seeds.
+
+    Raises
+    ------
+    GrapesInputError
+        Seeds of another shape, or not integer labels.
+    """
+    from .io import resolve_volume
+
+    vol = resolve_volume(grey)
+    sv = resolve_volume(seeds)
+    if sv.array.shape != vol.array.shape:
+        raise GrapesInputError(
+            f"the {{seeds}} have shape {sv.array.shape} but the grey volume {vol.name} has shape "
+            f"{vol.array.shape}: give the reference labels registered onto this volume (apply_transform)",
+            seeds=sv.name)
+    if sv.array.dtype.kind not in "ui":
+        raise GrapesInputError("the {seeds} must be integer labels, got dtype " + str(sv.array.dtype),
+                               seeds=sv.name)
+    return sv
 
 
 def _erode_labels_block(b, r):

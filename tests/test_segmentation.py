@@ -265,6 +265,15 @@ def test_float_everything_foreground_after_morphology():
         segment(g, threshold=-0.5)
 
 
+def test_seeds_that_seed_nothing(noisy):
+    grey, _ = noisy
+    noise = np.random.default_rng(0).integers(1, 200, grey.shape).astype(np.uint16)  # grey levels, not labels
+    with pytest.raises(GrapesInputError, match="no seed"):
+        segment(grey, seeds=noise, chunks=48)
+    with pytest.raises(GrapesInputError, match="fewer than"):
+        segment(grey, min_size=10**7, chunks=48)
+
+
 def test_bad_seeds(noisy):
     grey, _ = noisy
     with pytest.raises(GrapesInputError, match="shape"):
