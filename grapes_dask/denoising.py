@@ -256,15 +256,11 @@ def _nlm_scheduler():
     """The scheduler NLM writes with when none is given: the current one if the user chose one
     (a distributed Client, or ``dask.config.set(scheduler=...)``), else dask's processes
     scheduler, since scikit-image's NLM holds the GIL (threads would run one block at a time)."""
-    if dask.config.get("scheduler", None) is not None:
-        return None
-    try:
-        from distributed import default_client
+    from .plan import _default_client
 
-        default_client()
+    if dask.config.get("scheduler", None) is not None or _default_client() is not None:
         return None
-    except (ImportError, ValueError):
-        return "processes"
+    return "processes"
 
 
 def _fits(shape: tuple, depth: tuple) -> bool:

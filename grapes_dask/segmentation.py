@@ -518,15 +518,6 @@ def _relabel_block(b, ukeys, values, dtype):
 # --------------------------------------------------------------------------------------------
 
 
-def _client():
-    try:
-        from distributed import default_client
-
-        return default_client()
-    except (ImportError, ValueError):
-        return None
-
-
 def _blocks(shape, chunks):
     edges = [np.r_[0, np.cumsum(c)] for c in chunks]
     for idx in np.ndindex(*[len(c) for c in chunks]):
@@ -678,7 +669,10 @@ def segment(
     ch = _norm_chunks(chunks, vol.array.shape)
     if flat2d:
         ch = ((1,),) + ch
-    client = _client() if client is None else client
+    if client is None:
+        from .plan import _default_client
+
+        client = _default_client()
     timings: dict = {}
 
     def run(*objs, desc):
