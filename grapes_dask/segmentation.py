@@ -332,6 +332,8 @@ def _distance_task(fg_path: str, lo, hi, shape, spacing, sigma_vox, halo0):
     """Smoothed distance map on the block ``lo:hi``, exact: the halo grows until certified."""
     import zarr
 
+    from .kernels.distance import distance_core
+
     fgz = zarr.open_array(fg_path, mode="r")
     shape = np.asarray(shape)
     lo, hi = np.asarray(lo), np.asarray(hi)
@@ -343,8 +345,6 @@ def _distance_task(fg_path: str, lo, hi, shape, spacing, sigma_vox, halo0):
         wlo, whi = _window(ilo, ihi, shape, h, h)
         win = np.asarray(fgz[tuple(slice(a, b) for a, b in zip(wlo, whi))]).astype(np.uint8)
         inner = tuple(slice(a - w, b - w) for a, b, w in zip(ilo, ihi, wlo))
-        from .kernels.distance import distance_core
-
         d = distance_core(win, core=inner, spacing=tuple(sp), border=False)
         need = _halo_needed(d, sp)
         cut_lo, cut_hi = wlo > 0, whi < shape
