@@ -22,6 +22,8 @@ import click
 import numpy as np
 
 from ._errors import GrapesInputError, GrapesInputWarning
+from .formats import _UNIT_TO_UM
+from .units import parse_spacing
 
 # GrapesInputWarning: input analysed by the API with a warning (no particle at all) stops the command
 _USER_ERRORS = (GrapesInputError, GrapesInputWarning, FileNotFoundError, FileExistsError, PermissionError,
@@ -60,7 +62,8 @@ class _Group(click.Group):
             ctx.exit(130)
 
 
-_NUMBER = re.compile(r"^[+]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+_NUMBER = re.compile(r"^[+]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?(" + "|".join(
+    re.escape(u) for u in sorted(_UNIT_TO_UM, key=len, reverse=True)) + r")?$", re.IGNORECASE)
 
 
 def _join_spacing(args: list) -> list:
@@ -111,13 +114,28 @@ def _verbose_option(f):
 def _parse_spacing(ctx, param, value):
     if value is None:
         return None
+    words = str(value).replace(",", " ").split()
     try:
-        vals = tuple(float(v) for v in str(value).replace(",", " ").split())
-    except ValueError:
-        vals = ()
+        nums, unit = parse_spacing(tuple(words))
+        vals = tuple(float(v) for v in nums)
+    except (ValueError, GrapesInputError):
+        vals, unit = (), None
     if not 1 <= len(vals) <= 3 or not all(v > 0 and v < float("inf") for v in vals):
-        raise click.BadParameter(f"{value!r}: give one positive voxel size for every axis, or one per axis (Z Y X)")
+        raise click.BadParameter(f"{value!r}: give one positive voxel size for every axis, or one per axis (Z Y X), "
+                                 "optionally with its unit (0.325um)")
+    if unit is not None:  # kept with the values: settle_spacing records it
+        return f"{vals[0]!r}{unit}" if len(vals) == 1 else tuple(f"{v!r}{unit}" for v in vals)
     return vals[0] if len(vals) == 1 else vals
+
+
+def _parse_length(ctx, param, value):
+    """A length option: a plain number of voxels as a float, a length with its unit as given."""
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return str(value).strip()
 
 
 _WORKERS_HELP = ("Local cluster: 1 (default) runs one worker inside this process with a thread per core "
@@ -127,8 +145,8 @@ _WORKERS_HELP = ("Local cluster: 1 (default) runs one worker inside this process
 def _spacing_option(f):
     return click.option(
         "--spacing", default=None, metavar="[Z] Y X", callback=_parse_spacing,
-        help="Voxel size: one value per axis (Z Y X, or Y X for 2D images) or one for all axes; "
-             "overrides the files' metadata.",
+        help="Voxel size: one value per axis (Z Y X, or Y X for 2D images) or one for all axes, optionally "
+             "with its unit (0.325um); overrides the files' metadata (a bare number keeps their unit).",
     )(f)
 
 
@@ -354,7 +372,9 @@ def synth(output_dir, size, mean_radius, states, seed, chunks, overwrite, quiet)
 @click.option("--memory-limit", default=None, metavar="SIZE",
               help="Memory of the local cluster's workers, e.g. 8GiB (default: the machine's memory); "
                    "the regions of pass 2 are planned to fit it.")
-@click.option("--layer-width", type=float, default=None, help="Radial layer width in spacing units (default 1).")
+@click.option("--layer-width", default=None, metavar="W", callback=_parse_length,
+              help="Radial layer width: voxels (default 1 voxel of the finest axis), or a length with its unit "
+                   "(0.5um).")
 @click.option("--start-at", type=click.Choice(["edge", "center", "centre"]), default="edge", show_default=True,
               help="Layer 1 at the particle surface (edge) or at its centroid (center or centre).")
 @click.option("--normalise", "--normalize", "normalise", type=click.Choice(["radial_max", "surface", "roi_mean"]),
@@ -669,8 +689,9 @@ def _parse_gap(text):
               help="Exclude particles within N voxels of an inconsistent label (0: sharing a face; "
                    "none: no neighbour rule).")
 @_spacing_option
-@click.option("--layer-width", type=float, default=None,
-              help="Radial layer width in spacing units, for the states given as volumes (default 1).")
+@click.option("--layer-width", default=None, metavar="W", callback=_parse_length,
+              help="Radial layer width for the states given as volumes: voxels (default 1 voxel of the finest "
+                   "axis), or a length with its unit (0.5um).")
 @click.option("--start-at", type=click.Choice(["edge", "center", "centre"]), default="edge", show_default=True,
               help="Layer 1 at the particle surface (edge) or at its centroid (center or centre).")
 @click.option("--chunks", type=int, default=None, help="Chunk side for pass 1 (default: the stored chunks).")

@@ -861,6 +861,11 @@ def _unit_factor(unit) -> float | None:
     return None if unit is None else _UNIT_TO_UM.get(str(unit).strip().lower())
 
 
+def _tidy(x: float, digits: int = 12) -> float:
+    """`x` to `digits` significant digits: unit conversions print 0.325, not 0.32499999999999996."""
+    return float(f"{x:.{digits}g}") if x else x
+
+
 def _is_print_resolution(px_per_cm: float) -> bool:
     return any(abs(px_per_cm * 2.54 - d) <= 1e-4 * d for d in _PRINT_DPI)
 
@@ -894,8 +899,8 @@ def _tiff_spacing(tf, ndim: int):
         u = dict(re.findall(r'PhysicalSize([XYZ])Unit="([^"]+)"', tf.ome_metadata))
         f = {ax: _unit_factor(u.get(ax, "µm")) for ax in "XYZ"}
         if "X" in m and "Y" in m and f["X"] and f["Y"]:
-            yx = (m["Y"] * f["Y"], m["X"] * f["X"])
-            z = m["Z"] * f["Z"] if "Z" in m and f["Z"] else None
+            yx = (_tidy(m["Y"] * f["Y"]), _tidy(m["X"] * f["X"]))
+            z = _tidy(m["Z"] * f["Z"]) if "Z" in m and f["Z"] else None
             sp, how = with_z(yx, z, "OME-TIFF PhysicalSize")
             return sp, "micrometer", how
     page = tf.pages.first
@@ -907,6 +912,9 @@ def _tiff_spacing(tf, ndim: int):
     yres = yr.value[0] / yr.value[1] if yr.value[1] else 0
     if not xres or not yres:
         return None, None, None
+    # the voxel edge is den / num of the rational tag: 13 / 40 gives 0.325, where 1 / (40 / 13)
+    # gives 0.32499999999999996; 7 significant digits are more than any calibration holds
+    xsize, ysize = (_tidy(v[1] / v[0], 7) for v in (xr.value, yr.value))
     ij = tf.imagej_metadata or {}
     unit = str(ij.get("unit", "")).strip()
     if ij and unit:
@@ -920,13 +928,14 @@ def _tiff_spacing(tf, ndim: int):
         else:
             unit_out = "micrometer"
         z = ij.get("spacing")
-        sp, how = with_z((factor / yres, factor / xres), float(z) * factor if z else None, "ImageJ metadata")
+        sp, how = with_z((_tidy(factor * ysize), _tidy(factor * xsize)), _tidy(float(z) * factor) if z else None,
+                         "ImageJ metadata")
         return sp, unit_out, how
     runit = tags.get("ResolutionUnit")
     runit = int(runit.value) if runit is not None else 2  # the TIFF default is inch
     if runit != 3 or (xres == 1 and yres == 1) or (_is_print_resolution(xres) and _is_print_resolution(yres)):
         return None, None, None
-    sp, how = with_z((1e4 / yres, 1e4 / xres), None, "TIFF resolution tags (cm)")
+    sp, how = with_z((_tidy(1e4 * ysize), _tidy(1e4 * xsize)), None, "TIFF resolution tags (cm)")
     return sp, "micrometer", how
 
 
@@ -1062,7 +1071,7 @@ def _hdf5_spacing(ds):
             if k == "element_size_um":
                 unit = "micrometer"
             else:
-                unit = node.attrs.get("unit")
+                unit = node.attrs.get("unit", node.attrs.get("units"))
                 unit = unit.decode() if isinstance(unit, bytes) else (None if unit is None else str(unit))
             where = "" if node is ds else f" of {'the file' if node.name == '/' else 'group ' + node.name}"
             return sp, unit, f"HDF5 attribute {k!r}{where}"

@@ -70,6 +70,7 @@ from .formats import (
     direct_reader,
 )
 from .formats import _resolve as _resolve_source
+from .units import parse_spacing
 
 __all__ = [
     "Volume",
@@ -377,6 +378,15 @@ def resolve_volume(source, *, dataset: str | None = None, level: int | None = No
     )
 
 
+def _split_unit(spacing):
+    """``(values, unit)`` of a voxel size given with a unit; as given, and None, when it has none or
+    is not a voxel size at all (:func:`check_spacing` then says what is wrong)."""
+    try:
+        return parse_spacing(spacing)
+    except GrapesInputError:
+        return spacing, None
+
+
 def check_spacing(spacing, ndim: int) -> tuple[float, ...]:
     """A given voxel size as one positive float per axis.
 
@@ -398,6 +408,7 @@ def check_spacing(spacing, ndim: int) -> tuple[float, ...]:
         Wrong length, not numbers, zero, negative or not finite.
     """
     values: tuple = ()
+    spacing, _ = _split_unit(spacing)  # "0.325um" -> 0.325 (the unit is read by settle_spacing)
     if isinstance(spacing, numbers.Real) and not isinstance(spacing, bool):
         values = (float(spacing),) * ndim
     elif not isinstance(spacing, (str, bytes)):
@@ -408,7 +419,8 @@ def check_spacing(spacing, ndim: int) -> tuple[float, ...]:
     if len(values) != ndim or not all(np.isfinite(s) and s > 0 for s in values):
         raise GrapesInputError(
             f"{{spacing}} does not fit a {ndim}D volume: give {ndim} positive voxel sizes "
-            f"({'z y x' if ndim == 3 else 'y x'}) or one for every axis", spacing=spacing,
+            f"({'z y x' if ndim == 3 else 'y x'}) or one for every axis, optionally with a unit (0.325um)",
+            spacing=spacing,
         )
     return values
 
@@ -427,8 +439,10 @@ def settle_spacing(volumes: dict, spacing=None) -> tuple[tuple[float, ...], str,
     ----------
     volumes : dict of str to Volume
         Role (``"labels"``, ``"grey"``) to volume, all of one shape, in order of precedence.
-    spacing : float or sequence of float, optional
+    spacing : float, str or sequence of float or str, optional
         The voxel size the user gave: it settles the question (checked by :func:`check_spacing`).
+        Values may carry a length unit (``"0.325um"``); bare numbers take the unit the files
+        record, if any.
 
     Returns
     -------
@@ -449,9 +463,13 @@ def settle_spacing(volumes: dict, spacing=None) -> tuple[tuple[float, ...], str,
     """
     vols = list(volumes.items())
     ndim = vols[0][1].ndim
-    if spacing is not None:
-        return check_spacing(spacing, ndim), "given", None
     known = [(role, v) for role, v in vols if v.spacing is not None and len(v.spacing) == ndim]
+    if spacing is not None:
+        values, unit = _split_unit(spacing)
+        if unit is None:  # a bare number takes the unit the files record, if any
+            unit = next((v.unit for _, v in known if v.unit), None)
+            return check_spacing(values, ndim), "given" + (f" (unit {unit} from the metadata)" if unit else ""), unit
+        return check_spacing(values, ndim), "given", unit
     if not known:
         which = "either input" if len(vols) == 2 else ("the input" if len(vols) == 1 else "any input")
         return (1.0,) * ndim, f"default: no voxel size in the metadata of {which} (1 per axis)", None
@@ -880,7 +898,8 @@ def convert(
     _check_can_write(dest, overwrite)
     zchunks = _normalize_chunks(chunks, shape)
     if spacing is not None:
-        spacing, unit, how = check_spacing(spacing, len(shape)), unit or r.unit, "given"
+        spacing, given_unit = _split_unit(spacing)
+        spacing, unit, how = check_spacing(spacing, len(shape)), unit or given_unit or r.unit, "given"
     else:
         spacing, unit, how = r.spacing, unit or r.unit, r.spacing_source
     blocks = _read_blocks(shape, zchunks, dtype.itemsize, memory_budget)

@@ -74,6 +74,7 @@ import pandas as pd
 
 from ._errors import GrapesInputError
 from .io import _check_can_write, atomic_output, open_volume, provenance, volume_info, write_zarr
+from .units import relative_spacing, to_voxels
 
 __all__ = ["write_table", "read_table", "check_table_path", "companion_path", "prop_to_image", "particle", "Particle",
            "TABLE_FORMATS"]
@@ -986,14 +987,15 @@ class Particle:
         particle's centroid for ``start_at="center"``; 0 outside the mask.
     layers : ndarray of int64
         Radial layer of each voxel of the particle, 0 outside: ``max(1, rint(distance /
-        layer_width))`` (edge) or ``1 + rint(distance / layer_width)`` (center), with rint
-        rounding half to even, as in :func:`grapes_dask.analyze`.
+        (layer_width * min(spacing))))`` (edge) or ``1 + rint(distance / (layer_width *
+        min(spacing)))`` (center), with rint rounding half to even, the distance measured in units
+        of the finest voxel edge as in :func:`grapes_dask.analyze`.
     row : pandas.Series
         The particle's row of the table.
     spacing : tuple of float
         Voxel size per axis used for `distance`.
     layer_width : float
-        Layer width in spacing units.
+        Layer width in voxels of the finest axis (``min(spacing)``).
     start_at : str
         ``"edge"`` or ``"center"``.
     """
@@ -1046,8 +1048,9 @@ def particle(grey, labels, table, label, *, pad: int = 1, spacing=None, layer_wi
     spacing : float or sequence of float, optional
         Voxel size per axis (z, y, x). Default: the table's ``attrs["grapes_dask"]["spacing"]``,
         else 1.
-    layer_width : float, optional
-        Radial layer width in spacing units. Default: the table's, else 1.
+    layer_width : float or str, optional
+        Radial layer width: voxels of the finest axis, or a length with its unit (``"0.5um"``).
+        Default: the table's, else 1 voxel.
     start_at : {"edge", "center"}, optional
         Layer origin. Default: the table's, else ``"edge"``.
     black_border : bool, optional
@@ -1103,9 +1106,10 @@ def particle(grey, labels, table, label, *, pad: int = 1, spacing=None, layer_wi
     sp = (float(sp),) * nd if np.isscalar(sp) else tuple(float(s) for s in sp)
     if len(sp) != nd or not all(np.isfinite(s) and s > 0 for s in sp):
         raise GrapesInputError(f"spacing={sp} does not fit a {nd}D volume: give {nd} positive voxel sizes")
-    width = float(_param(layer_width, params, "layer_width", 1.0))
-    if not (np.isfinite(width) and width > 0):
-        raise GrapesInputError(f"layer_width={layer_width}: give a positive layer width in spacing units")
+    width = to_voxels(_param(layer_width, params, "layer_width", 1.0), name="layer_width", spacing=sp,
+                      unit=params.get("spacing_unit")).voxels
+    # layers from distances in units of the finest voxel edge, as the engine measures them
+    grid, fine = relative_spacing(sp), min(sp)
     mode = _param(start_at, params, "start_at", "edge")
     if mode not in ("edge", "center"):
         raise GrapesInputError(f"start_at={start_at!r}: choose 'edge' or 'center'")
@@ -1135,7 +1139,7 @@ def particle(grey, labels, table, label, *, pad: int = 1, spacing=None, layer_wi
         sides = []
         for a in range(nd):
             sides += [start[a] > 0 or border, stop[a] < lab.shape[a] or border]
-        dist = edt_core(mask, spacing=sp, border=sides)
+        dist = edt_core(mask, spacing=grid, border=sides)
         with np.errstate(invalid="ignore"):
             layers = np.maximum(1, np.rint(dist / width)).astype(np.int64)
     else:
@@ -1145,11 +1149,11 @@ def particle(grey, labels, table, label, *, pad: int = 1, spacing=None, layer_wi
             shape = [1] * nd
             shape[a] = mask.shape[a]
             coord = (np.arange(mask.shape[a]) + start[a]).reshape(shape)
-            diff = (coord - cen[a]) * sp[a]
+            diff = (coord - cen[a]) * grid[a]
             d2 = d2 + diff * diff
         dist = np.sqrt(d2)
         layers = 1 + np.rint(dist / width).astype(np.int64)
-    dist = np.where(mask, dist, 0.0)
+    dist = np.where(mask, dist * fine, 0.0)
     layers = np.where(mask, layers, 0)
     return Particle(
         label=int(key), origin=tuple(start), mask=mask, grey=None if grey_crop is None else np.asarray(grey_crop),

@@ -575,25 +575,28 @@ def segment(
         Otsu's threshold (:func:`otsu_threshold`).
     invert : bool
         Particles are darker than the background (``grey < threshold``).
-    spacing : float or sequence of float, optional
-        Voxel size per axis (default: from the volume's metadata, else 1). Distances,
-        `smoothing`, `h` and `min_distance` are in these units.
+    spacing : float, str or sequence of float or str, optional
+        Voxel size per axis, optionally with its unit (``"0.325um"``); default from the volume's
+        metadata, else 1. It is written to the labels' attributes with its unit. Distances are
+        measured in voxels of the finest axis (``spacing / min(spacing)``), so the labels do not
+        depend on the voxel size's scale, only on its anisotropy.
     closing, opening : int
         Radii (voxels) of the balls of the binary closing (fills small holes and cracks) and
         opening (removes specks and thin bridges), applied in that order; 0 skips one.
     fill_holes : bool
         Fill background cavities enclosed by foreground (pores, unresolved cracks).
     smoothing : float, optional
-        Standard deviation of the Gaussian smoothing of the distance map, spacing units
-        (default one voxel of the finest axis; 0: none).
+        Standard deviation of the Gaussian smoothing of the distance map: voxels of the finest
+        axis, or a length with its unit (``"0.3um"``); default 1 voxel, 0: none.
     markers : {"dynamics", "local_max"}
         Which regional maxima of the smoothed distance map start a particle: those whose
         dynamics (height above the saddle to a higher maximum) is at least `h`, or those that
         are the highest point within `min_distance`. Ignored with `seeds`.
     h : float, optional
-        Dynamics threshold, spacing units (default half a voxel of the finest axis).
+        Dynamics threshold: voxels of the finest axis (or a length with its unit); default 0.5.
     min_distance : float, optional
-        Footprint radius of ``markers="local_max"``, spacing units (default 3 voxels).
+        Footprint radius of ``markers="local_max"``: voxels of the finest axis (or a length with
+        its unit); default 3.
     min_size : int
         Particles with fewer voxels are removed (set to 0).
     seeds : array-like or path, optional
@@ -634,7 +637,8 @@ def segment(
         Before the heavy stages: no foreground or no background at the threshold, seeds of
         another shape or not integer, bad parameters.
     """
-    from .io import check_spacing, provenance, resolve_volume, write_zarr
+    from .io import _split_unit, check_spacing, provenance, resolve_volume, write_zarr
+    from .units import relative_spacing, to_voxels
     from .table import _compute
 
     vol = resolve_volume(grey)
@@ -648,19 +652,20 @@ def segment(
                     ("min_size", min_size)):
         if not isinstance(v, (int, np.integer)) or v < 0:
             raise GrapesInputError(f"{{{name}}} must be a whole number >= 0", **{name: v})
-    sp = check_spacing(spacing, arr.ndim) if spacing is not None else (vol.spacing or (1.0,) * arr.ndim)
-    sp = tuple(float(s) for s in sp)
+    if spacing is not None:
+        phys, sp_unit = check_spacing(spacing, arr.ndim), (_split_unit(spacing)[1] or vol.unit)
+    else:
+        phys, sp_unit = tuple(vol.spacing or (1.0,) * arr.ndim), vol.unit
+    phys = tuple(float(s) for s in phys)
+    lengths = {name: to_voxels(v, name=name, spacing=phys, unit=sp_unit, default=d, allow_zero=name != "min_distance")
+               for name, v, d in (("smoothing", smoothing, 1.0), ("h", h, 0.5), ("min_distance", min_distance, 3.0))}
+    smoothing, h, min_distance = (lengths[k].voxels for k in ("smoothing", "h", "min_distance"))
+    # distances in voxels of the finest axis: the same labels whatever the voxel size's scale
+    sp = relative_spacing(phys)
     if flat2d:
         arr = arr[None]
         sp = (1.0,) + sp
     shape = arr.shape
-    unit = min(sp[1:]) if flat2d else min(sp)
-    smoothing = unit if smoothing is None else float(smoothing)
-    h = 0.5 * unit if h is None else float(h)
-    min_distance = 3 * unit if min_distance is None else float(min_distance)
-    if smoothing < 0 or h < 0 or min_distance <= 0:
-        raise GrapesInputError("{smoothing} and {h} must be >= 0 and {min_distance} > 0", smoothing=smoothing, h=h,
-                               min_distance=min_distance)
     sigma_vox = tuple(0.0 if (flat2d and i == 0) else smoothing / s for i, s in enumerate(sp))
     seeds_arr = None
     if seeds is not None:
@@ -788,7 +793,7 @@ def segment(
         if flat2d:
             labels = labels[0]
         params = {
-            "threshold": threshold, "invert": invert, "spacing": list(sp[1:] if flat2d else sp), "closing": closing,
+            "threshold": threshold, "invert": invert, "spacing": list(phys), "unit": sp_unit, "closing": closing,
             "opening": opening, "fill_holes": fill_holes, "smoothing": smoothing,
             "markers": "seeds" if seeds_arr is not None else markers, "h": h, "min_distance": min_distance,
             "min_size": min_size, "seed_erosion": seed_erosion if seeds_arr is not None else None,
@@ -796,7 +801,7 @@ def segment(
         }
         path = None
         if out is not None:
-            attrs = {"spacing": list(sp[1:] if flat2d else sp),
+            attrs = {"spacing": list(phys), "unit": sp_unit,
                      "grapes_dask": provenance(step="segment", source=vol.name, n_particles=n_particles,
                                                n_basins=n_basins, **params)}
             path = write_zarr(labels, out, attrs=attrs, overwrite=overwrite, progress=progress)

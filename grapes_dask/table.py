@@ -51,6 +51,7 @@ from ._errors import Alt, GrapesInputError
 from .io import Volume, provenance, resolve_volume, settle_spacing
 from .kernels.distance import distance_core
 from .plan import TaskMemory, memory_budget, pass1_blocks, plan_pass2
+from .units import Length, column_units, format_spacing, relative_spacing, to_voxels
 
 __all__ = ["particle_table", "analyze", "analyze_tables", "check_inputs", "CheckedInputs", "ParticleTables",
            "normalise_profiles", "PROFILE_COLUMNS", "NORMALISATIONS"]
@@ -108,6 +109,14 @@ class _Inputs:
     names: dict
     readers: dict = field(default_factory=dict)
     volumes: dict = field(default_factory=dict)
+    layer_width: Length | None = None
+
+    @property
+    def grid(self) -> tuple:
+        """The voxel size in units of its finest edge (:func:`grapes_dask.units.relative_spacing`):
+        distances, layers and the pass-2 plan are measured in these units, so that a volume at
+        0.325 um gives the same layers to the bit as the same arrays at spacing 1."""
+        return relative_spacing(self.spacing)
 
     def block(self, which: str, slices: tuple):
         """What a task needs to read ``which[slices]``: ``(reader, slices)`` when the volume can be
@@ -181,9 +190,7 @@ def _normalize_inputs(grey, labels, *, spacing, chunks, layer_width, start_at, b
     spacing, spacing_source, spacing_unit = settle_spacing({"labels": lv, "grey": gv}, spacing)
     if g.chunks != lab.chunks:
         g = g.rechunk(lab.chunks)
-    width = 1.0 if layer_width is None else float(layer_width)
-    if not (np.isfinite(width) and width > 0):
-        raise GrapesInputError("{layer_width}: give a positive layer width in spacing units", layer_width=layer_width)
+    width = to_voxels(layer_width, name="layer_width", spacing=spacing, unit=spacing_unit, default=1.0)
     if start_at not in ("edge", "center"):
         raise GrapesInputError("{start_at}: choose 'edge' (layers from the surface) or 'center'", start_at=start_at)
     if normalise not in NORMALISATIONS:
@@ -204,13 +211,15 @@ def _normalize_inputs(grey, labels, *, spacing, chunks, layer_width, start_at, b
         raise GrapesInputError("{region_size}: give a positive block side in voxels (e.g. 256)", region_size=region_size)
     params = dict(
         spacing=list(spacing), spacing_source=spacing_source, spacing_unit=spacing_unit,
-        layer_width=width, start_at=start_at, black_border=bool(black_border),
+        **width.as_dict("layer_width"), start_at=start_at, black_border=bool(black_border),
         normalise=normalise, exclude_outer_layers=int(exclude_outer_layers),
         exclude_labels=[int(x) for x in excl], memory_limit=int(memory_limit), region_size=int(region_size),
         chunks=[int(c[0]) for c in lab.chunks], shape=[int(n) for n in lab.shape],
+        column_units=column_units(lab.ndim, spacing_unit),
     )
     readers = {"grey": _reader(gv), "labels": _reader(lv)}
-    return _Inputs(g, lab, spacing, params, {"grey": gname, "labels": lname}, readers, {"grey": gv, "labels": lv})
+    return _Inputs(g, lab, spacing, params, {"grey": gname, "labels": lname}, readers, {"grey": gv, "labels": lv},
+                   width)
 
 
 # --------------------------------------------------------------------------------------------
@@ -681,7 +690,7 @@ def _pass2_fill_holes(inp, groups, all_labels, exclude, params, center, centre_t
         owned = all_labels[g.owned]
         parts.append(_task(
             store, "holes", _fill_holes_task, (g.box, border, owned, edge_roi),
-            *inp.block("labels", g.box), *inp.block("grey", g.box), border, inp.spacing, params["layer_width"],
+            *inp.block("labels", g.box), *inp.block("grey", g.box), border, inp.grid, params["layer_width"],
             exclude, owned, center, tuple(int(x) for x in lo), centre_table, max_hole_size, edge_roi, run=run,
         ))
     return parts
@@ -738,7 +747,7 @@ def _run(grey, labels, *, spacing=None, chunks=None, layer_width=None, start_at=
     edge_roi = center and params["exclude_outer_layers"] > 0
     # on a cold Numba cache, a helper process compiles pass 2's kernels while pass 1 runs
     _precompile.start(_precompile.pass2_spec(
-        inp.labels.dtype, inp.grey.dtype, inp.labels.ndim, inp.spacing, layer_width=params["layer_width"],
+        inp.labels.dtype, inp.grey.dtype, inp.labels.ndim, inp.grid, layer_width=params["layer_width"],
         center=center, edge_roi=edge_roi, exclude=len(params["exclude_labels"]) > 0, fill_holes=fill_holes,
         black_border=black_border, grey_views=_views(inp.volumes["grey"]),
         whole=max(inp.labels.shape) <= params["region_size"]), client)
@@ -793,15 +802,15 @@ def _run(grey, labels, *, spacing=None, chunks=None, layer_width=None, start_at=
     # 5. pass 2: ownership groups with hole filling, else label-aware halo regions; both split
     # until every task fits the budget (grapes_dask.plan)
     if edge_roi:
-        ext = (bbox_max - bbox_min) * np.asarray(inp.spacing, float)
+        ext = (bbox_max - bbox_min) * np.asarray(inp.grid, float)
         reach = float(np.sqrt((ext ** 2).sum(axis=1)).max()) if len(ext) else 0.0
         memory = _CentreAndEdgeMemory(inp.labels.dtype.itemsize, inp.grey.dtype.itemsize, inp.labels.ndim,
-                                      inp.spacing, inp.grey.dtype.kind, False, params["layer_width"],
+                                      inp.grid, inp.grey.dtype.kind, False, params["layer_width"],
                                       bool(len(exclude)), read_bytes, centre_reach=reach, n_all=len(all_labels))
     else:
-        memory = TaskMemory(inp.labels.dtype.itemsize, inp.grey.dtype.itemsize, inp.labels.ndim, inp.spacing,
+        memory = TaskMemory(inp.labels.dtype.itemsize, inp.grey.dtype.itemsize, inp.labels.ndim, inp.grid,
                             inp.grey.dtype.kind, center, params["layer_width"], bool(len(exclude)), read_bytes)
-    _, tasks = plan_pass2(edges, block_labels, all_labels, bbox_min, bbox_max, inp.labels.shape, spacing=inp.spacing,
+    _, tasks = plan_pass2(edges, block_labels, all_labels, bbox_min, bbox_max, inp.labels.shape, spacing=inp.grid,
                           budget=budget, memory=memory, black_border=black_border, exclude=exclude,
                           fill_holes=fill_holes, chunks=inp.labels.chunks)
     regions, parts = ([], _pass2_fill_holes(inp, tasks, all_labels, exclude, params, center, centre_table,
@@ -815,7 +824,7 @@ def _run(grey, labels, *, spacing=None, chunks=None, layer_width=None, start_at=
         max_distance = float(reg.bound) if len(keys) else 0.0
         parts.append(_task(
             store, "pass2", _pass2_task, (reg.outer, reg.core, reg.core_in_outer, border, keys, max_distance, edge_roi),
-            *inp.block("labels", reg.outer), *inp.block("grey", reg.core), reg.core_in_outer, border, inp.spacing,
+            *inp.block("labels", reg.outer), *inp.block("grey", reg.core), reg.core_in_outer, border, inp.grid,
             params["layer_width"], exclude, center, origin, centre_table, keys, max_distance, edge_roi, run=run,
         ))
     if store is not None:
@@ -873,20 +882,27 @@ def analyze(
         3D, of one shape, not the same array; anything :func:`grapes_dask.io.open_volume`
         accepts (a dataset in a file named as ``scan.h5::/entry/data``), or a volume already
         resolved by :func:`grapes_dask.io.resolve_volume`.
-    spacing : float or sequence of float, optional
-        Voxel size per axis (z, y, x), or one for every axis; default from the metadata of the
-        labels or the grey (an error if both record one and they differ), else 1. Volumes,
-        areas and distances are in these units. The value used and where it came from are in
-        the parameters (``spacing``, ``spacing_source``, ``spacing_unit``).
+    spacing : float, str or sequence of float or str, optional
+        Voxel size per axis (z, y, x), or one for every axis, optionally with its unit
+        (``"0.325um"``); default from the metadata of the labels or the grey (an error if both
+        record one and they differ), else 1. Volumes, areas and axis lengths are in these units
+        (their units are in the parameters' ``column_units``). The value used, its unit and
+        where it came from are in the parameters (``spacing``, ``spacing_unit``,
+        ``spacing_source``).
     chunks : int or tuple, optional
         Chunk shape for pass 1 (default: the stored chunks, or 128 per axis).
-    layer_width : float, optional
-        Width of one radial layer in spacing units (default 1).
+    layer_width : float or str, optional
+        Width of one radial layer: a number of voxels of the finest axis (default 1, whatever
+        the voxel size, as the paper counts layers in pixels), or a length with its unit
+        (``"0.5um"``, converted with the voxel size's unit). The parameters record it in voxels
+        (``layer_width``) and in the unit (``layer_width_physical``, ``layer_width_unit``).
     start_at : {"edge", "center"}
         ``"edge"``: layer ``k = max(1, round_half_even(d / layer_width))`` with ``d`` the EDT
         (layer 1 at the surface). ``"center"``: ``k = 1 + round_half_even(c / layer_width)``
-        with ``c`` the distance to the particle's centroid (layer 1 at the centre). The
-        profiles and the ``layers`` table follow it; the ROI does not (`exclude_outer_layers`).
+        with ``c`` the distance to the particle's centroid (layer 1 at the centre). Both
+        distances are measured in voxels of the finest axis (``spacing / min(spacing)`` per
+        axis), so the same arrays give the same layers at any voxel size. The profiles and the
+        ``layers`` table follow it; the ROI does not (`exclude_outer_layers`).
     black_border : bool
         Voxels outside the volume count as outside every particle (GRAPES' default).
     normalise : {"radial_max", "surface", "roi_mean"}
@@ -1146,6 +1162,10 @@ class CheckedInputs:
         Voxel size used per axis.
     spacing_source : str
         Where the voxel size came from (given, which input's metadata, or the default 1).
+    spacing_unit : str or None
+        The voxel size's unit, None when no file records one and none was given.
+    layer_width : Length or None
+        The radial layer width, in voxels and in the unit.
     """
 
     grey: object
@@ -1154,12 +1174,16 @@ class CheckedInputs:
     dtypes: tuple
     spacing: tuple
     spacing_source: str
+    spacing_unit: str | None = None
+    layer_width: Length | None = None
 
     def describe(self) -> str:
-        """One line: shape, dtypes, spacing and its source."""
+        """One line: shape, dtypes, voxel size and its source, and the layer width."""
         dims = "x".join(str(n) for n in self.shape)
+        layers = "" if self.layer_width is None else f"; layers {self.layer_width.describe()} thick"
         return (f"{dims} {'voxels' if len(self.shape) == 3 else 'pixels'}, grey {self.dtypes[0]}, labels "
-                f"{self.dtypes[1]}; spacing {tuple(self.spacing)} ({self.spacing_source})")
+                f"{self.dtypes[1]}; voxel size {format_spacing(self.spacing, self.spacing_unit)} "
+                f"({self.spacing_source}){layers}")
 
 
 def _resolve_as(source, dataset, role: str):
@@ -1206,4 +1230,4 @@ def check_inputs(grey, labels, *, grey_dataset=None, labels_dataset=None, spacin
     _check_hole_options(fill_holes, max_hole_size)
     source = inp.params["spacing_source"]
     return CheckedInputs(g, lab, tuple(inp.labels.shape), (inp.grey.dtype, inp.labels.dtype), tuple(inp.spacing),
-                         source)
+                         source, inp.params["spacing_unit"], inp.layer_width)

@@ -398,7 +398,7 @@ def test_each_input_names_its_own_dataset_and_keeps_the_voxel_size(tmp_path, sma
     r = run("analyze", p, p, "--out", tmp_path / "a.parquet", "--grey-dataset", "/grey", "--labels-dataset",
             "/labels")
     assert r.returncode == 0, r.stderr
-    assert "spacing (0.7, 0.7, 0.7) (labels: HDF5 attribute" in r.stderr
+    assert "voxel size 0.7 µm (labels: HDF5 attribute" in r.stderr
     t = pd_read(tmp_path / "a.parquet")
     assert len(t) == len(np.unique(labels)) - 1
     assert t.attrs["grapes_dask"]["spacing"] == [0.7, 0.7, 0.7]
@@ -419,7 +419,7 @@ def test_voxel_sizes_that_disagree_stop_unless_spacing_settles_it(tmp_path, smal
     tifffile.imwrite(tmp_path / "l.tif", labels, resolution=(72, 72))  # a print resolution: no voxel size
     r = run("analyze", tmp_path / "g.tif", tmp_path / "l.tif", "--out", tmp_path / "a.parquet")
     assert r.returncode == 0, r.stderr
-    assert "spacing (0.5, 0.5, 0.5) (grey: ImageJ" in r.stderr  # not 352.8 um from the 72 dpi tag
+    assert "voxel size 0.5 µm (grey: ImageJ" in r.stderr  # not 352.8 um from the 72 dpi tag
     tifffile.imwrite(tmp_path / "l2.tif", labels, imagej=True, resolution=(1.0, 1.0),
                      metadata={"spacing": 1.0, "unit": "um", "axes": "ZYX"})
     r = run("analyze", tmp_path / "g.tif", tmp_path / "l2.tif", "--out", tmp_path / "b.parquet", "--quiet")

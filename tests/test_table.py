@@ -38,7 +38,7 @@ from grapes_dask._errors import GrapesInputError
 from grapes_dask.plan import region_bytes
 from grapes_dask.table import PROFILE_COLUMNS, analyze, analyze_tables, particle_table
 
-SPACING3 = (1.0, 0.7, 1.3)  # 5 x 0.7 = 3.5: exact layer ties
+SPACING3 = (1.0, 0.7, 1.3)  # finest axis 0.7: layers are counted in voxels of y
 SPACING2 = (0.8, 1.1)
 LIST_INT = ("radial_layers", "radial_layers_count")
 
@@ -234,11 +234,13 @@ def reference(grey, labels, spacing, *, layer_width=1.0, start_at="edge", black_
         mask = labels == lid
         g = grey[mask].astype(np.float64)
         # edge layers: the profile's with start_at="edge", the ROI's whatever start_at is
-        k_edge = np.maximum(1, np.rint(_ref_distance(mask, spacing, black_border)[mask] / layer_width))
+        # distances in voxels of the finest axis: a layer is layer_width voxels of min(spacing)
+        fine = [s / min(spacing) for s in spacing]
+        k_edge = np.maximum(1, np.rint(_ref_distance(mask, fine, black_border)[mask] / layer_width))
         if start_at == "center":
             idx = np.nonzero(mask)
             centre = [i.sum() / i.size for i in idx]
-            d = np.sqrt(sum(((i - c) * s) ** 2 for i, c, s in zip(idx, centre, spacing)))
+            d = np.sqrt(sum(((i - c) * s) ** 2 for i, c, s in zip(idx, centre, fine)))
             k = 1 + np.rint(d / layer_width)
         else:
             k = k_edge
@@ -519,23 +521,26 @@ def test_center_2d_float():
     ("2d", (1.3, 1.3), 1.0),
 ])
 def test_isotropic_spacing(which, spacing, width):
-    """Isotropic spacing (the engine's edt-library route): exact against s * EDT in voxels; for
-    s = 1.3 scipy's sampling= value puts some tie voxels in another layer (see _ref_distance)."""
+    """Isotropic spacing: layers are `width` voxels thick whatever the voxel size, so the layer
+    counts, profiles and ROI equal those of the same arrays at spacing 1 (to the bit), while the
+    physical columns scale by s, s^2, s^3."""
     grey, labels = PHANTOMS[which]()
     flt = grey.dtype.kind == "f"
     ref, ref_layers, _ = reference(grey, labels, spacing, layer_width=width)
     res = analyze_tables(*chunked(grey, labels, (5,) * labels.ndim), spacing=spacing, layer_width=width)
     assert_layers_match(res.layers, ref_layers, float_grey=flt)
     assert_matches_reference(res.particles, ref, float_grey=flt)
-    # the feature-dependent float of scipy's sampling= would differ exactly at layer ties
-    scipy_counts = []
-    for lid in ref["label"]:
-        m = labels == lid
-        d = _ref_distance(m, spacing, True, isotropic_exact=False)[m]
-        scipy_counts.append(np.bincount(np.maximum(1, np.rint(d / width)).astype(int)))
-    exact_counts = [np.r_[0, c] for c in ref["radial_layers_count"]]
-    same = all(np.array_equal(a, b) for a, b in zip(scipy_counts, exact_counts))
-    assert same == (spacing[0] == 0.5)
+    unit = analyze_tables(*chunked(grey, labels, (5,) * labels.ndim), spacing=1.0, layer_width=width)
+    pd.testing.assert_frame_equal(res.layers, unit.layers)
+    for c in PROFILE_COLUMNS + ("roi_voxels", "roi_mean", "roi_std", "label", "voxel_count"):
+        for a, b in zip(res.particles[c], unit.particles[c]):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=c)
+    s, nd = spacing[0], labels.ndim
+    size, boundary = ("volume", "surface_area") if nd == 3 else ("area", "perimeter")
+    np.testing.assert_allclose(res.particles[size], unit.particles[size] * s ** nd, rtol=1e-13)
+    np.testing.assert_allclose(res.particles[boundary], unit.particles[boundary] * s ** (nd - 1), rtol=1e-12)
+    np.testing.assert_allclose(res.particles["axis_major_length"], unit.particles["axis_major_length"] * s,
+                               rtol=1e-12)
 
 
 def test_black_border_false_edges():

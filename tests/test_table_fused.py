@@ -84,7 +84,7 @@ def make_phantom(shape, seed, n_random, ids, label_dtype, big_on_face=False):
     axis = rng.integers(3)
     c[axis] = rng.choice([rng.uniform(-2, 1), rng.uniform(n[axis] - 2, n[axis] + 1)])
     lab[_ellipsoid(shape, c, rng.uniform(2.5, 5.0, 3))] = 3
-    # a box (flat faces): exact layer ties for spacing 0.7
+    # a box (flat faces): many voxels at equal distances
     lo = rng.integers(0, n - 5)
     lab[tuple(slice(a, a + int(e)) for a, e in zip(lo, rng.integers(2, 8, 3)))] = 4
     nxt = 5
@@ -217,7 +217,8 @@ def reference_layers(grey, labels, s, width, black_border, exclude=()):
             continue
         box = tuple(slice(max(0, b.start - 1), min(n, b.stop + 1)) for b, n in zip(box, labels.shape))
         mask = labels[box] == lid
-        d = ref_distance(mask, s, black_border)[mask]
+        # layers are `width` voxels thick whatever the isotropic voxel size `s`: the distance in voxels
+        d = ref_distance(mask, 1.0, black_border)[mask]
         k = np.maximum(1, np.rint(d / width)).astype(np.int64)
         g = grey[box][mask].astype(np.int64)
         for layer in np.unique(k):

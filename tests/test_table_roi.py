@@ -3,7 +3,7 @@ normalisations of the radial profiles (``normalise="roi_mean"``, :func:`normalis
 
 References: the ROI is written here from scipy's ``distance_transform_edt`` of each particle's
 mask (zero-padded by one voxel: outside the volume is outside the particle), layer
-``max(1, rint(d / w))``; the normalised profiles are computed by hand on hand-made profiles.
+``max(1, rint(d / w))`` with ``d`` in voxels of the finest axis; the normalised profiles are computed by hand on hand-made profiles.
 """
 
 from __future__ import annotations
@@ -32,11 +32,13 @@ def two_rimmed_spheres(shape=(36, 60, 36), radius=14.0):
 
 
 def edge_layers_ref(lab, spacing=(1.0, 1.0, 1.0), width=1.0):
-    """Edge layer of every voxel (0 on background): per label, scipy's EDT of the padded mask."""
+    """Edge layer of every voxel (0 on background): per label, scipy's EDT of the padded mask, in
+    voxels of the finest axis (a layer is `width` such voxels thick)."""
     k = np.zeros(lab.shape, np.int64)
+    fine = [s / min(spacing) for s in spacing]
     for lid in np.unique(lab[lab > 0]):
         mask = lab == lid
-        d = ndi.distance_transform_edt(np.pad(mask, 1), sampling=spacing)[(slice(1, -1),) * lab.ndim]
+        d = ndi.distance_transform_edt(np.pad(mask, 1), sampling=fine)[(slice(1, -1),) * lab.ndim]
         k[mask] = np.maximum(1, np.rint(d[mask] / width)).astype(np.int64)
     return k
 
