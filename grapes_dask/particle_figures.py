@@ -138,6 +138,16 @@ def _geometry(volumes: dict, spacing=None, unit=None) -> _Geometry:
                                                                (meta_unit if spacing is None else None)), physical)
 
 
+def _label_axes(ax, geo: _Geometry, rows: str, cols: str) -> None:
+    ax.set_xlabel(geo.axis_label(cols))
+    ax.set_ylabel(geo.axis_label(rows))
+    if not geo.physical:  # voxel indices: whole numbers
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _extent(shape2: tuple, steps: tuple, offset=(0, 0)) -> list:
     """imshow extent with pixel centres at (offset + i) * step: [left, right, bottom, top]."""
     (nr, nc), (sr, sc), (o_r, o_c) = shape2, steps, offset
@@ -302,8 +312,7 @@ def plot_labels_over_grey(grey, labels, axis: int = 0, index: int | None = None,
     im = ax.imshow(g_plane, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest", extent=extent)
     ax.imshow(_overlay(l_plane, float(alpha), outlines, outline_colour), interpolation="nearest", extent=extent)
     fig.colorbar(im, ax=ax, label="grey level", shrink=0.8)
-    ax.set_xlabel(geo.axis_label(cols))
-    ax.set_ylabel(geo.axis_label(rows))
+    _label_axes(ax, geo, rows, cols)
     n = int(np.count_nonzero(np.unique(l_plane)))
     where = f"{_AXES3[ax_used]} = {idx}" if idx is not None else "2D image"
     vox = geo.voxel_text()
@@ -538,8 +547,7 @@ def plot_roi_shell(particle_or_sources, label=None, exclude_outer_layers: int = 
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.13), fontsize="small", frameon=False,
               title=f"N = {n_outer} (layers 1 {thick} thick; counts over the whole particle)",
               title_fontsize="small")
-    ax.set_xlabel(geo.axis_label(cols))
-    ax.set_ylabel(geo.axis_label(rows))
+    _label_axes(ax, geo, rows, cols)
     where = f", {_AXES3[ax_used]} = {index}" if ax_used is not None else ""
     vox = geo.voxel_text()
     ax.set_title(title or f"particle {p.label}{where}: ROI without the outer {n_outer} layers"
@@ -840,7 +848,8 @@ def plot_void_fraction(profile, what: str = "nmc", *, particles=None, max_partic
     pop = void_fraction_population(lay)
     ok = pop["n_particles"].to_numpy() >= max(int(min_particles), 1)
     if ok.any() and len(by) >= 2:
-        ax.errorbar(pop["layer"][ok], pop[f"{col}_mean"][ok], yerr=n_se * pop[f"{col}_se"][ok].fillna(0.0),
+        ax.errorbar(pop["layer"].to_numpy(float)[ok], pop[f"{col}_mean"].to_numpy(float)[ok],
+                    yerr=n_se * np.nan_to_num(pop[f"{col}_se"].to_numpy(float)[ok]),
                     color="black", marker="o", ms=4, capsize=2, lw=1.6,
                     label=f"mean of {len(by)} particles ±{n_se:g} SE")
     ax.set_xlabel("radial layer (1 = particle surface)")
