@@ -798,10 +798,10 @@ def plot_void_fraction(profile, what: str = "nmc", *, particles=None, max_partic
     what : {"nmc", "void"}
         ``"nmc"``: 1 - void fraction, as the paper plots it; ``"void"``: the crack fraction.
     particles : sequence of int, optional
-        Particles drawn one line each (default: all of them when there are at most
-        `max_particles`, else none) and averaged (default: all).
+        The particles averaged (default: all), e.g. those not touching the border.
     max_particles : int
-        Most particles drawn individually by default.
+        When there are at most this many particles, each is also drawn as a line of its own
+        (the paper's fig. 11f shows three particles).
     n_se : float
         The population mean is drawn with error bars of +- n_se standard errors (over particles,
         :func:`void_fraction_population`) when at least `min_particles` particles have the layer.
@@ -830,11 +830,11 @@ def plot_void_fraction(profile, what: str = "nmc", *, particles=None, max_partic
         chosen = np.asarray(list(particles)).astype(np.uint64)
         missing = np.setdiff1d(chosen, ids)
         if missing.size:
-            raise GrapesInputError(f"{{particles}}: labels {missing[:5].tolist()} are not in the profile", particles=None)
+            raise GrapesInputError(f"{{particles}}: labels {missing[:5].tolist()} are not in the profile",
+                                   particles=None)
         lay = lay[np.isin(lay["label"].to_numpy().astype(np.uint64), chosen)]
-        drawn = chosen
-    else:
-        drawn = ids if ids.size <= max_particles else np.zeros(0, np.uint64)
+        ids = np.unique(chosen)
+    drawn = ids if ids.size <= max_particles else np.zeros(0, np.uint64)
     col = "nmc_fraction" if what == "nmc" else "void_fraction"
     fig, ax = _figure(ax)
     if len(lay) == 0:
@@ -876,7 +876,8 @@ def particle_figure_sections(grey, labels, table=None, *, figs=None, name: str |
     ----------
     grey, labels : path, array or grapes_dask.io.Volume
         The scan's grey and label volumes (only the central plane and the chosen particles' boxes
-        are read).
+        are read). Without labels (None) there is nothing to draw: no section; without grey
+        (None) fig. 5 is a note and fig. 8b shows the particle's mask.
     table : pandas.DataFrame or path, optional
         Its particle table (:func:`grapes_dask.analyze`); without it no fig. 8b.
     figs : report._Collector, optional
@@ -906,13 +907,19 @@ def particle_figure_sections(grey, labels, table=None, *, figs=None, name: str |
     from .report import Captioned, Section, _Collector, file_name
 
     figs = _Collector() if figs is None else figs
+    if labels is None:  # e.g. a state given as a table only: nothing to draw
+        return []
     suffix = f"_{file_name(name)}" if name else ""
     of = f" of {name}" if name else ""
-    sections = [Section(f"Labels over grey (fig. 5){of}", (
-        figs.item(f"fig5_labels_over_grey{suffix}", f"Figure 5{of}", plot_labels_over_grey, grey, labels, axis,
-                  spacing=spacing, title=None,
-                  caption=f"Fig. 5{of}: the label segmentation over the grey levels, central plane along "
-                          f"{_AXES3[axis]}; one colour per particle, boundaries in white."),))]
+    if grey is None:
+        figs.notes.append(f"Figure 5{of} not drawn: no grey volume")
+        fig5 = figs.notes[-1]
+    else:
+        fig5 = figs.item(f"fig5_labels_over_grey{suffix}", f"Figure 5{of}", plot_labels_over_grey, grey, labels,
+                         axis, spacing=spacing,
+                         caption=f"Fig. 5{of}: the label segmentation over the grey levels, central plane along "
+                                 f"{_AXES3[axis]}; one colour per particle, boundaries in white.")
+    sections = [Section(f"Labels over grey (fig. 5){of}", (fig5,))]
     if table is None:
         return sections
     if isinstance(table, (str, bytes)) or hasattr(table, "__fspath__"):

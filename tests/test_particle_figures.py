@@ -423,3 +423,16 @@ def test_particle_figure_sections(phantom, tmp_path):
     assert figs.notes and "12345" in figs.notes[0] and isinstance(secs[1].items[0], str)
     write_report(tmp_path / "r.html", title="t", sections=secs)
     assert "Labels over grey" in (tmp_path / "r.html").read_text()
+
+
+def test_particle_figure_sections_without_volumes(phantom):
+    from grapes_dask.report import _Collector
+
+    grey, lab, _ = phantom
+    table = gd.analyze(grey, lab, exclude_outer_layers=1)
+    figs = _Collector()
+    assert pf.particle_figure_sections(grey, None, table, figs=figs) == [] and not figs.figures
+    secs = pf.particle_figure_sections(None, lab, table, figs=figs, name="s")
+    assert secs[0].items == ("Figure 5 of s not drawn: no grey volume",)
+    largest = int(table[~table["touches_border"]].sort_values("voxel_count")["label"].iloc[-1])
+    assert list(figs.figures) == [f"fig8b_roi_shell_{largest}_s"]
