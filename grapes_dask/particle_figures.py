@@ -332,7 +332,7 @@ def _table_params(table) -> dict:
     return dict(table.attrs.get("grapes_dask") or {})
 
 
-def particle_layers(particle_or_sources, label=None, *, layer_width: float = 1.0, spacing=None,
+def particle_layers(particle_or_sources, label=None, *, layer_width: float = 1.0, spacing=None, unit=None,
                     black_border: bool | None = None, pad: int = 1):
     """One particle's crop with its edge layers counted in voxels (the ROI's layers).
 
@@ -351,6 +351,9 @@ def particle_layers(particle_or_sources, label=None, *, layer_width: float = 1.0
         Voxel size per axis; default the table's (``attrs["grapes_dask"]["spacing"]``), else the
         volumes' metadata, else 1. Only its ratios shape the layers (sampling ``spacing /
         min(spacing)``).
+    unit : str, optional
+        Unit of the spacing for axis labels (``"um"``, ``"micrometer"``...); default the table's
+        (``spacing_unit``) or the metadata's.
     black_border : bool, optional
         Voxels outside the volume count as outside the particle; default the table's, else True.
         A Particle object carries no volume shape, so with one only True is possible.
@@ -388,7 +391,7 @@ def particle_layers(particle_or_sources, label=None, *, layer_width: float = 1.0
 
         sp = check_spacing(sp, p.mask.ndim)
         physical = spacing is not None or (p.spacing and any(s != 1.0 for s in p.spacing))
-        geo = _Geometry(sp, None, bool(physical))
+        geo = _Geometry(sp, _unit_symbol(unit), bool(physical))
         rel = _relative(sp)
         # the box is tight: beyond every crop side lies a voxel outside the particle, or the
         # volume's outside (outside too with black_border), so every side is a boundary
@@ -416,13 +419,13 @@ def particle_layers(particle_or_sources, label=None, *, layer_width: float = 1.0
         vols["grey"] = resolve_volume(grey)
     if spacing is None and params.get("spacing") is not None:
         spacing_used = params["spacing"]
-        unit = params.get("spacing_unit")
         physical = not str(params.get("spacing_source", "")).startswith("default")
         from .io import check_spacing
 
-        geo = _Geometry(check_spacing(spacing_used, lv.ndim), _unit_symbol(unit), physical)
+        geo = _Geometry(check_spacing(spacing_used, lv.ndim), _unit_symbol(unit if unit is not None else
+                                                                           params.get("spacing_unit")), physical)
     else:
-        geo = _geometry(vols, spacing, None)
+        geo = _geometry(vols, spacing, unit)
     bb = params.get("black_border", True) if black_border is None else bool(black_border)
     p = particle(vols.get("grey"), lv, table, label, pad=pad, spacing=_relative(geo.spacing), layer_width=width,
                  start_at="edge", black_border=bb)
@@ -430,7 +433,7 @@ def particle_layers(particle_or_sources, label=None, *, layer_width: float = 1.0
 
 
 def plot_roi_shell(particle_or_sources, label=None, exclude_outer_layers: int = 5, axis: int = 0,
-                   index: int | None = None, *, layer_width: float = 1.0, spacing=None,
+                   index: int | None = None, *, layer_width: float = 1.0, spacing=None, unit=None,
                    black_border: bool | None = None, pad: int = 1, alpha: float = 0.5, ax=None,
                    title: str | None = None):
     """One particle's central slice: the excluded outer layers and the ROI over the grey levels (fig. 8b).
@@ -456,7 +459,7 @@ def plot_roi_shell(particle_or_sources, label=None, exclude_outer_layers: int = 
         particle's centroid (the table's ``centroid-*``), else the crop's central plane.
     layer_width : float
         Layer width in voxels of the smallest voxel edge (1: one voxel).
-    spacing, black_border, pad
+    spacing, unit, black_border, pad
         See :func:`particle_layers`.
     alpha : float
         Opacity of the two colours, 0..1.
@@ -487,7 +490,7 @@ def plot_roi_shell(particle_or_sources, label=None, exclude_outer_layers: int = 
     n_outer = _check_n_outer(exclude_outer_layers)
     if not (isinstance(alpha, (int, float)) and 0.0 <= float(alpha) <= 1.0):
         raise GrapesInputError("{alpha}: give an opacity between 0 and 1", alpha=alpha)
-    p, geo = particle_layers(particle_or_sources, label, layer_width=layer_width, spacing=spacing,
+    p, geo = particle_layers(particle_or_sources, label, layer_width=layer_width, spacing=spacing, unit=unit,
                              black_border=black_border, pad=pad)
     nd = p.mask.ndim
     mask, layers = p.mask, p.layers
@@ -868,7 +871,7 @@ def plot_void_fraction(profile, what: str = "nmc", *, particles=None, max_partic
 
 def particle_figure_sections(grey, labels, table=None, *, figs=None, name: str | None = None,
                              particles=None, n_particles: int = 1, exclude_outer_layers: int | None = None,
-                             axis: int = 0, layer_width: float = 1.0, spacing=None):
+                             axis: int = 0, layer_width: float = 1.0, spacing=None, unit=None):
     """Fig. 5 and fig. 8b as report sections, for :func:`grapes_dask.report.tables_report` or
     :func:`grapes_dask.report.tracking_report`.
 
@@ -894,7 +897,7 @@ def particle_figure_sections(grey, labels, table=None, *, figs=None, name: str |
         N of fig. 8b; default the table's when > 0, else 5 (the paper).
     axis : {0, 1, 2}
         Slice direction of both figures.
-    layer_width, spacing
+    layer_width, spacing, unit
         As :func:`plot_roi_shell`.
 
     Returns
@@ -916,7 +919,7 @@ def particle_figure_sections(grey, labels, table=None, *, figs=None, name: str |
         fig5 = figs.notes[-1]
     else:
         fig5 = figs.item(f"fig5_labels_over_grey{suffix}", f"Figure 5{of}", plot_labels_over_grey, grey, labels,
-                         axis, spacing=spacing,
+                         axis, spacing=spacing, unit=unit,
                          caption=f"Fig. 5{of}: the label segmentation over the grey levels, central plane along "
                                  f"{_AXES3[axis]}; one colour per particle, boundaries in white.")
     sections = [Section(f"Labels over grey (fig. 5){of}", (fig5,))]
@@ -946,7 +949,7 @@ def particle_figure_sections(grey, labels, table=None, *, figs=None, name: str |
         items.append(figs.item(
             f"fig8b_roi_shell_{int(lab)}{suffix}", f"Figure 8b (particle {int(lab)}){of}", plot_roi_shell,
             (grey, labels, table), int(lab), exclude_outer_layers=n_outer, axis=axis, layer_width=layer_width,
-            spacing=spacing,
+            spacing=spacing, unit=unit,
             caption=f"Fig. 8b{of}: particle {int(lab)}, central slice; its outer {n_outer} layers (orange) are left "
                     "out of the ROI (blue), whose voxels give roi_mean."))
     sections.append(Section(f"ROI of single particles (fig. 8b){of}", tuple(items)))

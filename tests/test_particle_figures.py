@@ -163,6 +163,11 @@ def test_roi_layers_relative_spacing_and_width(phantom):
         fig = pf.plot_roi_shell((grey, lab, table), label, exclude_outer_layers=1, spacing=spacing,
                                 layer_width=width)
         assert legend_counts(fig)["roi"] == int(np.count_nonzero(k > 1))
+    ax = pf.plot_roi_shell((grey, lab, table), label, spacing=(0.65, 0.325, 0.325), unit="um", axis=1).axes[0]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("x (µm)", "z (µm)")
+    assert "voxel 0.65 × 0.325 × 0.325 µm" in ax.get_title()
+    lo = int(table.set_index("label").loc[np.uint64(label), "bbox-2"]) - 1  # the crop's first x, volume index
+    assert ax.images[0].get_extent()[0] == pytest.approx((lo - 0.5) * 0.325)
     # black_border=False: the volume's outside is not a boundary (scipy without padding)
     cut = table[table["touches_border"]].sort_values("voxel_count")
     label = int(cut["label"].iloc[-1])
