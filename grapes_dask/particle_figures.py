@@ -855,6 +855,8 @@ def plot_void_fraction(profile, what: str = "nmc", *, particles=None, max_partic
                     yerr=n_se * np.nan_to_num(pop[f"{col}_se"].to_numpy(float)[ok]),
                     color="black", marker="o", ms=4, capsize=2, lw=1.6,
                     label=f"mean of {len(by)} particles ±{n_se:g} SE")
+    lo, hi = ax.get_ylim()  # fractions lie in 0..1: error bars beyond are cut at the frame
+    ax.set_ylim(max(lo, -0.02), min(hi, 1.02))
     ax.set_xlabel("radial layer (1 = particle surface)")
     ax.set_ylabel("volume fraction of NMC (1)" if what == "nmc" else "void (crack) fraction (1)")
     ax.set_title(title or ("volume fraction of NMC per radial layer, from the crack segmentation" if what == "nmc"
