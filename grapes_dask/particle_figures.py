@@ -364,8 +364,22 @@ def particle_layers(particle_or_sources, label=None, *, layer_width: float = 1.0
     -------
     Particle
         As :func:`grapes_dask.particle` returns it, with ``distance`` the EDT in voxels of the
-        smallest edge, ``layers`` = ``max(1, round_half_even(distance / layer_width))`` on the
-        mask (0 outside), ``spacing`` the relative spacing used and ``layer_width`` in voxels.
+        smallest edge (float64, the crop's shape, 0 outside the mask), ``layers`` =
+        ``max(1, round_half_even(distance / layer_width))`` on the mask (int64, 0 outside),
+        ``spacing`` the relative spacing used and ``layer_width`` in voxels.
+    """
+    return _particle_layers(particle_or_sources, label, layer_width=layer_width, spacing=spacing, unit=unit,
+                            black_border=black_border, pad=pad)[0]
+
+
+def _particle_layers(particle_or_sources, label=None, *, layer_width: float = 1.0, spacing=None, unit=None,
+                     black_border: bool | None = None, pad: int = 1):
+    """(Particle with layers in voxels, _Geometry for the axes): see :func:`particle_layers`.
+
+    Returns
+    -------
+    Particle
+        See :func:`particle_layers`.
     geometry : _Geometry
         Physical voxel size and unit, for axis labels.
     """
@@ -490,8 +504,8 @@ def plot_roi_shell(particle_or_sources, label=None, exclude_outer_layers: int = 
     n_outer = _check_n_outer(exclude_outer_layers)
     if not (isinstance(alpha, (int, float)) and 0.0 <= float(alpha) <= 1.0):
         raise GrapesInputError("{alpha}: give an opacity between 0 and 1", alpha=alpha)
-    p, geo = particle_layers(particle_or_sources, label, layer_width=layer_width, spacing=spacing, unit=unit,
-                             black_border=black_border, pad=pad)
+    p, geo = _particle_layers(particle_or_sources, label, layer_width=layer_width, spacing=spacing, unit=unit,
+                              black_border=black_border, pad=pad)
     nd = p.mask.ndim
     mask, layers = p.mask, p.layers
     n_roi = int(np.count_nonzero(layers > n_outer))

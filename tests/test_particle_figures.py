@@ -157,7 +157,7 @@ def test_roi_layers_relative_spacing_and_width(phantom):
     table = gd.analyze(grey, lab)
     label = int(table[~table["touches_border"]].sort_values("voxel_count")["label"].iloc[-1])
     for spacing, width in [((0.65, 0.325, 0.325), 1.0), ((1.0, 1.0, 1.0), 1.5), ((0.5, 1.5, 0.5), 0.8)]:
-        p, geo = pf.particle_layers((grey, lab, table), label, spacing=spacing, layer_width=width)
+        p = pf.particle_layers((grey, lab, table), label, spacing=spacing, layer_width=width)
         mask, k = reference_layers(lab, label, spacing, width)
         np.testing.assert_array_equal(p.layers, k[p.slices])
         fig = pf.plot_roi_shell((grey, lab, table), label, exclude_outer_layers=1, spacing=spacing,
