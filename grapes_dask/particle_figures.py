@@ -77,11 +77,19 @@ def _fmt(v: float) -> str:
     return f"{float(v):.6g}"
 
 
+_VOXEL_UNITS = {"voxel", "voxels", "pixel", "pixels", "px", "vx"}
+
+
 def _unit_symbol(unit) -> str | None:
     if unit is None or str(unit).strip() == "":
         return None
     u = str(unit).strip()
     return _UNIT_SYMBOL.get(u.lower(), u)
+
+
+def _is_voxel_unit(unit) -> bool:
+    """A 'unit' that says the spacing is in voxels (synthetic phantoms record 'voxel')."""
+    return unit is not None and str(unit).strip().lower() in _VOXEL_UNITS
 
 
 def _relative(spacing) -> tuple:
@@ -133,9 +141,9 @@ def _geometry(volumes: dict, spacing=None, unit=None) -> _Geometry:
     from .io import settle_spacing
 
     sp, source, meta_unit = settle_spacing(volumes, spacing)
-    physical = not source.startswith("default")
-    return _Geometry(tuple(float(s) for s in sp), _unit_symbol(unit if unit is not None else
-                                                               (meta_unit if spacing is None else None)), physical)
+    unit = unit if unit is not None else (meta_unit if spacing is None else None)
+    physical = not source.startswith("default") and not _is_voxel_unit(unit)
+    return _Geometry(tuple(float(s) for s in sp), None if _is_voxel_unit(unit) else _unit_symbol(unit), physical)
 
 
 def _label_axes(ax, geo: _Geometry, rows: str, cols: str) -> None:
@@ -433,11 +441,12 @@ def _particle_layers(particle_or_sources, label=None, *, layer_width: float = 1.
         vols["grey"] = resolve_volume(grey)
     if spacing is None and params.get("spacing") is not None:
         spacing_used = params["spacing"]
-        physical = not str(params.get("spacing_source", "")).startswith("default")
         from .io import check_spacing
 
-        geo = _Geometry(check_spacing(spacing_used, lv.ndim), _unit_symbol(unit if unit is not None else
-                                                                           params.get("spacing_unit")), physical)
+        unit = unit if unit is not None else params.get("spacing_unit")
+        physical = not str(params.get("spacing_source", "")).startswith("default") and not _is_voxel_unit(unit)
+        geo = _Geometry(check_spacing(spacing_used, lv.ndim), None if _is_voxel_unit(unit) else _unit_symbol(unit),
+                        physical)
     else:
         geo = _geometry(vols, spacing, unit)
     bb = params.get("black_border", True) if black_border is None else bool(black_border)

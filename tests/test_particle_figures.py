@@ -441,3 +441,57 @@ def test_particle_figure_sections_without_volumes(phantom):
     assert secs[0].items == ("Figure 5 of s not drawn: no grey volume",)
     largest = int(table[~table["touches_border"]].sort_values("voxel_count")["label"].iloc[-1])
     assert list(figs.figures) == [f"fig8b_roi_shell_{largest}_s"]
+
+
+def test_two_dimensional_roi_and_void_fraction():
+    grey, lab, _ = phantom_numpy((40, 44), seed=3, chunks=16, mean_radius=6, ids="sparse")
+    table = gd.analyze(grey, lab, exclude_outer_layers=1, chunks=(13, 17))
+    label = int(table[~table["touches_border"]].sort_values("voxel_count")["label"].iloc[-1])
+    mask = lab == label
+    d = ndi.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+    k = np.where(mask, np.maximum(1, np.round(d)), 0)
+    fig = pf.plot_roi_shell((grey, lab, table), label, exclude_outer_layers=1)
+    assert legend_counts(fig)["roi"] == int(np.count_nonzero(k > 1)) == int(
+        table.set_index("label").loc[np.uint64(label), "roi_voxels"])
+    rgba = np.asarray(fig.axes[0].images[1].get_array())
+    r0, c0 = int(table.set_index("label").loc[np.uint64(label), "bbox-0"]) - 1, int(
+        table.set_index("label").loc[np.uint64(label), "bbox-1"]) - 1
+    np.testing.assert_array_equal(rgba[..., 3] > 0, k[r0:r0 + rgba.shape[0], c0:c0 + rgba.shape[1]] > 0)
+    rng = np.random.default_rng(1)
+    cracks = rng.random(lab.shape) < 0.3
+    vf = pf.void_fraction_profiles(cracks, lab, chunks=(13, 17))
+    rows = []
+    for lb in np.unique(lab)[1:]:
+        m = lab == lb
+        dd = ndi.distance_transform_edt(np.pad(m, 1))[1:-1, 1:-1]
+        kk = np.maximum(1, np.round(dd[m])).astype(int)
+        n, v = np.bincount(kk), np.bincount(kk, weights=cracks[m]).astype(np.int64)
+        rows += [(np.uint64(lb), j, int(n[j]), int(v[j])) for j in range(1, len(n)) if n[j]]
+    _check_against_reference(vf, pd.DataFrame(rows, columns=["label", "layer", "n_voxels", "void_voxels"]))
+
+
+def test_void_fraction_from_the_centre(phantom, crack_mask):
+    _, lab, _ = phantom
+    cracks = crack_mask[0]
+    spacing = (2.0, 1.0, 1.0)
+    vf = pf.void_fraction_profiles(cracks, lab, spacing=spacing, start_at="center", chunks=11)
+    coords = np.indices(lab.shape).reshape(3, -1).T.astype(float)
+    flat, cr = lab.ravel(), cracks.ravel()
+    rows = []
+    for lb in np.unique(flat)[1:]:
+        m = flat == lb
+        c = coords[m]
+        dist = np.sqrt((((c - c.mean(axis=0)) * np.asarray(spacing)) ** 2).sum(axis=1))
+        kk = 1 + np.round(dist).astype(int)
+        n, v = np.bincount(kk), np.bincount(kk, weights=cr[m]).astype(np.int64)
+        rows += [(np.uint64(lb), j, int(n[j]), int(v[j])) for j in range(1, len(n)) if n[j]]
+    _check_against_reference(vf, pd.DataFrame(rows, columns=["label", "layer", "n_voxels", "void_voxels"]))
+
+
+def test_voxel_unit_metadata_is_not_a_length(phantom, tmp_path):
+    from grapes_dask.io import write_zarr
+
+    grey, lab, _ = phantom
+    write_zarr(da.from_array(lab, chunks=13), tmp_path / "lab.zarr", attrs={"spacing": [1, 1, 1], "unit": "voxel"})
+    ax = pf.plot_labels_over_grey(grey, tmp_path / "lab.zarr").axes[0]
+    assert ax.get_xlabel() == "x (voxels)" and "voxel 1" not in ax.get_title()
