@@ -699,7 +699,7 @@ def void_fraction_profiles(cracks, labels, *, spacing=None, layer_width: float =
     from .io import resolve_volume
     from .table import analyze_tables
 
-    for bad in ("grey", "exclude_outer_layers", "normalise", "layer_width_unit"):
+    for bad in ("grey", "exclude_outer_layers", "normalise"):
         if bad in analyze_options:
             raise GrapesInputError(f"{{{bad}}} is not an option of void_fraction_profiles: leave it out", **{bad: None})
     width = _check_layer_width(layer_width)
