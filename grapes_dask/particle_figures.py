@@ -513,6 +513,12 @@ def plot_roi_shell(particle_or_sources, label=None, exclude_outer_layers: int = 
     n_outer = _check_n_outer(exclude_outer_layers)
     if not (isinstance(alpha, (int, float)) and 0.0 <= float(alpha) <= 1.0):
         raise GrapesInputError("{alpha}: give an opacity between 0 and 1", alpha=alpha)
+    if isinstance(particle_or_sources, (tuple, list)) and len(particle_or_sources) == 3:
+        tab = particle_or_sources[2]
+        if isinstance(tab, (str, bytes)) or hasattr(tab, "__fspath__"):  # read once: its rows and parameters
+            from .output import read_table
+
+            particle_or_sources = (particle_or_sources[0], particle_or_sources[1], read_table(tab))
     p, geo = _particle_layers(particle_or_sources, label, layer_width=layer_width, spacing=spacing, unit=unit,
                               black_border=black_border, pad=pad)
     nd = p.mask.ndim

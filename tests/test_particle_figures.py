@@ -180,12 +180,15 @@ def test_roi_layers_relative_spacing_and_width(phantom):
         t2.set_index("label").loc[np.uint64(label), "roi_voxels"])
 
 
-def test_roi_shell_warns_when_the_table_has_other_layers(phantom):
+def test_roi_shell_warns_when_the_table_has_other_layers(phantom, tmp_path):
     grey, lab, _ = phantom
     table = gd.analyze(grey, lab, exclude_outer_layers=1, layer_width=2.0)
     label = int(table[~table["touches_border"]].sort_values("voxel_count")["label"].iloc[-1])
     with pytest.warns(gd.GrapesInputWarning, match="roi_voxels"):
         pf.plot_roi_shell((grey, lab, table), label, exclude_outer_layers=1)
+    gd.write_table(table, tmp_path / "t.parquet")
+    with pytest.warns(gd.GrapesInputWarning, match="roi_voxels"):  # a table file too
+        pf.plot_roi_shell((grey, lab, tmp_path / "t.parquet"), label, exclude_outer_layers=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fig = pf.plot_roi_shell((grey, lab, table), label, exclude_outer_layers=1, layer_width=2.0)
