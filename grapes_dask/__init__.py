@@ -13,7 +13,8 @@ Public API (see the README):
 - :func:`population_stats`, :func:`change_stats`, :func:`z_test`, :func:`quantile_groups`,
   :func:`estimate_noise` (``grapes_dask.stats``: the paper's eq. 1-6)
 - :func:`grapes_dask.track.track` (operando tracking and cleaning, a :class:`Tracking`),
-  ``grapes_dask.plotting`` (the paper's figures), ``grapes_dask.report`` (HTML reports)
+  ``grapes_dask.plotting`` (the paper's figures), ``grapes_dask.particle_figures`` (fig. 5, 8b, 11f),
+  ``grapes_dask.report`` (HTML reports)
 - pre-processing (paper section 2.2): :func:`register`, :func:`apply_transform`, :class:`Transform`
   (``grapes_dask.registration``), :func:`denoise`, :func:`estimate_noise_sigma` (``grapes_dask.denoising``),
   :func:`segment` (``grapes_dask.segmentation``: threshold, morphology,
@@ -49,8 +50,8 @@ _LAZY = {
 
 
 _SUBMODULES = {"cli", "cluster", "demo", "denoising", "evaluate", "formats", "io", "kernels", "output", "plan",
-               "plotting", "preprocess", "registration", "report", "segmentation", "stats", "synthetic", "table",
-               "track"}
+               "particle_figures", "plotting", "preprocess", "registration", "report", "segmentation", "stats",
+               "synthetic", "table", "track"}
 
 
 def __getattr__(name):
