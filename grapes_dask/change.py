@@ -23,6 +23,7 @@ The definitions, with their formulas, are in ``docs/statistics.md`` ("After the 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -168,8 +169,8 @@ def wilson_interval(k, n, confidence: float = _WILSON_CONFIDENCE) -> tuple[np.nd
         denom = 1 + z * z / n
         centre = (p + z * z / (2 * n)) / denom
         half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    low = np.where(n > 0, np.clip(centre - half, 0.0, 1.0), np.nan)
-    high = np.where(n > 0, np.clip(centre + half, 0.0, 1.0), np.nan)
+    low = np.where(n > 0, np.where(k == 0, 0.0, np.clip(centre - half, 0.0, 1.0)), np.nan)
+    high = np.where(n > 0, np.where(k == n, 1.0, np.clip(centre + half, 0.0, 1.0)), np.nan)
     return low, high
 
 
@@ -213,11 +214,8 @@ class Classification:
 
 
 def _check_k(k) -> float:
-    try:
-        kk = float(k)
-    except (TypeError, ValueError):
-        kk = math.nan
-    if isinstance(k, bool) or not (math.isfinite(kk) and kk > 0):
+    kk = float(k) if isinstance(k, (numbers.Real, np.number)) and not isinstance(k, bool) else math.nan
+    if not (math.isfinite(kk) and kk > 0):
         raise GrapesInputError(f"k={k!r}: give the threshold in standard errors, a number > 0 (3.0: the paper's "
                                "3 SE)")
     return kk
