@@ -551,3 +551,96 @@ def test_phantom_layers_trajectories_trend(phantom_tracking):
     t = tr.trend("centroid-2")
     assert t.fit("charged").ci_low > 0
     assert t.fit("again").ci_low < 0 < t.fit("again").ci_high
+
+
+# --------------------------------------------------------------------------------------------
+# figures and report sections
+# --------------------------------------------------------------------------------------------
+
+
+def test_plot_classification_bars_are_the_fractions():
+    from matplotlib.figure import Figure
+
+    from grapes_dask import change_plots as CP
+
+    tr, means, excl = traj_tracking()
+    c = change.classify(tr, k=2.0)
+    fig = CP.plot_classification(c)
+    assert isinstance(fig, Figure)
+    ax = fig.axes[0]
+    heights = [r.get_height() for r in ax.patches]
+    f = c.fractions
+    expect = list(100 * f["darker"]) + list(100 * f["brighter"]) + list(100 * f["plain_darker"])
+    np.testing.assert_allclose(heights, expect)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["c1", "c2", "d"]
+    # on a given Axes
+    fig2 = Figure()
+    ax2 = fig2.add_subplot()
+    assert CP.plot_classification(c, ax=ax2) is fig2
+    with pytest.raises(GrapesInputError, match="classification has no"):
+        CP.plot_classification(object())
+
+
+def test_plot_layer_changes_trajectories_distributions_trend():
+    from matplotlib.figure import Figure
+
+    from grapes_dask import change_plots as CP
+
+    lc = change.layer_changes(layer_tracking())
+    fig = CP.plot_layer_changes(lc, min_particles=2)
+    lines = [ln for ln in fig.axes[0].get_lines() if len(ln.get_xdata()) > 1 and ln.get_marker() == "o"]
+    assert len(lines) == 1
+    np.testing.assert_allclose(lines[0].get_ydata(), lc.table.loc[lc.table["n"] >= 2, "delta_mean"])
+    assert isinstance(CP.plot_layer_changes(change.layer_changes(layer_tracking(), align="relative")), Figure)
+    with pytest.raises(GrapesInputError, match="error='sd'"):
+        CP.plot_layer_changes(lc, error="sd")
+
+    tr, means, excl = traj_tracking()
+    tj = change.trajectories(tr, n=4)
+    fig = CP.plot_trajectories(tj)
+    ax = fig.axes[0]
+    mean_line = [ln for ln in ax.get_lines() if ln.get_label() == "population mean"][0]
+    np.testing.assert_allclose(mean_line.get_ydata(), tj.band["mean"])
+    assert sum(1 for ln in ax.get_lines() if ln.get_linewidth() == 0.6) == 4  # one thin line per sampled particle
+    fig = CP.plot_change_distributions(tj)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["c1", "c2", "d"]
+
+    x = np.linspace(0, 10, 40)
+    t = hand_tracking({"a": np.full(40, 100.0), "b": 100.0 - 0.5 * x + np.sin(x)}, {"a": np.full(40, 50),
+                      "b": np.full(40, 50)}, {"a": 2.0, "b": 2.0}, columns={"centroid-2": x})
+    res = change.trend(t)
+    fig = CP.plot_trend(res)
+    fit_line = [ln for ln in fig.axes[0].get_lines() if ln.get_label().startswith("slope")][0]
+    np.testing.assert_allclose(fit_line.get_ydata(), res.fit().predict(fit_line.get_xdata()))
+    assert f"{res.fit().slope:.3g}" in fit_line.get_label()
+
+
+def test_change_sections_with_the_report_collector(tmp_path):
+    from grapes_dask import change_plots as CP
+    from grapes_dask.report import Section, _Collector, write_report
+
+    tr, means, excl = traj_tracking()
+    # profiles for the per-layer sections
+    for s, t in tr.tables.items():
+        t["radial_layers_graylevel"] = [np.array([160.0, 150.0]) + (means[s][i] - means["p"][i])
+                                        for i in range(len(t))]
+        t["radial_layers_count"] = [np.array([20, 10])] * len(t)
+    tr.particles["centroid-2"] = np.tile(np.linspace(0, 50, 40), 4)
+    figs = _Collector()
+    secs = CP.change_sections(tr, figs, k=2.0)
+    assert [s.title for s in secs] == ["Noise-aware change per particle", "Change per radial layer", "Trajectories",
+                                       "Change against centroid-2"]
+    assert all(isinstance(s, Section) for s in secs)
+    assert sorted(figs.figures) == ["after_classification", "after_distributions", "after_layers",
+                                    "after_trajectories", "after_trend"]
+    assert figs.notes == []
+    write_report(tmp_path / "r.html", title="after", sections=secs)
+    html = (tmp_path / "r.html").read_text()
+    assert "Noise-aware change per particle" in html and html.count("<img") == 5
+    # what cannot be computed becomes a paragraph and a note, not an exception
+    bare = boundary_tracking()  # no profiles, no centroid
+    figs = _Collector()
+    secs = CP.change_sections(bare, figs)
+    assert len(secs) == 4 and len(figs.notes) == 2
+    assert any("per-layer changes not computed" in n for n in figs.notes)
+    assert any("trend against centroid-1 not computed" in n for n in figs.notes)
