@@ -14,6 +14,8 @@ Public API (see the README):
   :func:`estimate_noise` (``grapes_dask.stats``: the paper's eq. 1-6)
 - :func:`grapes_dask.track.track` (operando tracking and cleaning, a :class:`Tracking`),
   ``grapes_dask.plotting`` (the paper's figures), ``grapes_dask.report`` (HTML reports)
+- after the paper: ``grapes_dask.change`` (noise-aware change per particle, per-layer changes,
+  trajectories, trends against a covariate) and ``grapes_dask.change_plots`` (their figures)
 - pre-processing (paper section 2.2): :func:`register`, :func:`apply_transform`, :class:`Transform`
   (``grapes_dask.registration``), :func:`denoise`, :func:`estimate_noise_sigma` (``grapes_dask.denoising``),
   :func:`segment` (``grapes_dask.segmentation``: threshold, morphology,
@@ -48,7 +50,8 @@ _LAZY = {
 }
 
 
-_SUBMODULES = {"cli", "cluster", "demo", "denoising", "evaluate", "formats", "io", "kernels", "output", "plan",
+_SUBMODULES = {"change", "change_plots", "cli", "cluster", "demo", "denoising", "evaluate", "formats", "io", "kernels",
+               "output", "plan",
                "plotting", "preprocess", "registration", "report", "segmentation", "stats", "synthetic", "table",
                "track"}
 
