@@ -497,8 +497,8 @@ def layer_changes(tracking, states=None, *, reference: str | None = None, align:
     g_r, c_r = _profiles(tracking, ref, labels)
     sig_r = _sigma(tracking, ref)
     if align == "relative":
-        filled = c_r > 0
-        k_ref = np.where(filled.any(axis=1), filled.shape[1] - np.argmax(filled[:, ::-1], axis=1), 0)
+        # K: the deepest layer holding voxels in the reference (0 for none)
+        k_ref = ((c_r > 0) * np.arange(1, c_r.shape[1] + 1)).max(axis=1, initial=0)
     rows, parts = [], []
     for s in targets:
         g_s, c_s = _profiles(tracking, s, labels)

@@ -429,15 +429,11 @@ def change_sections(tracking, figs, *, k: float = 3.0, covariate: str | None = N
     except GrapesInputError as err:
         items = (failed("per-layer changes", err),)
     else:
-        wide = lc.table.pivot(index="layer", columns="state", values="delta_mean")
-        wide.columns = [f"{s} delta_mean" for s in wide.columns]
-        n = lc.table.pivot(index="layer", columns="state", values="n").iloc[:, :1]
-        n.columns = ["n"]
         items = (
             f"Mean change against {reference} of the kept particles' mean grey level in each radial layer (one voxel "
             "thick, 1 = surface), grey levels; n particles reach the layer. Error bars ±"
             f"{n_se:g} SES (the sampling error of the layer's mean change, which contains the particles' noise).",
-            n.join(wide),
+            lc.table[["state", "layer", "n", "reference_mean", "delta_mean", "ses", "se_tot"]],
             figs.item("after_layers", "Per-layer changes", plot_layer_changes, lc, n_se=n_se,
                       caption=f"Mean change per radial layer, ±{n_se:g} SES; layers with fewer than 10 particles "
                               "are not drawn."),

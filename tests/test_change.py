@@ -644,3 +644,23 @@ def test_change_sections_with_the_report_collector(tmp_path):
     assert len(secs) == 4 and len(figs.notes) == 2
     assert any("per-layer changes not computed" in n for n in figs.notes)
     assert any("trend against centroid-1 not computed" in n for n in figs.notes)
+
+
+def test_no_kept_particle_gives_empty_results_not_crashes():
+    from grapes_dask import change_plots as CP
+    from grapes_dask.report import _Collector
+
+    tr = hand_tracking({"a": [150.0, 155.0, 146.0, 150.0], "b": [147.0, 152.0, 140.0, 100.0]},
+                       {"a": [5] * 4, "b": [5] * 4}, SIG_L, profiles=PROF, excluded=[True] * 4)
+    f = change.classify(tr).fractions.loc["b"]
+    assert f["n"] == 0 and np.isnan(f["darker"]) and np.isnan(f["darker_lo"]) and np.isnan(f["plain_darker"])
+    assert len(change.layer_changes(tr).table) == 0
+    rel = change.layer_changes(tr, align="relative").table
+    assert list(rel["n"]) == [0, 0] and rel["delta_mean"].isna().all()
+    tj = change.trajectories(tr)
+    assert len(tj.sample) == 0 and (tj.band["n"] == 0).all()
+    with pytest.raises(GrapesInputError, match="0 particle"):
+        change.trend(tr, "roi_voxels")
+    figs = _Collector()
+    secs = CP.change_sections(tr, figs)
+    assert len(secs) == 4 and len(figs.figures) == 4 and len(figs.notes) == 1  # the trend: no covariate
