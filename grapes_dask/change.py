@@ -129,6 +129,13 @@ def _change_and_sem(tracking, state: str, reference: str):
     return mean.index.to_numpy()[ok].astype(np.uint64), delta[ok], sem[ok]
 
 
+def _whole(value, lo: int) -> bool:
+    """True when `value` is a whole number >= lo (not a bool, not text)."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.number)):
+        return False
+    return math.isfinite(float(value)) and float(value) == int(value) and int(value) >= lo
+
+
 def _z(delta: np.ndarray, sem: np.ndarray) -> np.ndarray:
     """delta / sem; where sem is 0, +-inf by the sign of delta (0 where delta is 0)."""
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -482,14 +489,13 @@ def layer_changes(tracking, states=None, *, reference: str | None = None, align:
     if align not in ("surface", "relative"):
         raise GrapesInputError(f"align={align!r}: choose 'surface' (layer number from the surface) or 'relative' "
                                "(depth bins from shell to core)")
-    if isinstance(exclude_outer_layers, bool) or int(exclude_outer_layers) != exclude_outer_layers \
-            or exclude_outer_layers < 0:
+    if not _whole(exclude_outer_layers, 0):
         raise GrapesInputError("{exclude_outer_layers}: give a whole number of layers >= 0",
                                exclude_outer_layers=exclude_outer_layers)
     n_out = int(exclude_outer_layers)
-    if align == "relative" and (isinstance(bins, bool) or int(bins) != bins or bins < 1):
+    if align == "relative" and not _whole(bins, 1):
         raise GrapesInputError("{bins}: give a whole number of depth bins >= 1 (2: shell and core)", bins=bins)
-    if max_layer is not None and (isinstance(max_layer, bool) or int(max_layer) != max_layer or max_layer < 1):
+    if max_layer is not None and not _whole(max_layer, 1):
         raise GrapesInputError("{max_layer}: give a layer number >= 1, or None for the deepest", max_layer=max_layer)
     ref = _reference(tracking, reference)
     targets = _targets(tracking, states, ref)
@@ -610,7 +616,7 @@ def trajectories(tracking, n: int = 20, seed: int = 0, *, reference: str | None 
         changes (the distribution of changes per state).
     """
     _check_tracking(tracking)
-    if isinstance(n, bool) or int(n) != n or n < 0:
+    if not _whole(n, 0):
         raise GrapesInputError("{n}: give the number of particles to sample, a whole number >= 0", n=n)
     try:
         qs = tuple(float(q) for q in quantiles)

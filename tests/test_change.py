@@ -324,6 +324,10 @@ def test_layer_changes_errors():
         change.layer_changes(tr, align="relative", bins=0)
     with pytest.raises(GrapesInputError, match="exclude_outer_layers=-1"):
         change.layer_changes(tr, exclude_outer_layers=-1)
+    with pytest.raises(GrapesInputError, match="exclude_outer_layers='2'"):
+        change.layer_changes(tr, exclude_outer_layers="2")
+    with pytest.raises(GrapesInputError, match="max_layer=1.5"):
+        change.layer_changes(tr, max_layer=1.5)
     with pytest.raises(GrapesInputError, match="state='q'"):
         change.layer_changes(tr, states="q")
     bare = boundary_tracking()  # tables without profiles
@@ -384,6 +388,8 @@ def test_trajectories_band_against_numpy():
         change.trajectories(tr, quantiles=(0.5, 2))
     with pytest.raises(GrapesInputError, match="n=-1"):
         change.trajectories(tr, n=-1)
+    with pytest.raises(GrapesInputError, match="n='5'"):
+        change.trajectories(tr, n="5")
 
 
 # --------------------------------------------------------------------------------------------
