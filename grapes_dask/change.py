@@ -136,6 +136,11 @@ def _whole(value, lo: int) -> bool:
     return math.isfinite(float(value)) and float(value) == int(value) and int(value) >= lo
 
 
+def _level(value) -> bool:
+    """True when `value` is a number strictly between 0 and 1."""
+    return isinstance(value, (numbers.Real, np.number)) and not isinstance(value, bool) and 0 < float(value) < 1
+
+
 def _z(delta: np.ndarray, sem: np.ndarray) -> np.ndarray:
     """delta / sem; where sem is 0, +-inf by the sign of delta (0 where delta is 0)."""
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -166,7 +171,7 @@ def wilson_interval(k, n, confidence: float = _WILSON_CONFIDENCE) -> tuple[np.nd
     """
     from scipy.stats import norm
 
-    if not 0 < confidence < 1:
+    if not _level(confidence):
         raise GrapesInputError(f"confidence={confidence!r}: give a level between 0 and 1 (0.95)")
     k = np.asarray(k, float)
     n = np.asarray(n, float)
@@ -744,7 +749,7 @@ def linear_fit(x, y, confidence: float = 0.95, *, what: str = "x") -> LineFit:
     y = np.asarray(y, float).ravel()
     if x.shape != y.shape:
         raise GrapesInputError(f"x has {x.size} values and y {y.size}: give one y per x")
-    if not 0 < confidence < 1:
+    if not _level(confidence):
         raise GrapesInputError(f"confidence={confidence!r}: give a level between 0 and 1 (0.95)")
     ok = np.isfinite(x) & np.isfinite(y)
     x, y = x[ok], y[ok]
@@ -876,6 +881,8 @@ def trend(tracking, covariate: str = "centroid-2", state=None, *, reference: str
         a covariate that does not vary.
     """
     _check_tracking(tracking)
+    if not _level(confidence):
+        raise GrapesInputError(f"confidence={confidence!r}: give a level between 0 and 1 (0.95)")
     ref = _reference(tracking, reference)
     targets = _targets(tracking, state, ref)
     fits, parts = {}, []

@@ -481,6 +481,8 @@ def test_trend_errors():
         change.trend(tr3, "centroid-2")
     with pytest.raises(GrapesInputError, match="confidence=1.5"):
         change.linear_fit([1, 2, 3], [1, 2, 4], confidence=1.5)
+    with pytest.raises(GrapesInputError, match="confidence='95%'"):
+        change.trend(tr, "centroid-2", confidence="95%")
 
 
 # --------------------------------------------------------------------------------------------
