@@ -15,6 +15,9 @@ Public API (see the README):
 - :func:`grapes_dask.track.track` (operando tracking and cleaning, a :class:`Tracking`),
   ``grapes_dask.plotting`` (the paper's figures), ``grapes_dask.particle_figures`` (fig. 5, 8b, 11f),
   ``grapes_dask.report`` (HTML reports)
+- after the paper: ``grapes_dask.change`` (noise-aware change per particle, per-layer changes,
+  trajectories, trends against a covariate) and ``grapes_dask.change_plots`` (their figures)
+- ``grapes_dask.units`` (voxel sizes and the unit of every length parameter)
 - pre-processing (paper section 2.2): :func:`register`, :func:`apply_transform`, :class:`Transform`
   (``grapes_dask.registration``), :func:`denoise`, :func:`estimate_noise_sigma` (``grapes_dask.denoising``),
   :func:`segment` (``grapes_dask.segmentation``: threshold, morphology,
@@ -49,9 +52,9 @@ _LAZY = {
 }
 
 
-_SUBMODULES = {"cli", "cluster", "demo", "denoising", "evaluate", "formats", "io", "kernels", "output", "plan",
-               "particle_figures", "plotting", "preprocess", "registration", "report", "segmentation", "stats",
-               "synthetic", "table", "track"}
+_SUBMODULES = {"change", "change_plots", "cli", "cluster", "demo", "denoising", "evaluate", "formats", "io",
+               "kernels", "output", "particle_figures", "plan", "plotting", "preprocess", "registration", "report",
+               "segmentation", "stats", "synthetic", "table", "track", "units"}
 
 
 def __getattr__(name):

@@ -997,6 +997,48 @@ class Tracking:
         delta = np.where(mask, moved - ref_s, np.nan).astype(np.float32)
         return ChangeMap(int(label), state, self.reference, delta, mask, shift, tuple(lo), spacing)
 
+    # -- after the paper (grapes_dask.change) ---------------------------------------------
+
+    def classify(self, k: float = 3.0, reference: str | None = None, states=None):
+        """Each kept particle darker / brighter / unchanged at ``|z| > k`` (eq. 2), with the shares.
+
+        See :func:`grapes_dask.change.classify`; returns a :class:`grapes_dask.change.Classification`.
+        """
+        from .change import classify
+
+        return classify(self, k=k, reference=reference, states=states)
+
+    def layer_changes(self, states=None, *, reference: str | None = None, align: str = "surface", bins: int = 2,
+                      exclude_outer_layers: int = 0, max_layer: int | None = None):
+        """Mean change per radial layer and state, with SES, SEM and SE_tot per layer.
+
+        See :func:`grapes_dask.change.layer_changes`; returns a :class:`grapes_dask.change.LayerChanges`.
+        """
+        from .change import layer_changes
+
+        return layer_changes(self, states, reference=reference, align=align, bins=bins,
+                             exclude_outer_layers=exclude_outer_layers, max_layer=max_layer)
+
+    def trajectories(self, n: int = 20, seed: int = 0, *, reference: str | None = None,
+                     quantiles=(0.05, 0.25, 0.5, 0.75, 0.95)):
+        """Every kept particle's change through the states, a sample of them and the band per state.
+
+        See :func:`grapes_dask.change.trajectories`; returns a :class:`grapes_dask.change.Trajectories`.
+        """
+        from .change import trajectories
+
+        return trajectories(self, n=n, seed=seed, reference=reference, quantiles=quantiles)
+
+    def trend(self, covariate: str = "centroid-2", state=None, *, reference: str | None = None,
+              confidence: float = 0.95):
+        """Least-squares slope of the per-particle change against a covariate, with its t interval.
+
+        See :func:`grapes_dask.change.trend`; returns a :class:`grapes_dask.change.Trend`.
+        """
+        from .change import trend
+
+        return trend(self, covariate=covariate, state=state, reference=reference, confidence=confidence)
+
 
 # --------------------------------------------------------------------------------------------
 # track

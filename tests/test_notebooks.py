@@ -154,6 +154,13 @@ _checks.update(
     by_change=by_change, by_level=by_level,
     measured_order=[int(g) for g in measured_order],
     n_maps=len(maps),
+    control_darker=float(f0["darker"]), control_brighter=float(f0["brighter"]),
+    control_plain=float(f0["plain_darker"]), control_n=int(f0["n"]),
+    recall_strong=float((strong["class"] == "darker").mean()), n_strong=len(strong),
+    darker_44=float(cls.fractions.loc["4.4 V", "darker"]), plain_44=float(cls.fractions.loc["4.4 V", "plain_darker"]),
+    core=float(sc.loc[2, "delta_mean"]), shell=float(sc.loc[1, "delta_mean"]), cms=float(cms), cms_se=float(cms_se),
+    n_sampled=int(len(traj.sample)),
+    slope_lo={s: float(trd.fit(s).ci_low) for s in trd.states},
 )
 print(json.dumps(_checks))
 """
@@ -180,7 +187,20 @@ print(json.dumps(_checks))
     assert checks["measured_order"] == [1, 2, 3, 4]
     assert checks["rho"]["4.4 V"] < -0.7
     assert checks["n_maps"] == 3
-    assert _n_images(nb) == 6  # slices, fig. 7, 8, 9, 10, 12 (each once)
+    # after the paper: the noise-only control scores about the normal tail, the plain share about 50%
+    assert checks["control_n"] > 150
+    assert checks["control_darker"] <= 0.02 and checks["control_brighter"] <= 0.02
+    assert abs(checks["control_plain"] - 0.5) < 4 * 0.5 / checks["control_n"] ** 0.5
+    assert "control: the paper's plain share of decreases" in text
+    # damaged particles are found; the classified share is below the plain one
+    assert checks["n_strong"] >= 30 and checks["recall_strong"] >= 0.9
+    assert checks["darker_44"] < checks["plain_44"]
+    # the core darkens more than the shell, by many paired standard errors; damage falls along x
+    assert checks["core"] < checks["shell"] < 0
+    assert checks["cms"] < -5 * checks["cms_se"]
+    assert checks["n_sampled"] == 30
+    assert all(v > 0 for v in checks["slope_lo"].values())
+    assert _n_images(nb) == 10  # slices, fig. 7, 8, 9, 10, 12 (each once), classification, layers, trajectories, trend
 
 
 def _build_module():
