@@ -486,17 +486,13 @@ def _volume_column(table) -> str:
 def _quartiles(table, q: int, vcol: str) -> dict:
     """Group label -> sub-table, by `q` quantile groups of the volume (1 = smallest).
 
-    The groups are those of :func:`grapes_dask.stats.quantile_groups` (ties in one group); when
-    ties would leave a group empty, the particles are split by rank instead (ties broken by order).
+    The groups of :func:`grapes_dask.stats.quantile_groups` (:func:`grapes_dask.stats.quantile_labels`:
+    by rank, ties by label, sizes within one of each other); the caller checks that there are at
+    least `q` particles.
     """
-    import pandas as pd
-
     from .stats import quantile_groups
 
-    try:
-        groups = quantile_groups(table, vcol, q, profiles=(), columns=[]).groups.fillna(0).to_numpy(int)
-    except GrapesInputError:
-        groups = (pd.qcut(table[vcol].rank(method="first"), q, labels=False) + 1).to_numpy()
+    groups = quantile_groups(table, vcol, q, profiles=(), columns=[]).groups.fillna(0).to_numpy(int)
     out = {}
     for k in range(1, q + 1):
         sub = table[groups == k]

@@ -666,7 +666,10 @@ def _clean(labels: np.ndarray, present: np.ndarray, touches: np.ndarray, empty: 
     cand = np.flatnonzero(~flags[:, :4].any(axis=1))
     k = int(math.floor(drop_smallest * len(cand) + 1e-9))
     if k > 0:
-        order = np.lexsort((labels[cand], ref_volume[cand]))
+        # the order of stats.quantile_labels: with drop_smallest = 1/q these are its group 1
+        from .stats import rank_order
+
+        order = rank_order(ref_volume[cand], labels[cand])
         flags[cand[order[:k]], 4] = True
     return flags, flags.any(axis=1)
 
@@ -781,8 +784,10 @@ class Tracking:
             A column of :attr:`particles` or of the reference particle table (e.g.
             ``"centroid-2"``, the x position; ``"volume"``); its value in the reference state.
         q : int
-            Number of groups: the kept particles sorted by the value (ties by label) and cut
-            into `q` groups of equal size (sizes differ by at most one); 4 = quartiles.
+            Number of groups (4 = quartiles), by :func:`grapes_dask.stats.quantile_labels`: the
+            kept particles sorted by the value (ties by label), group ``g`` the ranks
+            ``floor((g-1) n / q) .. floor(g n / q) - 1``; sizes differ by at most one. The same rule as :func:`grapes_dask.stats.quantile_groups` and
+            the ``smallest`` cleaning rule.
         state : str or list of str, optional
             The states to report (default: every state but the reference).
 
@@ -794,7 +799,7 @@ class Tracking:
             ``delta_sd``, ``delta_sem``, ``delta_ses``, ``delta_se_tot`` (change against the
             reference, eq. 2-5), ``mean``, ``se_tot`` (of ``roi_mean`` in that state).
         """
-        from .stats import population_stats
+        from .stats import population_stats, quantile_labels
 
         if int(q) != q or q < 1:
             raise GrapesInputError("{q}: give a whole number of groups >= 1 (4 = quartiles)", q=q)
@@ -817,8 +822,8 @@ class Tracking:
         else:
             raise GrapesInputError(f"column={column!r} is neither in the tracking table nor in the reference "
                                    "particle table: choose e.g. 'centroid-2' (x) or 'volume'")
-        order = np.lexsort((labels, values))
-        groups = np.array_split(order, q)
+        member = quantile_labels(values, q, ties=labels)
+        groups = [np.flatnonzero(member == g) for g in range(1, q + 1)]
         mean, sem = self._wide("roi_mean"), self._wide("roi_sem")
         rows = []
         for g, idx in enumerate(groups, start=1):

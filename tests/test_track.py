@@ -279,7 +279,9 @@ def test_by_quantile_against_numpy(tracked):
     ref = tracked.particles[(tracked.particles["state"] == "a") & ~tracked.particles["excluded"]]
     x = ref.set_index("label")["centroid-2"]
     order = sorted(x.index, key=lambda L: (x[L], L))
-    sizes = [3, 3, 2]  # 8 particles in 3 groups
+    n = len(order)
+    assert n == 8
+    sizes = [g * n // q - (g - 1) * n // q for g in range(1, q + 1)]  # floor(g n / q) - floor((g-1) n / q)
     start = 0
     for g, size in enumerate(sizes, start=1):
         grp = order[start:start + size]
