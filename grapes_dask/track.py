@@ -713,21 +713,22 @@ def _check_kept(flags: np.ndarray, excluded: np.ndarray, n_out: int, drop_smalle
     kept = int((~excluded).sum())
     if n == 0 or (kept >= 2 and kept >= FEW_KEPT * n):
         return
-    first = np.where(flags.any(axis=1), flags.argmax(axis=1), -1)
-    by_first = {r: int((first == j).sum()) for j, r in enumerate(REASONS)}
-    rule = max(REASONS, key=lambda r: by_first[r])
-    counts = ", ".join(f"{r} {k}" for r, k in by_first.items() if k)
+    # the rule that applies to most particles (a particle can have several reasons): relaxing a rule that
+    # applies to fewer would not bring the others back
+    by_rule = {r: int(flags[:, j].sum()) for j, r in enumerate(REASONS)}
+    rule = max(REASONS, key=lambda r: by_rule[r])
+    counts = ", ".join(f"{r} {k}" for r, k in by_rule.items() if k)
     fix = _rule_fix(rule, n_out, drop_smallest, gap)
     options = dict(neighbour_gap=None, no_gap=Alt("neighbour_gap=None", "--neighbour-gap none"),
                    exclude_outer_layers=None, drop_smallest=None)
     if kept < 2:
         text = (f"cleaning kept {kept} of {n} particles, too few for any statistic (2 at least; the summary, the "
-                f"z-tests and the quantiles would be empty or NaN): rule {rule!r} removed {by_first[rule]} "
-                f"(particles removed, by first reason: {counts}); {fix}")
+                f"z-tests and the quantiles would be empty or NaN): rule {rule!r} removed {by_rule[rule]} "
+                f"(particles with each reason, a particle can have several: {counts}); {fix}")
         cls = GrapesInputWarning
     else:
         text = (f"cleaning kept only {kept} of {n} particles ({100 * kept / n:.1f}%): rule {rule!r} removed "
-                f"{by_first[rule]} (particles removed, by first reason: {counts}); {fix}")
+                f"{by_rule[rule]} (particles with each reason, a particle can have several: {counts}); {fix}")
         cls = FewParticlesWarning
     err = GrapesInputError(text, **options)
     w = cls(err.render("api"))
@@ -1222,7 +1223,7 @@ def track(states, reference=None, *, spacing=None, exclude_outer_layers: int = 5
     grapes_dask.GrapesInputWarning
         Cleaning kept fewer than 2 particles: no statistic can be computed (the Tracking is
         returned so that the reasons can be read; ``grapes-dask operando`` stops with an error).
-        The message names the rule that removed most particles (by first reason) and the option
+        The message names the rule that applies to most particles and the option
         to change (``empty_roi``: lower `exclude_outer_layers`; ``smallest``: lower
         `drop_smallest`; ``neighbour``: lower or skip `neighbour_gap`; ``border`` and
         ``inconsistent``: the inputs).

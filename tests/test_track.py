@@ -374,7 +374,8 @@ def test_too_few_kept_warns_naming_the_rule(scene):
     with pytest.warns(GrapesInputWarning) as rec:
         tr = track({k: (g[k], lab[k]) for k in scene}, noise_sigma=SIGMA, exclude_outer_layers=6, drop_smallest=0.0)
     msg = str(rec[0].message)
-    n_empty = int((tr.counts().set_index("reason").loc["empty_roi", "n_first"]))
+    n_empty = int((tr.counts().set_index("reason").loc["empty_roi", "n"]))
+    assert n_empty == 14  # every particle: none has a voxel deeper than 6 layers
     assert "cleaning kept 0 of 14 particles" in msg and f"rule 'empty_roi' removed {n_empty}" in msg
     assert "lower exclude_outer_layers (now 6)" in msg
     assert "--exclude-outer-layers" in rec[0].message.error.render("cli")
