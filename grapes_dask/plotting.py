@@ -337,9 +337,11 @@ def plot_state_deltas(summary, n_se: float = 3.0, reference=None, ax=None, title
         its right (the second line, when drawn), and a line at 0.
     """
     against = f" vs {reference}" if reference is not None else ""
+    default = f"population mean change per state, error bars ±{n_se:g} SE_tot"
+    if mean_error is not None:
+        default += f" (blue) and ±{n_se:g} {mean_error} (red)"
     fig, ax = _state_errorbar(summary, "delta_mean", "delta_se_tot", n_se, ax,
-                              f"mean ROI grey-level change{against} (grey levels)",
-                              title or f"population mean change per state, error bars ±{n_se:g} SE_tot",
+                              f"mean ROI grey-level change{against} (grey levels)", title or default,
                               reference=reference, note="* 0 by definition")
     ax.axhline(0.0, color="0.6", lw=0.8, zorder=0)
     states = [str(x) for x in summary.index]
@@ -365,6 +367,9 @@ def plot_state_deltas(summary, n_se: float = 3.0, reference=None, ax=None, title
             mark = "*" if bool(r["reject"]) else ""
             ax.annotate(f"z = {float(r['z']):.1f}{mark}", (x[k] + 0.14, y[k] if np.isfinite(y[k]) else 0.0),
                         textcoords="offset points", xytext=(4, 4), fontsize="x-small", color="#c0392b")
+        level = f" at {float(zt['sigma'].iloc[0]):g} sigma" if "sigma" in zt.columns and len(zt) else ""
+        ax.text(0.99, 0.99, f"z: eq. 6 against the reference, * = significant{level}", transform=ax.transAxes,
+                ha="right", va="top", fontsize="x-small", color="#c0392b")
     return fig
 
 

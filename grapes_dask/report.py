@@ -374,11 +374,15 @@ def statistics_lines(tracking, *, n_se: float = 3.0, sigma: float = 5.0, extra: 
         tail = f"   {extra[name]}" if name in extra else ""
         lines.append(f"{name:>9}: mean ROI grey {row['mean']:7.2f} +- {n_se * row['se_tot']:.2f}   change "
                      f"{row['delta_mean']:+6.2f} +- {n_se * row['delta_se_tot']:.2f} "
-                     f"[+- {n_se * row['delta_ses']:.2f}]   n = {int(row['n'])}{tail}")
+                     f"[+- {n_se * row['delta_ses']:.2f}]{tail}")
     lines.append("(SE_tot: eq. 3 counts the measurement error of one particle, not of the mean, so its bars can "
                  "cross 0 where a z-test rejects; docs/statistics.md)")
     z = tracking.z_tests(alternative="less", sigma=sigma)
+    seen = set()
     for _, r in z.iterrows():
+        if (r["state_a"], r["state_b"]) in seen:  # the reference and the state after it: printed once
+            continue
+        seen.add((r["state_a"], r["state_b"]))
         kind = "reference" if r["against"] == "reference" else "previous state"
         head = f"z-test {r['state_b']} vs {r['state_a']} ({kind}):"
         if not bool(r["testable"]):
@@ -411,11 +415,11 @@ def _profile_figures(figs, tables: dict, *, stem: str, what: str, n_se: float, m
 
     items = [figs.item(f"{stem}_profiles", f"{what} profiles", P.plot_radial_profiles, tables,
                        column=column, n_se=n_se, min_particles=min_particles,
-                       title=f"{what}: mean {column} per layer, ±{n_se:g} SE",
+                       title=f"mean {column} per layer, ±{n_se:g} SE",
                        caption=f"Fig. 6 ({what}): mean {column} per radial layer (1 = surface), error bars "
                                f"±{n_se:g} standard errors of the mean over the particles.")]
     for how, name, title, caption in (
-            ("radial_max", "paper", "the paper's normalisation (surface 0, brightest layer 1)",
+            ("radial_max", "paper", "paper's normalisation (surface 0, max 1)",
              "Fig. 6 in the paper's normalisation: each particle's profile minus its surface layer, divided by its "
              "largest such difference (radial_max; surface 0, brightest layer 1). Undefined (left out) for a "
              "particle whose surface layer is its brightest, e.g. with a bright phase-contrast rim: {lost}."),
@@ -428,14 +432,22 @@ def _profile_figures(figs, tables: dict, *, stem: str, what: str, n_se: float, m
             figs.notes.append(f"{what} profiles ({title}) not drawn: {exc}")
             items.append(figs.notes[-1])
             continue
-        lost = []
+        lost, drawn = [], {}
         for k, t in normed.items():
             ok = sum(1 for p in t["radial_layers_graylevelnormed"]
                      if p is not None and np.size(p) and np.isfinite(np.asarray(p, float)).any())
             lost.append(f"{k}: {len(t) - ok} of {len(t)}")
+            if ok:
+                drawn[k] = t
+        if not drawn:
+            figs.notes.append(f"{what}: profiles in {title} not drawn: undefined for every particle ("
+                              f"{'; '.join(lost)}), whose surface layer is its brightest (a bright rim); the "
+                              "profiles divided by the ROI mean are defined")
+            items.append(figs.notes[-1])
+            continue
         items.append(figs.item(f"{stem}_profiles_{name}", f"{what} profiles ({title})", P.plot_radial_profiles,
-                               normed, column="radial_layers_graylevelnormed", n_se=n_se,
-                               min_particles=min_particles, title=f"{what}: {title}, ±{n_se:g} SE",
+                               drawn, column="radial_layers_graylevelnormed", n_se=n_se,
+                               min_particles=min_particles, title=f"{title}, ±{n_se:g} SE",
                                caption=caption.format(lost="; ".join(lost))))
     return items
 

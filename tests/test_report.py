@@ -179,12 +179,12 @@ class FakeTracking:
         self.particles = pd.DataFrame(rows)
         self.particles["state"] = pd.Categorical(self.particles["state"], categories=self.states, ordered=True)
         # per-state tables: 12 particles (the 6 above and 6 more), profiles of 6 layers, a bright rim in
-        # half of them (the paper's normalisation is then undefined), darker cores in later states
+        # every other one (the paper's normalisation is then undefined), darker cores in later states
         rng = np.random.default_rng(7)
         self.tables = {}
         all_labels = np.r_[labels, np.arange(100, 106, dtype=np.uint64)]
         for k, s in enumerate(self.states):
-            prof = [np.array([160.0 + 20 * (i % 2), 150, 150, 150 - k, 150 - 2 * k, 150 - 3 * k]) + rng.normal(0, 0.5, 6)
+            prof = [np.array([140.0 + 20 * (i % 2), 150, 150, 150 - k, 150 - 2 * k, 150 - 3 * k]) + rng.normal(0, 0.5, 6)
                     for i in range(len(all_labels))]
             t = pd.DataFrame({"label": all_labels, "radial_layers_graylevel": prof,
                               "roi_mean": [float(np.mean(p[5:])) for p in prof]})
@@ -277,6 +277,8 @@ def test_tracking_report(tmp_path):
     # the radial profiles are those of the 5 kept particles of each state's table, not the 12 of the table
     assert "The 5 kept particles in each state" in body
     assert "against = reference" in body and "-5.39" in cells
+    # kept labels 3, 5, 8, 21, 34 are rows 0, 1, 2, 4, 5: rows 1 and 5 have the bright rim -> 2 of 5 undefined
+    assert "pristine: 2 of 5" in body
     # outputs exist: refused before anything is drawn, replaced with overwrite
     tr2 = FakeTracking()
     with pytest.raises(GrapesInputError, match="already exists"):
@@ -286,6 +288,17 @@ def test_tracking_report(tmp_path):
     assert not any(n.startswith("fig10") for n in res2.figures)
     assert sorted(p.name for p in (out / "figures").iterdir()) == sorted(f"{n}.png" for n in res2.figures)
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_tracking_report_paper_normalisation_undefined_everywhere(tmp_path):
+    tr = FakeTracking(states=STATES[:2])
+    for t in tr.tables.values():  # a bright rim in every particle
+        t["radial_layers_graylevel"] = [np.r_[200.0, p[1:]] for p in t["radial_layers_graylevel"]]
+    res = tracking_report(tr, tmp_path, n_maps=0, dpi=30)
+    assert "fig6_kept_profiles_paper" not in res.figures
+    assert {"fig6_kept_profiles", "fig6_kept_profiles_normalised"} <= set(res.figures)
+    assert any("paper's normalisation" in n and "undefined for every particle" in n and "pristine: 5 of 5" in n
+               for n in res.notes)
 
 
 def test_tracking_report_notes_when_something_cannot_be_drawn(tmp_path):
