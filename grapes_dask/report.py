@@ -4,12 +4,17 @@
    PNG), tables (escaped HTML), text and parameter dicts, and adds a provenance section. The
    file needs nothing else: no external link, script, style sheet or font.
 2. :func:`tracking_report` writes, for an operando tracking (``grapes_dask.track``), the
-   figures as PNG files, ``summary.csv`` and ``report.html``: the summary per state (fig. 7),
-   the z-tests between consecutive states (fig. 12), the cleaning counts by reason, the change
-   by position quantile (fig. 8), the condition pies (fig. 9), change maps of the largest kept
-   particles (fig. 10) and the parameters.
+   figures as PNG files, ``summary.csv`` and ``report.html``: the summary per state (fig. 7;
+   7b with the error of the mean change beside the paper's SE_tot bars), the z-tests against
+   the reference and between consecutive states (fig. 12), the cleaning counts by reason, the
+   change by position quantile (fig. 8), the condition pies (fig. 9a: the reference against the
+   state of largest mean decrease; fig. 9: consecutive states), the radial profiles of the kept
+   particles per state (fig. 6, three normalisations), change maps of the largest kept
+   particles (fig. 10) and the parameters. :func:`statistics_lines` gives the statistics as the
+   text that ``grapes-dask operando`` and the demo print.
 3. :func:`tables_report` does the same for particle tables already computed (one or more
-   states): radial profiles by volume quartile (fig. 6), size and grey-level distributions,
+   states): radial profiles by volume quartile (fig. 6: grey levels, the paper's
+   normalisation, and divided by each particle's ROI mean), size and grey-level distributions,
    and a property painted on a slice when label volumes are given.
 
 Every output is written atomically (:func:`grapes_dask.io.atomic_output`), and all of them
@@ -494,7 +499,8 @@ def tracking_report(tracking, out_dir, overwrite: bool = False, *, n_maps: int =
         Change maps (fig. 10) of the `n_maps` largest kept particles (by reference volume), one
         figure per particle with every non-reference state; 0 draws none.
     n_se : float
-        Error bars of the state means and changes (fig. 7): +- n_se SE_tot (the paper: 3).
+        Error bars of the state means and changes (fig. 7): +- n_se SE_tot (the paper: 3), and
+        for the changes +- n_se ``delta_ses`` beside them (the error of the mean change).
     sigma : float
         Significance level of the z-tests, in standard deviations (the paper: 5).
     quantile_column : str, optional

@@ -27,7 +27,12 @@ Stages:
    - ``border``: touches the volume border in any state;
    - ``empty_roi``: no voxel deeper than ``exclude_outer_layers`` in some state where it exists;
    - ``smallest``: among the particles no rule above excludes, the ``floor(drop_smallest * n)``
-     smallest by reference volume (ties by label id);
+     smallest by reference volume (ties by label id), in the order of
+     :func:`grapes_dask.stats.quantile_labels` (with ``drop_smallest = 1/q``: its group 1);
+
+   fewer than 2 particles kept warns (:class:`grapes_dask.GrapesInputWarning`; the command
+   line stops), under :data:`FEW_KEPT` of them too (:class:`FewParticlesWarning`), naming the
+   rule that applies to the most particles and its option;
 5. the long table (:attr:`Tracking.particles`) and its statistics (:mod:`grapes_dask.stats`).
 
 The neighbour rule, exactly: labels ``A`` (inconsistent) and ``B != A`` (non-zero) are
@@ -718,6 +723,12 @@ def _check_kept(flags: np.ndarray, excluded: np.ndarray, n_out: int, drop_smalle
     by_rule = {r: int(flags[:, j].sum()) for j, r in enumerate(REASONS)}
     rule = max(REASONS, key=lambda r: by_rule[r])
     counts = ", ".join(f"{r} {k}" for r, k in by_rule.items() if k)
+    if not any(by_rule.values()):  # no rule removed any: the states hold too few particles
+        w = GrapesInputWarning(f"the states hold {n} particle(s), all kept: too few for any statistic (2 at "
+                               "least; the summary, the z-tests and the quantiles would be empty or NaN); give "
+                               "volumes with more particles")
+        warnings.warn(w, stacklevel=3)
+        return
     fix = _rule_fix(rule, n_out, drop_smallest, gap)
     options = dict(neighbour_gap=None, no_gap=Alt("neighbour_gap=None", "--neighbour-gap none"),
                    exclude_outer_layers=None, drop_smallest=None)
@@ -849,7 +860,7 @@ class Tracking:
             Number of groups (4 = quartiles), by :func:`grapes_dask.stats.quantile_labels`: the
             kept particles sorted by the value (ties by label), group ``g`` the ranks
             ``floor((g-1) n / q) .. floor(g n / q) - 1``; sizes differ by at most one. The same rule as :func:`grapes_dask.stats.quantile_groups` and
-            the ``smallest`` cleaning rule.
+            the ``smallest`` cleaning rule. A particle whose value is not finite is in no group.
         state : str or list of str, optional
             The states to report (default: every state but the reference).
 

@@ -511,8 +511,11 @@ def test_change_map_recovers_shift_and_darkening():
 
     grey_a = _soft_particle(shape, c, 8.0, 0.0).astype(np.float32)
     grey_b = _soft_particle(shape, c + t, 8.0, 30.0).astype(np.float32)
-    tr = track({"pristine": (grey_a, ball(c)), "charged": (grey_b, ball(np.round(c + t)))}, noise_sigma=1.0,
-               exclude_outer_layers=3, drop_smallest=0.0)
+    from grapes_dask import GrapesInputWarning
+
+    with pytest.warns(GrapesInputWarning, match="the states hold 1 particle"):  # one particle: no statistic
+        tr = track({"pristine": (grey_a, ball(c)), "charged": (grey_b, ball(np.round(c + t)))}, noise_sigma=1.0,
+                   exclude_outer_layers=3, drop_smallest=0.0)
     cm = tr.change_map(1, "charged", margin=5, sigma=1.0)
     assert isinstance(cm, ChangeMap) and cm.delta.dtype == np.float32 and cm.reference == "pristine"
     assert np.allclose(cm.shift, -t, atol=0.1)
