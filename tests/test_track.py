@@ -206,6 +206,26 @@ def test_drop_smallest(scene, frac):
                                                                  if L not in smallest}
 
 
+def test_smallest_rule_is_group_1_of_by_quantile(scene):
+    """drop_smallest = 1/q removes exactly group 1 of by_quantile("volume", q) of the particles
+    the other rules keep (one rule for both), for q = 2, 4, 8 (8 candidates: sizes exact and not)."""
+    base = from_tables(scene, drop_smallest=0.0)
+    ref = base.particles[(base.particles["state"] == "a") & ~base.particles["excluded"]]
+    vol = dict(zip(ref["label"].astype(int), ref["volume"]))
+    order = sorted(vol, key=lambda L: (vol[L], L))  # by volume, ties by label: the documented rule
+    n = len(order)
+    for q in (2, 4, 8, 3):
+        byq = base.by_quantile("volume", q, state="b").set_index("group")
+        smallest = order[: n // q]
+        tr = from_tables(scene, drop_smallest=1.0 / q)
+        got = sorted(L for L, r in reasons(tr).items() if r == "smallest")
+        assert got == sorted(smallest)
+        assert byq.loc[1, "n"] == len(smallest) == n // q
+        assert (byq.loc[1, "lo"], byq.loc[1, "hi"]) == (min(vol[L] for L in smallest), max(vol[L] for L in smallest))
+        sizes = [int(byq.loc[g, "n"]) for g in range(1, q + 1)]
+        assert sizes == [g * n // q - (g - 1) * n // q for g in range(1, q + 1)]
+
+
 def test_tables_input_gives_the_same_result(scene, tracked, tmp_path):
     from grapes_dask.output import write_table
 
