@@ -409,7 +409,6 @@ def statistics_lines(tracking, *, n_se: float = 3.0, sigma: float = 5.0, extra: 
     return lines
 
 
-
 def _profile_figures(figs, tables: dict, *, stem: str, what: str, n_se: float, min_particles: int,
                      column: str = "radial_layers_graylevel") -> list:
     """Fig. 6 three ways for `tables` (name -> particle table): mean grey level per layer, the
@@ -445,9 +444,10 @@ def _profile_figures(figs, tables: dict, *, stem: str, what: str, n_se: float, m
             if ok:
                 drawn[k] = t
         if not drawn:
+            why = ("whose surface layer is its brightest (a bright rim); the profiles divided by the ROI mean are "
+                   "defined") if how == "radial_max" else "none has a ROI mean"
             figs.notes.append(f"{what}: profiles in {title} not drawn: undefined for every particle ("
-                              f"{'; '.join(lost)}), whose surface layer is its brightest (a bright rim); the "
-                              "profiles divided by the ROI mean are defined")
+                              f"{'; '.join(lost)}), {why}")
             items.append(figs.notes[-1])
             continue
         items.append(figs.item(f"{stem}_profiles_{name}", f"{what} profiles ({title})", P.plot_radial_profiles,

@@ -19,7 +19,8 @@ Per-layer statistics of the radial profiles: :func:`radial_profile_stats` (one p
 as the paper's fig. 6 and GRAPES' ``radial_layers_quartiles``/``deciles``), both built on
 :func:`profile_matrix`. Every grouping by quantiles in the package (:func:`quantile_groups`,
 ``Tracking.by_quantile``, the ``smallest`` cleaning rule, the reports) uses one rule,
-:func:`quantile_labels`: by rank, ties by label, group sizes within one of each other. :func:`estimate_noise` measures ``sigma_bg`` out of core.
+:func:`quantile_labels`: by rank, ties by label, group sizes within one of each other.
+:func:`estimate_noise` measures ``sigma_bg`` out of core.
 """
 
 from __future__ import annotations
@@ -467,8 +468,9 @@ def quantile_labels(values, q: int, ties=None) -> np.ndarray:
     position); with ``n`` of them, group ``g`` holds the ranks
     ``floor((g - 1) n / q) <= r < floor(g n / q)`` (rank 0 = the smallest), i.e. rank ``r`` is
     in group ``ceil((r + 1) q / n)``. Groups differ in size by at most one (group ``g`` has
-    ``floor(g n / q) - floor((g - 1) n / q)`` values); group 1 holds exactly the ``floor(n / q)`` smallest values, the particles that the
-    cleaning rule ``smallest`` with ``drop_smallest = 1/q`` removes. Tied values can be split
+    ``floor(g n / q) - floor((g - 1) n / q)`` values); group 1 holds exactly the
+    ``floor(n / q)`` smallest values, the particles that the cleaning rule ``smallest`` with
+    ``drop_smallest = 1/q`` removes. Tied values can be split
     between two groups (by `ties`); the quantiles' values, as :func:`numpy.quantile` gives them,
     do not decide membership. Used by :func:`quantile_groups`,
     :meth:`grapes_dask.track.Tracking.by_quantile` and the reports.

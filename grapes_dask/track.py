@@ -859,8 +859,9 @@ class Tracking:
         q : int
             Number of groups (4 = quartiles), by :func:`grapes_dask.stats.quantile_labels`: the
             kept particles sorted by the value (ties by label), group ``g`` the ranks
-            ``floor((g-1) n / q) .. floor(g n / q) - 1``; sizes differ by at most one. The same rule as :func:`grapes_dask.stats.quantile_groups` and
-            the ``smallest`` cleaning rule. A particle whose value is not finite is in no group.
+            ``floor((g-1) n / q) .. floor(g n / q) - 1``; sizes differ by at most one. The
+            same rule as :func:`grapes_dask.stats.quantile_groups` and the ``smallest``
+            cleaning rule. A particle whose value is not finite is in no group.
         state : str or list of str, optional
             The states to report (default: every state but the reference).
 

@@ -184,8 +184,8 @@ class FakeTracking:
         self.tables = {}
         all_labels = np.r_[labels, np.arange(100, 106, dtype=np.uint64)]
         for k, s in enumerate(self.states):
-            prof = [np.array([140.0 + 20 * (i % 2), 150, 150, 150 - k, 150 - 2 * k, 150 - 3 * k]) + rng.normal(0, 0.5, 6)
-                    for i in range(len(all_labels))]
+            prof = [np.array([140.0 + 20 * (i % 2), 150, 150, 150 - k, 150 - 2 * k, 150 - 3 * k])
+                    + rng.normal(0, 0.5, 6) for i in range(len(all_labels))]
             t = pd.DataFrame({"label": all_labels, "radial_layers_graylevel": prof,
                               "roi_mean": [float(np.mean(p[5:])) for p in prof]})
             t.attrs["grapes_dask"] = {"start_at": "edge", "exclude_outer_layers": 5}
