@@ -97,6 +97,8 @@ def _message(exc: BaseException) -> str:
         return f"{exc.filename!r} {what}"
     if isinstance(exc, GrapesInputError):
         return exc.render("cli")
+    if isinstance(getattr(exc, "error", None), GrapesInputError):  # a warning that carries its error's wordings
+        return exc.error.render("cli")
     return str(exc)
 
 
@@ -716,14 +718,17 @@ def operando(state_specs, reference, segment_states, register_method, denoise_me
     """Track the same particles through states of charge: cleaning, statistics, figures, report.
 
     Writes to DIR: particles.parquet (one row per particle and state, with the cleaning
-    reason), state tables (tables/NAME.parquet), summary.csv, z_tests.csv, cleaning.csv
-    (counts by reason), by_quantile.csv (changes by x-position quartile), the figures (png)
-    and a self-contained report.html.
+    reason), state tables (tables/NAME.parquet), summary.csv, z_tests.csv (each state against
+    the reference and against the previous state), cleaning.csv (counts by reason),
+    by_quantile.csv (changes by x-position quartile), the figures (png) and a self-contained
+    report.html; prints the statistics (per state mean and change +- 3 SE_tot, z-tests,
+    cleaning counts, noise). A run whose cleaning keeps fewer than 2 particles stops with an
+    error naming the rule that removed them and the option to change, and writes nothing.
     """
     from .cluster import check_scheduler
     from .io import _check_can_write, atomic_output
-    from .report import file_name, write_tracking
-    from .track import check_states, track
+    from .report import file_name, statistics_lines, write_tracking
+    from .track import FewParticlesWarning, check_states, track
 
     if not segment_states and (register_method != "translation" or denoise_method != "none" or prep_dir):
         raise GrapesInputError("--register, --denoise and --prep-dir set up --segment: add --segment (the states "
@@ -792,12 +797,22 @@ def operando(state_specs, reference, segment_states, register_method, denoise_me
                 click.echo(series.summary(), err=True)
             states = series.states
             check_states(states, **kw)
-        tr = track(states, client=client, progress=not quiet, partials=partials, **kw)
+        # fewer than 2 particles kept is a GrapesInputWarning, an error here (_cluster); few kept: a warning line
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", FewParticlesWarning)
+            tr = track(states, client=client, progress=not quiet, partials=partials, **kw)
+    for w in caught:
+        if issubclass(w.category, FewParticlesWarning):
+            click.echo(f"warning: {_message(w.message)}", err=True)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     with atomic_output(out_dir, overwrite=overwrite) as tmp:
         tmp.mkdir()
         write_tracking(tr, tmp)
     if not keep_partials:
         _remove_partials_tree(partials)
+    for line in statistics_lines(tr):
+        click.echo(line)
     counts = tr.counts()
     kept = int(counts.loc[counts["reason"] == "kept", "n"].sum())
     click.echo(f"tracked {tr.particles['label'].nunique()} particles through {len(tr.states)} states "

@@ -49,5 +49,6 @@ BY_QUANTILE_COLUMNS = (
     "group", "lo", "hi", "state", "n", "delta_mean", "delta_sd", "delta_sem", "delta_ses", "delta_se_tot",
     "mean", "se_tot",
 )
-Z_TEST_COLUMNS = ("state_a", "state_b", "z", "p", "critical", "reject", "sigma")
+Z_TEST_COLUMNS = ("against", "state_a", "state_b", "n_a", "n_b", "mean_a", "mean_b", "z", "p", "critical", "reject",
+                  "sigma", "testable")
 REASONS = ("inconsistent", "neighbour", "border", "empty_roi", "smallest")  # order in `reason`, joined by ";"

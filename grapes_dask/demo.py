@@ -10,9 +10,10 @@ Stages, each announced on standard output:
 2. track the particles (:func:`grapes_dask.track.track`) on an embedded local Dask cluster:
    one particle table per state, noise estimated from the background, the paper's cleaning
    rules, each excluded particle kept with its reason;
-3. print the statistics: population means and changes against pristine with their total
-   standard errors (paper eq. 1-5), z-tests (eq. 6), cleaning counts, and the injected damage
-   beside them;
+3. print the statistics (:func:`grapes_dask.report.statistics_lines`, as ``grapes-dask
+   operando`` does): population means and changes against pristine with their total standard
+   errors (paper eq. 1-5) and the error of the mean change, z-tests (eq. 6) against pristine and
+   between consecutive states, cleaning counts, noise, and the injected damage beside them;
 4. write the tables, the summary, the figures and a self-contained ``report.html``.
 """
 
@@ -142,26 +143,14 @@ def run_demo(out_dir, *, size: int = 160, workers: int | None = None, seed: int 
         n = tr.particles["label"].nunique()
         echo(f"    {len(names)} states: {summary(n, (size,) * 3, (time.perf_counter() - t1) / len(names))} "
              "per state")
-    echo("3/4 statistics over the kept particles (grey levels; +- is 3 SE_tot, paper eq. 5)")
-    s = tr.summary()
+    from .report import statistics_lines
+
     truth = ph.truth.groupby("state")["damage"].mean()
-    for k, name in enumerate(names):
-        row = s.loc[name]
-        echo(f"    {name:>9}: mean ROI grey {row['mean']:7.2f} +- {3 * row['se_tot']:.2f}   change "
-             f"{row['delta_mean']:+6.2f} +- {3 * row['delta_se_tot']:.2f}   (mean injected damage {truth[k]:.2f})")
-    echo("    (eq. 3 counts the measurement error of one particle, not of the mean: conservative bars; "
-         "docs/statistics.md)")
-    z = tr.z_tests(alternative="less", sigma=5.0)
-    for _, r in z.iterrows():
-        verdict = "darker, significant at 5 sigma" if r["reject"] else "not significantly darker"
-        echo(f"    z-test {r['state_b']} vs {r['state_a']}: z = {r['z']:+.2f} -> {verdict}")
-    c = tr.counts().set_index("reason")
-    excl = ", ".join(f"{k} {int(v)}" for k, v in c["n"].items() if k != "kept" and v)
-    echo(f"    cleaning: {int(c.loc['kept', 'n'])} of {n} particles kept; excluded: {excl}")
-    noise = tr.params.get("noise", {}).get("pristine", {})
-    if noise:
-        echo(f"    noise sigma_bg estimated from the {noise.get('source')}: {noise.get('sigma', float('nan')):.2f} "
-             "(rendered with 6)")
+    extra = {name: f"(mean injected damage {truth[k]:.2f})" for k, name in enumerate(names)}
+    lines = statistics_lines(tr, n_se=3.0, sigma=5.0, extra=extra, noise_note=" (rendered with 6)")
+    echo(f"3/4 {lines[0]}")
+    for line in lines[1:]:
+        echo(f"    {line}")
     echo("4/4 report")
     with atomic_output(results, overwrite=overwrite) as tmp:
         tmp.mkdir()

@@ -298,32 +298,78 @@ def plot_state_means(summary, n_se: float = 3.0, ax=None, title: str | None = No
     return fig
 
 
-def plot_state_deltas(summary, n_se: float = 3.0, reference=None, ax=None, title: str | None = None):
-    """Population mean of the particles' change against the reference, +-`n_se` SE_tot (fig. 7b).
+def plot_state_deltas(summary, n_se: float = 3.0, reference=None, ax=None, title: str | None = None,
+                      mean_error: str | None = "delta_ses", z_tests=None):
+    """Population mean of the particles' change against the reference, +-`n_se` SE_tot (fig. 7b),
+    with the error of the mean beside it.
+
+    The paper's bars, +-3 SE_tot (eq. 5), contain eq. 3's SEM: the root mean square of the
+    particles' measurement errors, the error of *one* particle's change, which does not shrink
+    with the number of particles. They can cross zero while the z-test of the same states
+    rejects "no change" at 5 sigma, because the test divides the spread by sqrt(n). The second,
+    narrower bar (`mean_error`, default the sampling error ``delta_ses = sd / sqrt(n)`` of the
+    per-particle changes, which already contains the image noise) is the error of the
+    population mean change; the z of each state against the reference is written beside it
+    when `z_tests` is given.
 
     Parameters
     ----------
     summary : pandas.DataFrame
-        Indexed by state, with ``delta_mean`` and ``delta_se_tot`` (grey levels), as
-        ``Tracking.summary()``.
+        Indexed by state, with ``delta_mean`` and ``delta_se_tot`` (grey levels), and
+        `mean_error` when it is not None, as ``Tracking.summary()``.
     n_se : float
-        Error bars are +- n_se total standard errors of the change (eq. 2-5).
+        Both bars are +- n_se times their standard error.
     reference : str, optional
         The reference state, marked as 0 by definition.
     ax : matplotlib Axes, optional
     title : str, optional
+    mean_error : str or None
+        Column of the error of the mean change drawn beside the SE_tot bar (``"delta_ses"``);
+        None draws the SE_tot bars alone, as the paper.
+    z_tests : pandas.DataFrame, optional
+        ``Tracking.z_tests()``: the rows with ``against == "reference"`` (or all rows whose
+        ``state_a`` is `reference`) label each state with its z and whether it rejects.
 
     Returns
     -------
     matplotlib.figure.Figure
-        One error-bar point per state, and a line at 0.
+        One error-bar point per state (SE_tot, the first line), the error of the mean offset to
+        its right (the second line, when drawn), and a line at 0.
     """
     against = f" vs {reference}" if reference is not None else ""
+    default = f"population mean change per state, error bars ±{n_se:g} SE_tot"
+    if mean_error is not None:
+        default += f" (blue) and ±{n_se:g} {mean_error} (red)"
     fig, ax = _state_errorbar(summary, "delta_mean", "delta_se_tot", n_se, ax,
-                              f"mean ROI grey-level change{against} (grey levels)",
-                              title or f"population mean change per state, error bars ±{n_se:g} SE_tot",
+                              f"mean ROI grey-level change{against} (grey levels)", title or default,
                               reference=reference, note="* 0 by definition")
     ax.axhline(0.0, color="0.6", lw=0.8, zorder=0)
+    states = [str(x) for x in summary.index]
+    x = np.arange(len(states), dtype=float)
+    y = _float(summary["delta_mean"])
+    if mean_error is not None:
+        _need_columns(summary, [mean_error], "summary", _SUMMARY_FIX)
+        ax.errorbar(x + 0.12, y, yerr=n_se * _float(summary[mean_error]), fmt="none", capsize=3, lw=2.2,
+                    color="#c0392b", label=f"±{n_se:g} {mean_error}: error of the mean change")
+        ax.lines[0].set_label(f"±{n_se:g} SE_tot (eq. 5): error of one particle's change")
+        ax.legend(fontsize="x-small", loc="best")
+    if z_tests is not None and len(z_tests):
+        zt = z_tests
+        if "against" in zt.columns:
+            zt = zt[zt["against"] == "reference"]
+        elif reference is not None:
+            zt = zt[zt["state_a"].astype(str) == str(reference)]
+        for _, r in zt.iterrows():
+            b = str(r["state_b"])
+            if b not in states or not np.isfinite(float(r["z"])):
+                continue
+            k = states.index(b)
+            mark = "*" if bool(r["reject"]) else ""
+            ax.annotate(f"z = {float(r['z']):.1f}{mark}", (x[k] + 0.14, y[k] if np.isfinite(y[k]) else 0.0),
+                        textcoords="offset points", xytext=(4, 4), fontsize="x-small", color="#c0392b")
+        level = f" at {float(zt['sigma'].iloc[0]):g} sigma" if "sigma" in zt.columns and len(zt) else ""
+        ax.text(0.99, 0.99, f"z: eq. 6 against the reference, * = significant{level}", transform=ax.transAxes,
+                ha="right", va="top", fontsize="x-small", color="#c0392b")
     return fig
 
 

@@ -4,12 +4,17 @@
    PNG), tables (escaped HTML), text and parameter dicts, and adds a provenance section. The
    file needs nothing else: no external link, script, style sheet or font.
 2. :func:`tracking_report` writes, for an operando tracking (``grapes_dask.track``), the
-   figures as PNG files, ``summary.csv`` and ``report.html``: the summary per state (fig. 7),
-   the z-tests between consecutive states (fig. 12), the cleaning counts by reason, the change
-   by position quantile (fig. 8), the condition pies (fig. 9), change maps of the largest kept
-   particles (fig. 10) and the parameters.
+   figures as PNG files, ``summary.csv`` and ``report.html``: the summary per state (fig. 7;
+   7b with the error of the mean change beside the paper's SE_tot bars), the z-tests against
+   the reference and between consecutive states (fig. 12), the cleaning counts by reason, the
+   change by position quantile (fig. 8), the condition pies (fig. 9a: the reference against the
+   state of largest mean decrease; fig. 9: consecutive states), the radial profiles of the kept
+   particles per state (fig. 6, three normalisations), change maps of the largest kept
+   particles (fig. 10) and the parameters. :func:`statistics_lines` gives the statistics as the
+   text that ``grapes-dask operando`` and the demo print.
 3. :func:`tables_report` does the same for particle tables already computed (one or more
-   states): radial profiles by volume quartile (fig. 6), size and grey-level distributions,
+   states): radial profiles by volume quartile (fig. 6: grey levels, the paper's
+   normalisation, and divided by each particle's ROI mean), size and grey-level distributions,
    and a property painted on a slice when label volumes are given.
 
 Every output is written atomically (:func:`grapes_dask.io.atomic_output`), and all of them
@@ -32,7 +37,7 @@ import numpy as np
 from ._errors import GrapesInputError
 
 __all__ = ["Section", "Captioned", "ReportFiles", "write_report", "render_report", "tracking_report",
-           "tables_report", "write_tracking", "file_name"]
+           "tables_report", "write_tracking", "file_name", "statistics_lines", "most_changed_state"]
 
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto;
@@ -324,6 +329,157 @@ def _write_outputs(dests, figures: dict, summary, *, title, sections, provenance
 # --------------------------------------------------------------------------------------------
 
 
+def most_changed_state(summary, reference) -> str | None:
+    """The state with the largest mean decrease against the reference (the most negative
+    ``delta_mean`` of ``Tracking.summary()``; the paper's "most charged" state of fig. 9a), or
+    None when no other state has a finite change."""
+    import numpy as _np
+
+    d = summary["delta_mean"].astype(float)
+    d = d[[str(i) != str(reference) for i in d.index]]
+    d = d[_np.isfinite(d.to_numpy())]
+    return None if d.empty else str(d.idxmin())
+
+
+def statistics_lines(tracking, *, n_se: float = 3.0, sigma: float = 5.0, extra: dict | None = None,
+                     noise_note: str = "") -> list:
+    """The statistics of an operando tracking as lines of text (``grapes-dask operando`` and the
+    demo print them).
+
+    Parameters
+    ----------
+    tracking : Tracking
+        The result of :func:`grapes_dask.track.track`.
+    n_se : float
+        Every "+-" is n_se standard errors (the paper: 3).
+    sigma : float
+        Significance level of the z-tests (eq. 6), standard deviations of the normal distribution.
+    extra : dict of str -> str, optional
+        Text appended to a state's line (the demo: the injected damage).
+    noise_note : str
+        Text appended to the noise line.
+
+    Returns
+    -------
+    list of str
+        Per state the population mean of the kept particles' ROI grey level +- n_se SE_tot
+        (eq. 5) and its change against the reference +- n_se SE_tot, with the error of the mean
+        change (+- n_se SES of the changes, eq. 4) in brackets; a line on why the two errors
+        differ; the z-tests against the reference and between consecutive states (a test with
+        fewer than 2 particles says "not testable"); the cleaning counts; the noise of each
+        state. Grey levels.
+    """
+    import numpy as _np
+
+    summ = tracking.summary()
+    extra = extra or {}
+    lines = [f"statistics over the kept particles (grey levels; +- is {n_se:g} SE_tot, paper eq. 5; in brackets "
+             f"+- {n_se:g} SES, the error of the mean change)"]
+    for name, row in summ.iterrows():
+        tail = f"   {extra[name]}" if name in extra else ""
+        lines.append(f"{name:>9}: mean ROI grey {row['mean']:7.2f} +- {n_se * row['se_tot']:.2f}   change "
+                     f"{row['delta_mean']:+6.2f} +- {n_se * row['delta_se_tot']:.2f} "
+                     f"[+- {n_se * row['delta_ses']:.2f}]{tail}")
+    lines.append("(SE_tot: eq. 3 counts the measurement error of one particle, not of the mean, so its bars can "
+                 "cross 0 where a z-test rejects; docs/statistics.md)")
+    z = tracking.z_tests(alternative="less", sigma=sigma)
+    seen = set()
+    for _, r in z.iterrows():
+        if (r["state_a"], r["state_b"]) in seen:  # the reference and the state after it: printed once
+            continue
+        seen.add((r["state_a"], r["state_b"]))
+        kind = "reference" if r["against"] == "reference" else "previous state"
+        head = f"z-test {r['state_b']} vs {r['state_a']} ({kind}):"
+        if not bool(r["testable"]):
+            lines.append(f"{head} not testable ({int(r['n_b'])} and {int(r['n_a'])} kept particles; 2 needed)")
+            continue
+        verdict = f"darker, significant at {sigma:g} sigma" if bool(r["reject"]) else "not significantly darker"
+        lines.append(f"{head} z = {r['z']:+.2f} -> {verdict}")
+    c = tracking.counts().set_index("reason")
+    n = int(tracking.particles["label"].nunique())
+    excl = ", ".join(f"{k} {int(v)}" for k, v in c["n"].items() if k != "kept" and v) or "none"
+    lines.append(f"cleaning: {int(c.loc['kept', 'n'])} of {n} particles kept; excluded: {excl}")
+    noise = tracking.params.get("noise", {}) or {}
+    if noise:
+        parts = []
+        for state, v in noise.items():
+            sig = float(v.get("sigma", _np.nan))
+            parts.append(f"{state} {sig:.2f} ({v.get('source')})")
+        lines.append(f"noise sigma_bg: {', '.join(parts)}{noise_note}")
+    return lines
+
+
+def _profile_figures(figs, tables: dict, *, stem: str, what: str, n_se: float, min_particles: int,
+                     column: str = "radial_layers_graylevel") -> list:
+    """Fig. 6 three ways for `tables` (name -> particle table): mean grey level per layer, the
+    paper's normalisation (``radial_max``: surface 0, brightest layer 1) and the profile divided
+    by the particle's ROI mean; each layer's mean over the particles ± n_se SE."""
+    from . import plotting as P
+    from .table import normalise_profiles
+
+    items = [figs.item(f"{stem}_profiles", f"{what} profiles", P.plot_radial_profiles, tables,
+                       column=column, n_se=n_se, min_particles=min_particles,
+                       title=f"mean {column} per layer, ±{n_se:g} SE",
+                       caption=f"Fig. 6 ({what}): mean {column} per radial layer (1 = surface), error bars "
+                               f"±{n_se:g} standard errors of the mean over the particles.")]
+    for how, name, title, caption in (
+            ("radial_max", "paper", "paper's normalisation (surface 0, max 1)",
+             "Fig. 6 in the paper's normalisation: each particle's profile minus its surface layer, divided by its "
+             "largest such difference (radial_max; surface 0, brightest layer 1). Undefined (left out) for a "
+             "particle whose surface layer is its brightest, e.g. with a bright phase-contrast rim: {lost}."),
+            ("roi_mean", "normalised", "profile / ROI mean",
+             "The same particles, each layer's mean divided by the particle's own ROI mean (1 = as bright as its "
+             "interior; below 1 = darker, e.g. cracked cores); defined for every particle with a ROI.")):
+        try:
+            normed = {k: normalise_profiles(t, how) for k, t in tables.items()}
+        except GrapesInputError as exc:
+            figs.notes.append(f"{what} profiles ({title}) not drawn: {exc}")
+            items.append(figs.notes[-1])
+            continue
+        lost, drawn = [], {}
+        for k, t in normed.items():
+            ok = sum(1 for p in t["radial_layers_graylevelnormed"]
+                     if p is not None and np.size(p) and np.isfinite(np.asarray(p, float)).any())
+            lost.append(f"{k}: {len(t) - ok} of {len(t)}")
+            if ok:
+                drawn[k] = t
+        if not drawn:
+            why = ("whose surface layer is its brightest (a bright rim); the profiles divided by the ROI mean are "
+                   "defined") if how == "radial_max" else "none has a ROI mean"
+            figs.notes.append(f"{what}: profiles in {title} not drawn: undefined for every particle ("
+                              f"{'; '.join(lost)}), {why}")
+            items.append(figs.notes[-1])
+            continue
+        items.append(figs.item(f"{stem}_profiles_{name}", f"{what} profiles ({title})", P.plot_radial_profiles,
+                               drawn, column="radial_layers_graylevelnormed", n_se=n_se,
+                               min_particles=min_particles, title=f"{title}, ±{n_se:g} SE",
+                               caption=caption.format(lost="; ".join(lost))))
+    return items
+
+
+def _kept_profiles(tracking, figs, *, min_particles: int) -> list:
+    """Fig. 6 of the kept particles, one curve per state (each state's own table)."""
+    tables = getattr(tracking, "tables", None)
+    if not tables:
+        return ["no particle tables in the tracking: no radial profile"]
+    parts = tracking.particles
+    kept = set(parts.loc[~parts["excluded"].astype(bool), "label"].astype("uint64").tolist())
+    if not kept:
+        return ["no kept particle: no radial profile"]
+    sub = {}
+    for s in tracking.states:
+        t = tables.get(s)
+        if t is None or "radial_layers_graylevel" not in t.columns:
+            continue
+        sub[str(s)] = t[t["label"].astype("uint64").isin(kept)]
+    if not sub:
+        return ["the particle tables have no radial profile column: no radial profile"]
+    text = (f"The {len(kept)} kept particles in each state, each state's own particle table (the same particles in "
+            f"every state). Layers with fewer than {min_particles} particles are not drawn.")
+    return [text] + _profile_figures(figs, sub, stem="fig6_kept", what="kept particles per state", n_se=2.0,
+                                     min_particles=min_particles)
+
+
 def tracking_report(tracking, out_dir, overwrite: bool = False, *, n_maps: int = 3, n_se: float = 3.0,
                     sigma: float = 5.0, quantile_column: str | None = None, q: int = 4, dpi: int = 110,
                     title: str | None = None) -> ReportFiles:
@@ -343,7 +499,8 @@ def tracking_report(tracking, out_dir, overwrite: bool = False, *, n_maps: int =
         Change maps (fig. 10) of the `n_maps` largest kept particles (by reference volume), one
         figure per particle with every non-reference state; 0 draws none.
     n_se : float
-        Error bars of the state means and changes (fig. 7): +- n_se SE_tot (the paper: 3).
+        Error bars of the state means and changes (fig. 7): +- n_se SE_tot (the paper: 3), and
+        for the changes +- n_se ``delta_ses`` beside them (the error of the mean change).
     sigma : float
         Significance level of the z-tests, in standard deviations (the paper: 5).
     quantile_column : str, optional
@@ -379,6 +536,7 @@ def tracking_report(tracking, out_dir, overwrite: bool = False, *, n_maps: int =
     kept = parts[~parts["excluded"].astype(bool)]
     n_kept = int(kept["label"].nunique())
     n_all = int(parts["label"].nunique())
+    ztests = tracking.z_tests(alternative="less", sigma=sigma)
     sec_summary = Section("Summary per state", (
         f"{len(states)} states ({', '.join(states)}), reference {reference}. {n_kept} of {n_all} particles kept "
         f"after cleaning. Mean of the particles' mean ROI grey level, and of their change against {reference}, "
@@ -388,13 +546,21 @@ def tracking_report(tracking, out_dir, overwrite: bool = False, *, n_maps: int =
         figs.item("fig7a_state_means", "Figure 7a", P.plot_state_means, summary, n_se=n_se,
                   caption=f"Fig. 7a: population mean per state, error bars ±{n_se:g} SE_tot."),
         figs.item("fig7b_state_deltas", "Figure 7b", P.plot_state_deltas, summary, n_se=n_se, reference=reference,
-                  caption=f"Fig. 7b: population mean change against {reference}, error bars ±{n_se:g} SE_tot."),
+                  z_tests=ztests,
+                  caption=f"Fig. 7b: population mean change against {reference}. Thin bars: ±{n_se:g} SE_tot "
+                          "(eq. 5), as the paper; its SEM (eq. 3) is the root mean square of the particles' "
+                          "measurement errors, the error of one particle's change, not divided by sqrt(n), so "
+                          f"these bars can cross 0. Thick red bars: ±{n_se:g} SES of the per-particle changes "
+                          "(eq. 4, sd / sqrt(n), which already contains the image noise): the error of the "
+                          "population mean change. z: the z-test of eq. 6 against the reference (* = rejects at "
+                          f"{sigma:g} sigma), which divides by sqrt(n) too: a significant z beside SE_tot bars that "
+                          "cross 0 is no contradiction."),
     ))
-    ztests = tracking.z_tests(alternative="less", sigma=sigma)
-    sec_z = Section("z-tests between consecutive states", (
-        f"Two-sample z-test of eq. 6 on the kept particles' mean ROI grey level, sample 1 = the later state, "
-        f"sample 2 = the earlier one; alternative: the later state is darker; significance level {sigma:g} "
-        f"sigma.",
+    sec_z = Section("z-tests against the reference and between consecutive states", (
+        f"Two-sample z-test of eq. 6 on the kept particles' mean ROI grey level, sample 1 = state_b (the state "
+        f"tested), sample 2 = state_a: the reference (against = reference; the paper's test is 4.0 V against "
+        f"pristine) or the state before (against = previous); alternative: state_b is darker; significance level "
+        f"{sigma:g} sigma. testable is False (z, p empty) when a state has fewer than 2 kept particles.",
         ztests,
         figs.item("fig12_normal_models", "Figure 12", P.plot_normal_models, summary, reference=reference,
                   states=[reference, others[0]] if others else None,
@@ -424,6 +590,21 @@ def tracking_report(tracking, out_dir, overwrite: bool = False, *, n_maps: int =
 
     # fig. 9: conditions
     fracs, items = [], []
+    most = most_changed_state(summary, reference)
+    if most is not None:
+        try:
+            first = tracking.fraction(reference, most)
+        except GrapesInputError as err:
+            items.append(f"fraction {reference} -> {most} not computed: {err}")
+        else:
+            items.append(figs.item(
+                "fig9a_reference_vs_most_changed", "Figure 9a", P.plot_fractions, [first],
+                title=f"{reference} against {most}",
+                caption=f"Fig. 9a: share of the kept particles darker at {most} (the state with the largest mean "
+                        f"decrease against {reference}) than at {reference}: {100 * first.fraction:.1f} ± "
+                        f"{100 * first.se:.1f} % (1 binomial SE), n = {first.n}."))
+            fracs.append(first)
+    n_first = len(fracs)
     for a, b in zip(states[:-1], states[1:]):
         try:
             fracs.append(tracking.fraction(a, b))
@@ -435,9 +616,12 @@ def tracking_report(tracking, out_dir, overwrite: bool = False, *, n_maps: int =
         table = pd.DataFrame([{k: getattr(f, k) for k in ("state_a", "state_b", "n", "n_darker", "fraction", "se")}
                               for f in fracs])
         items = ["Share of kept particles whose mean ROI grey level is lower in state_b than in state_a, with its "
-                 "standard error sqrt(f (1 - f) / n).", table,
-                 figs.item("fig9_fractions", "Figure 9", P.plot_fractions, fracs,
-                           caption="Fig. 9: share of particles darker at the later of two consecutive states.")] + items
+                 "standard error sqrt(f (1 - f) / n): first the reference against the state of largest mean "
+                 "decrease (fig. 9a), then consecutive states.", table] + items
+        if fracs[n_first:]:
+            items.append(figs.item("fig9_fractions", "Figure 9", P.plot_fractions, fracs[n_first:],
+                                   caption="Fig. 9: share of particles darker at the later of two consecutive "
+                                           "states."))
     sec_f = Section("Conditions", tuple(items) or ("only one state: no condition",))
 
     # fig. 10: change maps of the largest kept particles
@@ -461,7 +645,9 @@ def tracking_report(tracking, out_dir, overwrite: bool = False, *, n_maps: int =
             items.append("no kept particle: no change map")
     sec_maps = Section("Change maps of the largest kept particles", tuple(items) or ("no change map drawn",))
 
-    sections = [sec_summary, sec_z, sec_clean, sec_q, sec_f, sec_maps,
+    sec_prof = Section("Radial profiles of the kept particles", tuple(_kept_profiles(tracking, figs, min_particles=10)))
+
+    sections = [sec_summary, sec_z, sec_clean, sec_q, sec_f, sec_prof, sec_maps,
                 Section("Parameters", (dict(tracking.params),))]
     if figs.notes:
         sections.append(Section("Notes", tuple(figs.notes)))
@@ -486,17 +672,13 @@ def _volume_column(table) -> str:
 def _quartiles(table, q: int, vcol: str) -> dict:
     """Group label -> sub-table, by `q` quantile groups of the volume (1 = smallest).
 
-    The groups are those of :func:`grapes_dask.stats.quantile_groups` (ties in one group); when
-    ties would leave a group empty, the particles are split by rank instead (ties broken by order).
+    The groups of :func:`grapes_dask.stats.quantile_groups` (:func:`grapes_dask.stats.quantile_labels`:
+    by rank, ties by label, sizes within one of each other); the caller checks that there are at
+    least `q` particles.
     """
-    import pandas as pd
-
     from .stats import quantile_groups
 
-    try:
-        groups = quantile_groups(table, vcol, q, profiles=(), columns=[]).groups.fillna(0).to_numpy(int)
-    except GrapesInputError:
-        groups = (pd.qcut(table[vcol].rank(method="first"), q, labels=False) + 1).to_numpy()
+    groups = quantile_groups(table, vcol, q, profiles=(), columns=[]).groups.fillna(0).to_numpy(int)
     out = {}
     for k in range(1, q + 1):
         sub = table[groups == k]
@@ -599,30 +781,11 @@ def tables_report(tables, out_dir, overwrite: bool = False, *, labels=None, colu
             groups = _quartiles(u, q, vcols[name])
             top[name] = list(groups.values())[-1]
     if top:
-        items.append(figs.item("fig6_largest_group_profiles", "Figure 6", P.plot_radial_profiles, top, column=column,
-                               n_se=n_se, min_particles=min_particles,
-                               title=f"largest volume group (top 1/{q}) of each table, error bars ±{n_se:g} SE",
-                               caption=f"Fig. 6: mean {column} per radial layer of the largest 1/{q} of the particles "
-                                       f"by volume, error bars ±{n_se:g} standard errors of the mean."))
-    if top:
-        # the paper's radial_max normalisation is NaN where the rim is the brightest layer: divide each
-        # particle's profile by its own ROI mean instead (1 = as bright as its interior)
-        from .table import normalise_profiles
-
-        try:
-            normed = {name: normalise_profiles(t, "roi_mean") for name, t in top.items()}
-        except GrapesInputError as exc:
-            figs.notes.append(f"profiles normalised to the ROI mean not drawn: {exc}")
-            items.append(figs.notes[-1])
-        else:
-            items.append(figs.item(
-                "fig6_largest_group_profiles_normalised", "Figure 6 (normalised)", P.plot_radial_profiles, normed,
-                column="radial_layers_graylevelnormed", n_se=n_se, min_particles=min_particles,
-                title=f"largest volume group, profile / ROI mean, ±{n_se:g} SE",
-                caption="The same particles, each layer's mean divided by the particle's own ROI mean (1 = as "
-                        "bright as its interior; below 1 = darker, e.g. cracked cores). The paper's normalisation "
-                        "(surface 0, brightest layer 1) is undefined when the phase-contrast rim is the brightest "
-                        "layer, as here."))
+        # three ways: grey levels, the paper's normalisation (radial_max, undefined where the rim is the
+        # brightest layer) and each profile divided by the particle's own ROI mean
+        items += _profile_figures(figs, top, stem="fig6_largest_group",
+                                  what=f"largest volume group (top 1/{q}) of each table", n_se=n_se,
+                                  min_particles=min_particles, column=column)
     for k, (name, u) in enumerate(used.items(), start=1):
         if len(u) < q:
             figs.notes.append(f"profiles of {name!r} not drawn: {len(u)} particles, fewer than {q} groups")

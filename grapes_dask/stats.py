@@ -17,7 +17,10 @@ of per-particle values (for example the mean grey level of each particle's regio
 Per-layer statistics of the radial profiles: :func:`radial_profile_stats` (one population) and
 :func:`quantile_groups` (groups of particles by quantiles of any column, e.g. volume quartiles,
 as the paper's fig. 6 and GRAPES' ``radial_layers_quartiles``/``deciles``), both built on
-:func:`profile_matrix`. :func:`estimate_noise` measures ``sigma_bg`` out of core.
+:func:`profile_matrix`. Every grouping by quantiles in the package (:func:`quantile_groups`,
+``Tracking.by_quantile``, the ``smallest`` cleaning rule, the reports) uses one rule,
+:func:`quantile_labels`: by rank, ties by label, group sizes within one of each other.
+:func:`estimate_noise` measures ``sigma_bg`` out of core.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ __all__ = [
     "z_test",
     "profile_matrix",
     "radial_profile_stats",
+    "rank_order",
+    "quantile_labels",
     "QuantileGroups",
     "quantile_groups",
     "NoiseEstimate",
@@ -417,6 +422,88 @@ def radial_profile_stats(table, column: str = "radial_layers_graylevelnormed", m
     return np.arange(1, mat.shape[1] + 1), mean, se, n
 
 
+# --------------------------------------------------------------------------------------------
+# quantile groups: one rule for every grouping of particles by a column's values
+# --------------------------------------------------------------------------------------------
+
+
+def rank_order(values, ties=None) -> np.ndarray:
+    """Indices of the finite `values` sorted by value, ties by `ties` then by position.
+
+    The one order behind :func:`quantile_labels` and the ``smallest`` cleaning rule of
+    :func:`grapes_dask.track.track`.
+
+    Parameters
+    ----------
+    values : array-like of float, shape (N,)
+        One value per particle (e.g. its volume, its x centroid). NaN and infinite values are
+        left out.
+    ties : array-like, shape (N,), optional
+        Tie-breaker, e.g. the label ids: equal values are ordered by it (then by position).
+        Default: by position.
+
+    Returns
+    -------
+    numpy.ndarray of int64, shape (M,)
+        Positions of the M finite values, smallest first.
+    """
+    v = _as_float_array(values, "values")
+    pos = np.arange(v.size)
+    if ties is None:
+        t = pos
+    else:
+        t = np.asarray(ties).reshape(-1)
+        if t.shape != v.shape:
+            raise GrapesInputError(f"ties has {t.size} entries and values {v.size}: give one tie-breaker (e.g. the "
+                                   "label id) per value")
+    fin = np.flatnonzero(np.isfinite(v))
+    order = np.lexsort((pos[fin], t[fin], v[fin]))
+    return fin[order].astype(np.int64)
+
+
+def quantile_labels(values, q: int, ties=None) -> np.ndarray:
+    """The quantile group (1..q) of every value, by rank: the one rule of the package.
+
+    The finite values are sorted (:func:`rank_order`: by value, ties by `ties`, then by
+    position); with ``n`` of them, group ``g`` holds the ranks
+    ``floor((g - 1) n / q) <= r < floor(g n / q)`` (rank 0 = the smallest), i.e. rank ``r`` is
+    in group ``ceil((r + 1) q / n)``. Groups differ in size by at most one (group ``g`` has
+    ``floor(g n / q) - floor((g - 1) n / q)`` values); group 1 holds exactly the
+    ``floor(n / q)`` smallest values, the particles that the cleaning rule ``smallest`` with
+    ``drop_smallest = 1/q`` removes. Tied values can be split
+    between two groups (by `ties`); the quantiles' values, as :func:`numpy.quantile` gives them,
+    do not decide membership. Used by :func:`quantile_groups`,
+    :meth:`grapes_dask.track.Tracking.by_quantile` and the reports.
+
+    Parameters
+    ----------
+    values : array-like of float, shape (N,)
+        One value per particle. NaN and infinite values go to no group (0).
+    q : int
+        Number of groups (>= 1): 4 for quartiles, 10 for deciles.
+    ties : array-like, shape (N,), optional
+        Tie-breaker, e.g. the label ids (default: position).
+
+    Returns
+    -------
+    numpy.ndarray of int64, shape (N,)
+        1..q (1 = smallest values), 0 where the value is not finite. With fewer than `q` finite
+        values some groups are empty.
+    """
+    if isinstance(q, bool) or not isinstance(q, (int, np.integer)) or q < 1:
+        raise GrapesInputError(f"q={q!r}: give the number of groups, an integer >= 1 (4 for quartiles, "
+                               "10 for deciles)")
+    v = _as_float_array(values, "values")
+    order = rank_order(v, ties)
+    n = order.size
+    out = np.zeros(v.size, np.int64)
+    if n:
+        r = np.arange(n, dtype=np.int64)
+        out[order] = ((r + 1) * int(q) + n - 1) // n
+    return out
+
+
+
 @dataclass(frozen=True, eq=False)
 class QuantileGroups:
     """Particles grouped by quantiles of a column, with per-group statistics (:func:`quantile_groups`).
@@ -428,18 +515,21 @@ class QuantileGroups:
     q : int
         Number of groups (4: quartiles, 10: deciles).
     edges : numpy.ndarray, float64, shape (q + 1,)
-        Quantile edges of `column` (linear interpolation, as :func:`numpy.quantile`); group g
-        holds the values in ``(edges[g-1], edges[g]]``, group 1 also ``edges[0]``.
+        The quantiles ``0, 1/q, ..., 1`` of the finite values of `column` (linear
+        interpolation, as :func:`numpy.quantile`), for description only: membership is by rank
+        (:func:`quantile_labels`), so a value equal to an edge can be on either side of it.
     groups : pandas.Series, Int64
-        Group of every row of the table (same index), 1..q with 1 the smallest values; ``<NA>``
-        where `column` is not finite.
+        Group of every row of the table (same index), 1..q with 1 the smallest values
+        (:func:`quantile_labels`, ties by ``label`` when the table has one, else by row);
+        ``<NA>`` where `column` is not finite.
     profiles : pandas.DataFrame
         Long table, one row per (group, layer), sorted by group then layer (layers 1..K for
         every group): ``group``, ``layer``, then for each profile column P ``P-mean``, ``P-std``
         (ddof=1), ``P-se`` (``P-std / sqrt(P-n)``) and ``P-n`` (particles of the group with a
         finite value in that layer). Statistics of fewer than 2 values are NaN (the mean of none).
     scalars : pandas.DataFrame
-        Indexed by ``group`` (1..q): ``n`` (particles), ``lo``, ``hi`` (the group's edges), then
+        Indexed by ``group`` (1..q): ``n`` (particles), ``lo``, ``hi`` (the group's smallest and
+        largest value of `column`), then
         for each scalar column C ``C-n`` (finite values), ``C-mean``, ``C-std`` (ddof=1),
         ``C-se`` and ``C-median``.
     """
@@ -494,22 +584,22 @@ def quantile_groups(table, column: str, q: int = 4, *, profiles=GROUP_PROFILES, 
 
     Notes
     -----
-    Membership is that of ``pandas.qcut(table[column], q, labels=False) + 1``: edges at the
-    quantiles ``0, 1/q, ..., 1`` of the finite values (linear interpolation), right-closed
-    intervals, the smallest value in group 1. Ties therefore stay together: a value equal to an
-    edge goes to the lower group, so groups can differ in size when values repeat. Rows whose
-    value is NaN or infinite go to no group. A group that would be empty is an error (lower
-    `q`): fewer distinct values than groups, or ties that make two edges equal (one value
-    repeated over more than a group's share; ``pandas.qcut`` refuses these too) or that leave
-    no value between two edges. One exception to "like pandas": when only the two lowest edges
-    are equal (the smallest value repeated), group 1 holds that value and no group is empty, so
-    the groups are made where ``pandas.qcut`` refuses.
+    Membership is by rank (:func:`quantile_labels`): the finite values sorted, ties by the
+    ``label`` column (by row when there is none), and group ``g`` holds the ranks
+    ``floor((g - 1) n / q) .. floor(g n / q) - 1`` of the ``n`` finite values. Groups differ in
+    size by at most one whether or not ``n`` is a multiple of `q` and whether or not values
+    repeat; tied values may be split between two neighbouring groups. This is the rule of
+    :meth:`grapes_dask.track.Tracking.by_quantile` and of the cleaning rule ``smallest``, not
+    that of ``pandas.qcut`` (which puts a value equal to an edge in the lower group, so that its
+    groups differ in size even for distinct values whenever ``n`` is not a multiple of `q`,
+    and refuses repeated edges). Rows whose value is NaN or infinite go to no group; fewer
+    finite values than groups is an error.
 
     Raises
     ------
     GrapesInputError
-        A column that is missing or not numeric, a q that is not an integer >= 1, fewer
-        distinct values than groups, an empty group.
+        A column that is missing or not numeric, a q that is not an integer >= 1, fewer finite
+        values than groups.
     """
     table = _check_table(table)
     _check_column(table, column)
@@ -539,20 +629,14 @@ def quantile_groups(table, column: str, q: int = 4, *, profiles=GROUP_PROFILES, 
     values = table[column].to_numpy(dtype=float)
     finite = np.isfinite(values)
     x = values[finite]
-    distinct = np.unique(x)
-    if distinct.size < q:
+    if x.size < q:
         raise GrapesInputError(
-            f"column {column!r} has {distinct.size} distinct finite value(s) in {len(values)} rows, fewer than "
-            f"q={q} groups: lower {{q}} to at most {max(distinct.size, 1)}", q=None)
+            f"column {column!r} has {x.size} finite value(s) in {len(values)} rows, fewer than q={q} groups: lower "
+            f"{{q}} to at most {max(x.size, 1)}", q=None)
     edges = np.quantile(x, np.linspace(0.0, 1.0, q + 1))
-    group = np.zeros(len(values), np.int64)
-    group[finite] = np.maximum(np.searchsorted(edges, x, side="left"), 1)
+    ties = table["label"].to_numpy() if "label" in table.columns and column != "label" else None
+    group = quantile_labels(values, q, ties=ties)
     counts = np.bincount(group[finite], minlength=q + 1)[1:]
-    if not counts.all():
-        g = int(np.flatnonzero(counts == 0)[0]) + 1
-        raise GrapesInputError(
-            f"column {column!r}: group {g} of {q}, ({edges[g - 1]!r}, {edges[g]!r}], would be empty (tied values make "
-            f"the quantile edges meet): lower {{q}}, or group by a column with fewer ties", q=None)
     groups = pd.Series(pd.arrays.IntegerArray(group, ~finite), index=table.index, name="group")
 
     # profiles, per (group, layer)
@@ -576,7 +660,9 @@ def quantile_groups(table, column: str, q: int = 4, *, profiles=GROUP_PROFILES, 
     prof = pd.DataFrame(parts)
 
     # scalars, per group
-    sc = {"n": counts.astype(np.int64), "lo": edges[:-1], "hi": edges[1:]}
+    lo = np.array([x[g_in == gi].min() for gi in range(1, q + 1)], np.float64)
+    hi = np.array([x[g_in == gi].max() for gi in range(1, q + 1)], np.float64)
+    sc = {"n": counts.astype(np.int64), "lo": lo, "hi": hi}
     for c in columns:
         v = table[c].to_numpy(dtype=float)[finite]
         stats = {s: np.empty(q) for s in ("mean", "std", "se", "median")}

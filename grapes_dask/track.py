@@ -27,7 +27,12 @@ Stages:
    - ``border``: touches the volume border in any state;
    - ``empty_roi``: no voxel deeper than ``exclude_outer_layers`` in some state where it exists;
    - ``smallest``: among the particles no rule above excludes, the ``floor(drop_smallest * n)``
-     smallest by reference volume (ties by label id);
+     smallest by reference volume (ties by label id), in the order of
+     :func:`grapes_dask.stats.quantile_labels` (with ``drop_smallest = 1/q``: its group 1);
+
+   fewer than 2 particles kept warns (:class:`grapes_dask.GrapesInputWarning`; the command
+   line stops), under :data:`FEW_KEPT` of them too (:class:`FewParticlesWarning`), naming the
+   rule that applies to the most particles and its option;
 5. the long table (:attr:`Tracking.particles`) and its statistics (:mod:`grapes_dask.stats`).
 
 The neighbour rule, exactly: labels ``A`` (inconsistent) and ``B != A`` (non-zero) are
@@ -53,7 +58,8 @@ import pandas as pd
 
 from ._errors import Alt, GrapesInputError
 
-__all__ = ["track", "Tracking", "Fraction", "ChangeMap", "neighbour_pairs", "REASONS"]
+__all__ = ["track", "Tracking", "Fraction", "ChangeMap", "neighbour_pairs", "REASONS", "FewParticlesWarning",
+           "FEW_KEPT"]
 
 REASONS = ("inconsistent", "neighbour", "border", "empty_roi", "smallest")
 
@@ -666,9 +672,79 @@ def _clean(labels: np.ndarray, present: np.ndarray, touches: np.ndarray, empty: 
     cand = np.flatnonzero(~flags[:, :4].any(axis=1))
     k = int(math.floor(drop_smallest * len(cand) + 1e-9))
     if k > 0:
-        order = np.lexsort((labels[cand], ref_volume[cand]))
+        # the order of stats.quantile_labels: with drop_smallest = 1/q these are its group 1
+        from .stats import rank_order
+
+        order = rank_order(ref_volume[cand], labels[cand])
         flags[cand[order[:k]], 4] = True
     return flags, flags.any(axis=1)
+
+
+class FewParticlesWarning(UserWarning):
+    """Cleaning kept particles, but few of them (under :data:`FEW_KEPT` of all): the statistics
+    stand on a small sample. The message names the rule that removed most particles and its
+    option. (Fewer than 2 kept is a :class:`grapes_dask.GrapesInputWarning`: no statistic at all.)"""
+
+
+#: Below this share of all the particles kept, :func:`track` warns (:class:`FewParticlesWarning`).
+FEW_KEPT = 0.1
+
+
+def _rule_fix(rule: str, n_out: int, drop_smallest: float, gap) -> str:
+    """What to change when `rule` removed most particles (a GrapesInputError template)."""
+    if rule == "inconsistent":
+        return ("the labels are missing in some state: the same id must be the same particle in every state (seed "
+                "the later states' segmentation with the reference labels, and check the registration)")
+    if rule == "neighbour":
+        return (f"lower {{neighbour_gap}} (now {gap}; 0: sharing a face) or skip the rule with {{no_gap}}, after "
+                "fixing the inconsistent labels they are neighbours of")
+    if rule == "border":
+        return ("the particles touch the volume border in some state: give volumes that hold whole particles (crop "
+                "less tightly), and check that the label volumes' background is 0")
+    if rule == "empty_roi":
+        return (f"their ROI (the voxels deeper than {n_out} layers) is empty: lower {{exclude_outer_layers}} (now "
+                f"{n_out}), or check the label volumes (particles smaller than the segmentation should give)")
+    return f"lower {{drop_smallest}} (now {drop_smallest:g})"
+
+
+def _check_kept(flags: np.ndarray, excluded: np.ndarray, n_out: int, drop_smallest: float, gap) -> None:
+    """Warn when cleaning keeps fewer than 2 particles (GrapesInputWarning) or under FEW_KEPT of
+    them (FewParticlesWarning), naming the rule that removed most and what to change."""
+    import warnings
+
+    from ._errors import GrapesInputWarning
+
+    n = len(excluded)
+    kept = int((~excluded).sum())
+    if n == 0 or (kept >= 2 and kept >= FEW_KEPT * n):
+        return
+    # the rule that applies to most particles (a particle can have several reasons): relaxing a rule that
+    # applies to fewer would not bring the others back
+    by_rule = {r: int(flags[:, j].sum()) for j, r in enumerate(REASONS)}
+    rule = max(REASONS, key=lambda r: by_rule[r])
+    counts = ", ".join(f"{r} {k}" for r, k in by_rule.items() if k)
+    if not any(by_rule.values()):  # no rule removed any: the states hold too few particles
+        w = GrapesInputWarning(f"the states hold {n} particle(s), all kept: too few for any statistic (2 at "
+                               "least; the summary, the z-tests and the quantiles would be empty or NaN); give "
+                               "volumes with more particles")
+        warnings.warn(w, stacklevel=3)
+        return
+    fix = _rule_fix(rule, n_out, drop_smallest, gap)
+    options = dict(neighbour_gap=None, no_gap=Alt("neighbour_gap=None", "--neighbour-gap none"),
+                   exclude_outer_layers=None, drop_smallest=None)
+    if kept < 2:
+        text = (f"cleaning kept {kept} of {n} particles, too few for any statistic (2 at least; the summary, the "
+                f"z-tests and the quantiles would be empty or NaN): rule {rule!r} removed {by_rule[rule]} "
+                f"(particles with each reason, a particle can have several: {counts}); {fix}")
+        cls = GrapesInputWarning
+    else:
+        text = (f"cleaning kept only {kept} of {n} particles ({100 * kept / n:.1f}%): rule {rule!r} removed "
+                f"{by_rule[rule]} (particles with each reason, a particle can have several: {counts}); {fix}")
+        cls = FewParticlesWarning
+    err = GrapesInputError(text, **options)
+    w = cls(err.render("api"))
+    w.error = err  # the command line prints err.render("cli")
+    warnings.warn(w, stacklevel=3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -781,8 +857,11 @@ class Tracking:
             A column of :attr:`particles` or of the reference particle table (e.g.
             ``"centroid-2"``, the x position; ``"volume"``); its value in the reference state.
         q : int
-            Number of groups: the kept particles sorted by the value (ties by label) and cut
-            into `q` groups of equal size (sizes differ by at most one); 4 = quartiles.
+            Number of groups (4 = quartiles), by :func:`grapes_dask.stats.quantile_labels`: the
+            kept particles sorted by the value (ties by label), group ``g`` the ranks
+            ``floor((g-1) n / q) .. floor(g n / q) - 1``; sizes differ by at most one. The
+            same rule as :func:`grapes_dask.stats.quantile_groups` and the ``smallest``
+            cleaning rule. A particle whose value is not finite is in no group.
         state : str or list of str, optional
             The states to report (default: every state but the reference).
 
@@ -794,7 +873,7 @@ class Tracking:
             ``delta_sd``, ``delta_sem``, ``delta_ses``, ``delta_se_tot`` (change against the
             reference, eq. 2-5), ``mean``, ``se_tot`` (of ``roi_mean`` in that state).
         """
-        from .stats import population_stats
+        from .stats import population_stats, quantile_labels
 
         if int(q) != q or q < 1:
             raise GrapesInputError("{q}: give a whole number of groups >= 1 (4 = quartiles)", q=q)
@@ -817,8 +896,8 @@ class Tracking:
         else:
             raise GrapesInputError(f"column={column!r} is neither in the tracking table nor in the reference "
                                    "particle table: choose e.g. 'centroid-2' (x) or 'volume'")
-        order = np.lexsort((labels, values))
-        groups = np.array_split(order, q)
+        member = quantile_labels(values, q, ties=labels)
+        groups = [np.flatnonzero(member == g) for g in range(1, q + 1)]
         mean, sem = self._wide("roi_mean"), self._wide("roi_sem")
         rows = []
         for g, idx in enumerate(groups, start=1):
@@ -856,33 +935,70 @@ class Tracking:
         se = math.sqrt(f * (1 - f) / n) if n else math.nan
         return Fraction(state_a, state_b, n, k, f, se)
 
-    def z_tests(self, alternative: str = "less", sigma: float = 5.0) -> pd.DataFrame:
-        """z-tests (eq. 6) of the kept particles' mean ``roi_mean`` between consecutive states.
+    def z_tests(self, alternative: str = "less", sigma: float = 5.0, against: str = "both") -> pd.DataFrame:
+        """z-tests (eq. 6) of the kept particles' mean ``roi_mean``: each state against the
+        reference, and between consecutive states.
 
-        Sample 1 is the later state (``state_b``), sample 2 the earlier (``state_a``): with
-        ``alternative="less"`` a rejection means that the population darkened.
+        Sample 1 is ``state_b`` (the state tested), sample 2 ``state_a`` (the reference, or the
+        previous state): with ``alternative="less"`` a rejection means that the population
+        darkened from ``state_a`` to ``state_b``. The paper's test is 4.0 V against pristine
+        (``against="reference"``).
+
+        Parameters
+        ----------
+        alternative : {"less", "greater", "two-sided"}
+            Alternative hypothesis, see :func:`grapes_dask.stats.z_test`.
+        sigma : float
+            Significance level in standard deviations of the normal distribution (5: the paper's).
+        against : {"both", "reference", "previous"}
+            ``"reference"``: every other state against the reference state; ``"previous"``:
+            every state against the one before it (in the states' order); ``"both"``: the
+            reference rows, then the consecutive ones (the pair of the reference and the state
+            after it appears in both, once per kind).
 
         Returns
         -------
         pandas.DataFrame
-            One row per consecutive pair: ``state_a``, ``state_b``, ``z``, ``p``, ``critical``,
-            ``reject``, ``sigma`` (NaN z and p, no rejection, with fewer than 2 particles).
+            One row per test: ``against`` (``"reference"`` or ``"previous"``), ``state_a``,
+            ``state_b``, ``n_a``, ``n_b`` (kept particles with a finite value), ``mean_a``,
+            ``mean_b`` (grey levels), ``z``, ``p``, ``critical``, ``reject`` (nullable boolean),
+            ``sigma`` and ``testable``. With fewer than 2 particles in a state the test is not
+            testable: ``testable`` False, ``z``, ``p`` and ``critical`` NaN and ``reject``
+            ``<NA>`` (an empty cell in a csv), never a ``False`` that would read as "no change".
         """
         from .stats import population_stats, z_test
 
+        choices = ("both", "reference", "previous")
+        if against not in choices:
+            raise GrapesInputError(f"against={against!r}: choose one of {list(choices)}")
+        z_test(0.0, 1.0, 1, 0.0, 1.0, 1, alternative=alternative, sigma=sigma)  # checks the options
+        pairs = []
+        if against in ("both", "reference"):
+            pairs += [("reference", self.reference, s) for s in self.states if s != self.reference]
+        if against in ("both", "previous"):
+            pairs += [("previous", a, b) for a, b in zip(self.states, self.states[1:])]
         mean = self._wide("roi_mean")
+        stats = {s: population_stats(mean[s].to_numpy()) for s in self.states}
         rows = []
-        for a, b in zip(self.states, self.states[1:]):
-            pa, pb = population_stats(mean[a].to_numpy()), population_stats(mean[b].to_numpy())
+        for kind, a, b in pairs:
+            pa, pb = stats[a], stats[b]
+            row = {"against": kind, "state_a": a, "state_b": b, "n_a": pa.n, "n_b": pb.n, "mean_a": pa.mean,
+                   "mean_b": pb.mean}
             if pa.n < 2 or pb.n < 2:
-                z_test(0.0, 1.0, 1, 0.0, 1.0, 1, alternative=alternative, sigma=sigma)  # checks the options
-                rows.append({"state_a": a, "state_b": b, "z": math.nan, "p": math.nan,
-                             "critical": math.nan, "reject": False, "sigma": float(sigma)})
+                rows.append({**row, "z": math.nan, "p": math.nan, "critical": math.nan, "reject": pd.NA,
+                             "sigma": float(sigma), "testable": False})
                 continue
             r = z_test(pb.mean, pb.sd, pb.n, pa.mean, pa.sd, pa.n, alternative=alternative, sigma=sigma)
-            rows.append({"state_a": a, "state_b": b, "z": r.z, "p": r.p, "critical": r.critical,
-                         "reject": r.reject, "sigma": r.sigma})
-        return pd.DataFrame(rows, columns=["state_a", "state_b", "z", "p", "critical", "reject", "sigma"])
+            rows.append({**row, "z": r.z, "p": r.p, "critical": r.critical, "reject": r.reject, "sigma": r.sigma,
+                         "testable": True})
+        from .columns import Z_TEST_COLUMNS
+
+        out = pd.DataFrame(rows, columns=list(Z_TEST_COLUMNS))
+        out["n_a"] = out["n_a"].astype(np.int64)
+        out["n_b"] = out["n_b"].astype(np.int64)
+        out["reject"] = out["reject"].astype("boolean")
+        out["testable"] = out["testable"].astype(bool)
+        return out
 
     def counts(self) -> pd.DataFrame:
         """Cleaning counts.
@@ -926,7 +1042,8 @@ class Tracking:
         state : str
             The state to compare with the reference.
         margin : int
-            Voxels around the bounding box.
+            Voxels around the bounding box (0: the bounding box alone; distances to the surface
+            are those in the whole volume whatever the margin).
         sigma : float
             Gaussian smoothing, voxels (0: none).
         exclude_outer_layers : int, optional
@@ -988,10 +1105,11 @@ class Tracking:
             ref_s = ref_crop
         spacing = tuple(float(s) for s in self.params["spacing"])
         width = float(self.params["analysis"].get("layer_width", 1.0) or 1.0)
-        # the volume's outside counts as outside the particle: pad the sides on the volume's edge
-        pad = [(int(a == 0), int(b == n)) for a, b, n in zip(lo, hi, shape)]
-        d = ndimage.distance_transform_edt(np.pad(inside, pad), sampling=spacing)
-        d = d[tuple(slice(p0, p0 + s) for (p0, _), s in zip(pad, inside.shape))]
+        # the box holds the particle's whole bounding box, so every voxel beyond it (in the volume or out of it)
+        # is outside the particle: one voxel of "outside" on every side makes the EDT of the crop that of the
+        # whole volume (a voxel's nearest outside voxel beyond the box is on that one-voxel shell); without it
+        # a crop edge that cuts through the particle's face (margin=0) would count as particle
+        d = ndimage.distance_transform_edt(np.pad(inside, 1), sampling=spacing)[(slice(1, -1),) * nd]
         layer = np.maximum(1, np.round(d / width))
         mask = inside & (layer > n_out) & valid
         delta = np.where(mask, moved - ref_s, np.nan).astype(np.float32)
@@ -1153,6 +1271,19 @@ def track(states, reference=None, *, spacing=None, exclude_outer_layers: int = 5
         different shapes or voxel sizes; tables from different analysis parameters, or whose
         ``exclude_outer_layers`` is not this one; a label or grey volume a rule needs but not
         given; a bad option.
+
+    Warns
+    -----
+    grapes_dask.GrapesInputWarning
+        Cleaning kept fewer than 2 particles: no statistic can be computed (the Tracking is
+        returned so that the reasons can be read; ``grapes-dask operando`` stops with an error).
+        The message names the rule that applies to most particles and the option
+        to change (``empty_roi``: lower `exclude_outer_layers`; ``smallest``: lower
+        `drop_smallest`; ``neighbour``: lower or skip `neighbour_gap`; ``border`` and
+        ``inconsistent``: the inputs).
+    FewParticlesWarning
+        Cleaning kept at least 2 particles but under :data:`FEW_KEPT` (10%) of them; the same
+        message.
     """
     from .io import provenance
     from .stats import change_sem, particle_sem
@@ -1246,6 +1377,7 @@ def track(states, reference=None, *, spacing=None, exclude_outer_layers: int = 5
     flags, excluded = _clean(all_labels, present, touches, empty, neighbour, np.nan_to_num(ref_volume, nan=-1.0),
                              float(drop_smallest))
     reason = np.array([";".join(r for r, f in zip(REASONS, row) if f) for row in flags], dtype=object)
+    _check_kept(flags, excluded, int(exclude_outer_layers), float(drop_smallest), gap)
 
     # 5. the long table
     roi_sem = np.column_stack([particle_sem(roi_voxels[:, j], noise[nm]["sigma"]) for j, nm in enumerate(names)])

@@ -535,13 +535,19 @@ is the root mean square of the particles' own SEMs, so it does not shrink as par
 added, and our small particles' ROIs hold only a few hundred voxels each. Eq. 5 thus gives a
 conservative error bar: the noise of each particle's mean is already part of the spread `σ`
 that SES is computed from.
+
+So the ±3 SE_tot bars of (b) can cross 0 while the z-test of the same states (below) rejects "no
+change" at 5 sigma: SE_tot is about the error of *one* particle's change, the z-test about the
+population mean, whose error is `delta_ses` (`sd / sqrt(n)` of the changes, which already
+contains the image noise). Panel (b) draws both: the paper's ±3 SE_tot and, beside it in red,
+±3 `delta_ses`, with each state's z against pristine (`*`: significant at 5 sigma).
 """),
     code("""
 fig = Figure(figsize=(11, 4), layout="constrained")
 a, b = fig.subplots(1, 2)
 plotting.plot_state_means(summary, n_se=3, ax=a, title="(a) mean ROI grey level Ī, ±3 SE_tot")
-plotting.plot_state_deltas(summary, n_se=3, reference="pristine", ax=b,
-                           title="(b) mean change against pristine ΔĪ_prist, ±3 SE_tot")
+plotting.plot_state_deltas(summary, n_se=3, reference="pristine", ax=b, z_tests=tr.z_tests(sigma=5),
+                           title="(b) mean change against pristine ΔĪ_prist, ±3 SE_tot and ±3 delta_ses")
 fig
 """),
     md("""
@@ -618,7 +624,8 @@ print(f"paper's numbers: z = {paper.z:.2f}, critical value {paper.critical:.2f},
 """),
     md("""
 Then on our series, from the summary (the same computation as `tr.z_tests()`, which tests every
-pair of consecutive states).
+state against the reference, `against = "reference"`, and every pair of consecutive states,
+`against = "previous"`).
 """),
     code("""
 prist, v40 = summary.loc["pristine"], summary.loc["4.0 V"]

@@ -129,10 +129,19 @@ def test_operando_writes_every_output(full_run, tracked):
     r, out = full_run
     assert r.exit_code == 0, r.output
     lines = r.stdout.splitlines()
-    assert len(lines) == 2, r.stdout
-    m = CLOSING.match(lines[0])
-    assert m, lines[0]
-    assert lines[1] == f"report: {out / 'report.html'}"
+    # the statistics, as the demo prints them (one shared function), then the closing lines
+    stats_lines = grapes_dask.report.statistics_lines(tracked)
+    assert lines[:-2] == stats_lines, r.stdout
+    # header, 3 states, note, 2 + 2 z-tests (pristine -> 4.0 V once), cleaning, noise
+    assert len(stats_lines) == 1 + 3 + 1 + 3 + 1 + 1
+    assert any(line.startswith("z-test 4.4 V vs pristine (reference): z = ") for line in lines)
+    assert any(line.startswith("z-test 4.4 V vs 4.0 V (previous state): z = ") for line in lines)
+    s = tracked.summary()
+    assert f"pristine: mean ROI grey {s.loc['pristine', 'mean']:7.2f} +- {3 * s.loc['pristine', 'se_tot']:.2f}" in \
+        r.stdout
+    m = CLOSING.match(lines[-2])
+    assert m, lines[-2]
+    assert lines[-1] == f"report: {out / 'report.html'}"
     no_leftovers(out.parent, keep=["run"])
     assert {p.name for p in out.iterdir()} == {"particles.parquet", "tables", "summary.csv", "z_tests.csv",
                                                "cleaning.csv", "by_quantile.csv", "figures", "report.html"}
@@ -179,8 +188,10 @@ def test_operando_writes_every_output(full_run, tracked):
 
     z = pd.read_csv(out / "z_tests.csv")
     assert tuple(z.columns) == Z_TEST_COLUMNS
-    assert list(zip(z["state_a"], z["state_b"])) == [("pristine", "4.0 V"), ("4.0 V", "4.4 V")]
-    pd.testing.assert_frame_equal(z, tracked.z_tests(), check_dtype=False, rtol=1e-9)
+    assert list(zip(z["against"], z["state_a"], z["state_b"])) == [
+        ("reference", "pristine", "4.0 V"), ("reference", "pristine", "4.4 V"), ("previous", "pristine", "4.0 V"),
+        ("previous", "4.0 V", "4.4 V")]
+    pd.testing.assert_frame_equal(z, tracked.z_tests().astype({"reject": bool}), check_dtype=False, rtol=1e-9)
 
     figs = sorted((out / "figures").glob("*.png"))
     assert {"fig7a_state_means.png", "fig7b_state_deltas.png", "fig12_normal_models.png"} <= {p.name for p in figs}
@@ -219,6 +230,45 @@ def test_states_as_tables_mixed_with_volumes(series, tables, full_run, tmp_path,
     pd.testing.assert_frame_equal(parts[cols].astype({"state": str}), full[cols].astype({"state": str}),
                                   check_dtype=False, rtol=1e-12)
     assert sorted(p.name for p in (out / "tables").iterdir()) == sorted(f + ".parquet" for f in FILES)
+    assert (out / "report.html").exists()
+
+
+def test_a_run_that_keeps_no_particle_is_an_error(series, tmp_path, monkeypatch):
+    """Every particle's ROI empty (exclude-outer-layers deeper than any particle): status 2, one
+    error line naming the rule and the option, no output folder, no half-written file."""
+    monkeypatch.setattr(grapes_dask.cluster, "cluster_client", _threads)
+    out = tmp_path / "empty"
+    args = ["operando"]
+    for i, name in enumerate(NAMES):
+        args += ["--state", f"{name}={vol(series, i)}"]
+    r = invoke(*args, "--exclude-outer-layers", "40", "--noise-sigma", "4", "--out", out, "--quiet")
+    assert r.exit_code == 2, r.output
+    err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "Traceback" not in r.output
+    assert "cleaning kept 0 of" in err[0] and "rule 'empty_roi' removed" in err[0]
+    assert "lower --exclude-outer-layers (now 40)" in err[0]
+    assert r.stdout == ""
+    no_leftovers(tmp_path, keep=["empty.partials"] if (tmp_path / "empty.partials").exists() else [])
+
+
+def test_a_run_that_keeps_few_particles_warns(series, tmp_path, monkeypatch):
+    monkeypatch.setattr(grapes_dask.cluster, "cluster_client", _threads)
+    out = tmp_path / "few"
+    args = ["operando"]
+    for i, name in enumerate(NAMES):
+        args += ["--state", f"{name}={vol(series, i)}"]
+    r = invoke(*args, "--drop-smallest", "0.93", "--noise-sigma", "4", "--out", out, "--quiet")
+    with pytest.warns(grapes_dask.track.FewParticlesWarning):
+        tr = track({n: (series.grey[i], series.labels[i]) for i, n in enumerate(NAMES)}, noise_sigma=4.0,
+                   drop_smallest=0.93)
+    c = tr.counts().set_index("reason")
+    kept, total = int(c.loc["kept", "n"]), int(tr.particles["label"].nunique())
+    assert r.exit_code == 0 and 2 <= kept < 0.1 * total, (r.output, kept, total)
+    warn = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
+    rule = c.drop(index="kept")["n"].idxmax()  # the rule that applies to most particles is named
+    assert len(warn) == 1 and f"kept only {kept} of {total}" in warn[0]
+    assert f"rule {rule!r} removed {int(c.loc[rule, 'n'])}" in warn[0]
+    assert f"smallest {int(c.loc['smallest', 'n'])}" in warn[0]
     assert (out / "report.html").exists()
 
 

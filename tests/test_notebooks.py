@@ -128,7 +128,8 @@ print(json.dumps(_checks))
     for k, n in checks["n_clean"].items():
         assert 0 < n < checks["n_tables"][k]
         assert abs(checks["n_largest"][k] - n / 4) <= 2
-        assert checks["largest_min_volume"][k] > checks["q3_edge"][k]
+        # group 4 holds the ranks floor(3n/4) .. n-1 (stats.quantile_labels), all at or above numpy's 0.75 quantile
+        assert checks["largest_min_volume"][k] >= checks["q3_edge"][k]
     # fig. 6: charged cores darker than pristine, by several standard errors
     darker = _number(r"charged darker than pristine by ([\d.]+) grey levels on average", text)
     in_se = _number(r"largest difference ([\d.]+) SE", text)

@@ -204,7 +204,9 @@ def test_state_means_and_deltas(tmp_path):
         fig = fn(s, n_se=3.0)
         assert_own_figure(fig)
         ax = fig.axes[0]
-        (cont,) = errorbars(ax)
+        conts = errorbars(ax)
+        assert len(conts) == (2 if value == "delta_mean" else 1)
+        cont = conts[0]
         x, y = cont.lines[0].get_data()
         np.testing.assert_array_equal(x, [0, 1, 2, 3])
         np.testing.assert_allclose(y, s[value].to_numpy())
@@ -214,6 +216,21 @@ def test_state_means_and_deltas(tmp_path):
         assert "3 SE_tot" in ax.get_title()
         assert "grey levels" in ax.get_ylabel()
         png_ok(fig, tmp_path, f"{value}.png")
+        if value == "delta_mean":  # the error of the mean change beside the SE_tot bar
+            half, mid = bar_halfwidths(conts[1])
+            np.testing.assert_allclose(half, 3 * s["delta_ses"].to_numpy())
+            np.testing.assert_allclose(mid, s["delta_mean"].to_numpy())
+            x1 = np.array([seg[0][0] for seg in conts[1].lines[2][0].get_segments()])
+            np.testing.assert_allclose(x1, np.arange(4) + 0.12)
+            assert any("error of the mean" in t.get_text() for t in ax.get_legend().get_texts())
+    # the paper's figure alone, and z values written beside the points
+    fig = P.plot_state_deltas(s, mean_error=None)
+    assert len(errorbars(fig.axes[0])) == 1
+    zt = pd.DataFrame({"against": ["reference", "reference", "previous"], "state_a": ["pristine", "pristine", "4.0 V"],
+                       "state_b": ["4.0 V", "4.4 V", "4.4 V"], "z": [-5.39, -1.5, -9.0], "reject": [True, False, True]})
+    fig = P.plot_state_deltas(s, reference="pristine", z_tests=zt)
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert "z = -5.4*" in texts and "z = -1.5" in texts and "z = -9.0*" not in texts
     fig = P.plot_state_deltas(s, reference="pristine")
     ax = fig.axes[0]
     assert any(np.allclose(line.get_ydata(), 0.0) and line.get_xdata()[0] == 0 and line.get_xdata()[1] == 1

@@ -178,6 +178,18 @@ class FakeTracking:
                              "excluded": e, "reason": r})
         self.particles = pd.DataFrame(rows)
         self.particles["state"] = pd.Categorical(self.particles["state"], categories=self.states, ordered=True)
+        # per-state tables: 12 particles (the 6 above and 6 more), profiles of 6 layers, a bright rim in
+        # every other one (the paper's normalisation is then undefined), darker cores in later states
+        rng = np.random.default_rng(7)
+        self.tables = {}
+        all_labels = np.r_[labels, np.arange(100, 106, dtype=np.uint64)]
+        for k, s in enumerate(self.states):
+            prof = [np.array([140.0 + 20 * (i % 2), 150, 150, 150 - k, 150 - 2 * k, 150 - 3 * k])
+                    + rng.normal(0, 0.5, 6) for i in range(len(all_labels))]
+            t = pd.DataFrame({"label": all_labels, "radial_layers_graylevel": prof,
+                              "roi_mean": [float(np.mean(p[5:])) for p in prof]})
+            t.attrs["grapes_dask"] = {"start_at": "edge", "exclude_outer_layers": 5}
+            self.tables[s] = t
         self.params = {"noise_sigma": {s: 2.5 for s in self.states}, "noise_source": "background",
                        "exclude_outer_layers": 5, "drop_smallest": 0.25, "neighbour_gap": 1,
                        "spacing": (1.0, 1.0, 1.0), "note": "<script>x</script>"}
@@ -195,10 +207,13 @@ class FakeTracking:
                              "delta_se_tot": np.r_[0, np.full(n - 1, math.hypot(0.07, 0.033))]},
                             index=pd.Index(self.states, name="state"))
 
-    def z_tests(self, alternative="less", sigma=5.0):
-        pairs = list(zip(self.states[:-1], self.states[1:]))
-        return pd.DataFrame({"state_a": [a for a, _ in pairs], "state_b": [b for _, b in pairs],
-                             "z": -5.39, "p": 3.5e-8, "critical": -sigma, "reject": True, "sigma": sigma})
+    def z_tests(self, alternative="less", sigma=5.0, against="both"):
+        pairs = [("reference", self.reference, s) for s in self.states[1:]]
+        pairs += [("previous", a, b) for a, b in zip(self.states[:-1], self.states[1:])]
+        return pd.DataFrame({"against": [k for k, _, _ in pairs], "state_a": [a for _, a, _ in pairs],
+                             "state_b": [b for _, _, b in pairs], "n_a": 3650, "n_b": 3650, "mean_a": 174.41,
+                             "mean_b": 173.0, "z": -5.39, "p": 3.5e-8, "critical": -sigma, "reject": True,
+                             "sigma": sigma, "testable": True})
 
     def counts(self):
         return pd.DataFrame({"reason": ["inconsistent", "neighbour", "border", "empty_roi", "smallest", "kept"],
@@ -226,9 +241,10 @@ class FakeTracking:
         return ChangeMap(label, state, self.reference, delta, mask, (0.1, 0.0, -0.2), (1, 2, 3), (1.0, 1.0, 1.0))
 
 
-TRACKING_HEADINGS = ["Summary per state", "z-tests between consecutive states", "Cleaning",
-                     "Change by centroid-2 quantile", "Conditions", "Change maps of the largest kept particles",
-                     "Parameters"]
+TRACKING_HEADINGS = ["Summary per state", "z-tests against the reference and between consecutive states", "Cleaning",
+                     "Change by centroid-2 quantile", "Conditions", "Radial profiles of the kept particles",
+                     "Change maps of the largest kept particles", "Parameters"]
+KEPT_PROFILES = {"fig6_kept_profiles", "fig6_kept_profiles_paper", "fig6_kept_profiles_normalised"}
 
 
 def test_tracking_report(tmp_path):
@@ -239,7 +255,7 @@ def test_tracking_report(tmp_path):
     # the two largest kept particles (13 is larger but excluded), every non-reference state
     assert tr.map_calls == [(5, s) for s in STATES[1:]] + [(21, s) for s in STATES[1:]]
     want = {"fig7a_state_means", "fig7b_state_deltas", "fig12_normal_models", "fig8_by_quantile", "fig9_fractions",
-            "fig10_change_map_5", "fig10_change_map_21"}
+            "fig9a_reference_vs_most_changed", "fig10_change_map_5", "fig10_change_map_21"} | KEPT_PROFILES
     assert set(res.figures) == want and res.notes == ()
     assert sorted(p.name for p in (out / "figures").iterdir()) == sorted(f"{n}.png" for n in want)
     for p in res.figures.values():
@@ -255,6 +271,14 @@ def test_tracking_report(tmp_path):
     assert "script" not in page.tags
     body = "".join(page.text)
     assert "4 of 6 particles kept" not in body and "5 of 6 particles kept" in body
+    # fig. 9a: the reference against the state of largest mean decrease (the last one here: delta -1.41 k)
+    most = STATES[int(np.argmin(tr.summary()["delta_mean"].to_numpy()))]
+    assert most == STATES[-1] and f"darker at {most} (the state with the largest mean decrease" in body
+    # the radial profiles are those of the 5 kept particles of each state's table, not the 12 of the table
+    assert "The 5 kept particles in each state" in body
+    assert "against = reference" in body and "-5.39" in cells
+    # kept labels 3, 5, 8, 21, 34 are rows 0, 1, 2, 4, 5: rows 1 and 5 have the bright rim -> 2 of 5 undefined
+    assert "pristine: 2 of 5" in body
     # outputs exist: refused before anything is drawn, replaced with overwrite
     tr2 = FakeTracking()
     with pytest.raises(GrapesInputError, match="already exists"):
@@ -264,6 +288,17 @@ def test_tracking_report(tmp_path):
     assert not any(n.startswith("fig10") for n in res2.figures)
     assert sorted(p.name for p in (out / "figures").iterdir()) == sorted(f"{n}.png" for n in res2.figures)
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_tracking_report_paper_normalisation_undefined_everywhere(tmp_path):
+    tr = FakeTracking(states=STATES[:2])
+    for t in tr.tables.values():  # a bright rim in every particle
+        t["radial_layers_graylevel"] = [np.r_[200.0, p[1:]] for p in t["radial_layers_graylevel"]]
+    res = tracking_report(tr, tmp_path, n_maps=0, dpi=30)
+    assert "fig6_kept_profiles_paper" not in res.figures
+    assert {"fig6_kept_profiles", "fig6_kept_profiles_normalised"} <= set(res.figures)
+    assert any("paper's normalisation" in n and "undefined for every particle" in n and "pristine: 5 of 5" in n
+               for n in res.notes)
 
 
 def test_tracking_report_notes_when_something_cannot_be_drawn(tmp_path):
@@ -295,6 +330,52 @@ def particle_table(rng, n, dark=0.0, border_every=7):
     return t
 
 
+def _check_paper_normalisation(figures, tables):
+    """The paper-normalised figure's first curve against the radial_max normalisation computed here:
+    (g - g[1]) / max(g - g[1]) per particle, NaN when that maximum is <= 0, then the mean per layer over
+    the largest volume quarter (rank rule, ties by label) of the particles not touching the border."""
+    import matplotlib.image as mpimg
+
+    assert mpimg.imread(figures["fig6_largest_group_profiles_paper"]).shape[2] in (3, 4)
+    name, t = next(iter(tables.items()))
+    u = t[~t["touches_border"].astype(bool)]
+    n = len(u)
+    order = sorted(range(n), key=lambda i: (u["volume"].iloc[i], u["label"].iloc[i]))
+    top = [order[r] for r in range(3 * n // 4, n)]
+    rows = []
+    for i in top:
+        g = np.asarray(u["radial_layers_graylevel"].iloc[i], float)
+        d = g - g[0]
+        rows.append(d / d.max() if d.max() > 0 else np.full(len(g), np.nan))
+    mat = np.array(rows)
+    return name, np.nanmean(mat, axis=0)
+
+
+def test_tables_report_paper_normalisation_curve(tmp_path):
+    from grapes_dask import plotting as P
+
+    rng = np.random.default_rng(4)
+    tables = {"pristine": particle_table(rng, 70)}
+    seen = []
+    real = P.plot_radial_profiles
+
+    def spy(tabs, column="radial_layers_graylevelnormed", **kw):
+        fig = real(tabs, column=column, **kw)
+        if "paper" in (kw.get("title") or ""):
+            seen.append(fig)
+        return fig
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(P, "plot_radial_profiles", spy)
+        res = tables_report(tables, tmp_path, dpi=30, min_particles=1)
+    assert len(seen) == 1
+    name, expected = _check_paper_normalisation(res.figures, tables)
+    (cont,) = [c for c in seen[0].axes[0].containers]
+    x, y = cont.lines[0].get_data()
+    np.testing.assert_allclose(y, expected[np.asarray(x, int) - 1], rtol=1e-12)
+    assert y[0] == 0.0  # the surface layer is 0 in the paper's normalisation
+
+
 def test_tables_report_two_states_with_labels(tmp_path):
     rng = np.random.default_rng(4)
     tables = {"pristine": particle_table(rng, 70), "charged 4.4 V": particle_table(rng, 60, dark=15)}
@@ -303,9 +384,11 @@ def test_tables_report_two_states_with_labels(tmp_path):
     lab[:, 10:18, 5:15] = 2
     res = tables_report(tables, tmp_path, labels={"charged 4.4 V": lab}, dpi=30)
     assert set(res.figures) == {"fig6_largest_group_profiles", "fig6_largest_group_profiles_normalised",
-                                "profiles_by_volume_1", "profiles_by_volume_2", "distributions", "property_map_1"}
+                                "fig6_largest_group_profiles_paper", "profiles_by_volume_1", "profiles_by_volume_2",
+                                "distributions", "property_map_1"}
     page = Page(res.report.read_text(encoding="utf-8"))
-    assert len(check_self_contained(page)) == 6
+    assert len(check_self_contained(page)) == 7
+    _check_paper_normalisation(res.figures, tables)
     assert h2(page) == ["Summary", "Radial profiles by volume group", "Distributions", "roi_mean on a slice",
                         "Parameters", "Provenance"]
     summary = pd.read_csv(res.summary, index_col="table")
@@ -327,8 +410,8 @@ def test_tables_report_single_table_and_small(tmp_path):
     rng = np.random.default_rng(6)
     t = particle_table(rng, 40)
     res = tables_report(t, tmp_path / "one", dpi=30)  # a DataFrame alone, no labels: no map
-    assert set(res.figures) == {"fig6_largest_group_profiles", "fig6_largest_group_profiles_normalised", "profiles_by_volume_1",
-                                "distributions"}
+    assert set(res.figures) == {"fig6_largest_group_profiles", "fig6_largest_group_profiles_normalised",
+                                "fig6_largest_group_profiles_paper", "profiles_by_volume_1", "distributions"}
     page = Page(res.report.read_text(encoding="utf-8"))
     check_self_contained(page)
     assert "roi_mean on a slice" not in h2(page)

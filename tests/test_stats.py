@@ -5,8 +5,9 @@
 - eq. 6 (z_test) with the paper's numbers, against scipy.stats.norm, against the closed form
   with math.erfc (hypothesis) and against a simulation under the null hypothesis;
 - radial_profile_stats / profile_matrix on ragged profiles with NaN layers;
-- quantile_groups: membership against pandas.qcut, statistics against a per-group loop in numpy
-  written out here, one case worked by hand;
+- quantile_labels / quantile_groups: membership against a rank rule written out here with
+  Python sorting and explicit index ranges (hypothesis), where and why pandas.qcut differs,
+  statistics against a per-group loop in numpy, one case worked by hand;
 - estimate_noise: against numpy + scipy.ndimage.distance_transform_edt on the whole (small)
   volume, on uneven chunks; on a phantom of known noise; region mode; errors.
 """
@@ -39,7 +40,9 @@ from grapes_dask.stats import (
     population_stats,
     profile_matrix,
     quantile_groups,
+    quantile_labels,
     radial_profile_stats,
+    rank_order,
     z_test,
 )
 
@@ -340,7 +343,7 @@ def test_quantile_groups_by_hand():
     r = quantile_groups(t, "volume", 4, profiles=("radial_layers_graylevel",))
     assert isinstance(r, QuantileGroups) and r.q == 4 and r.column == "volume"
     np.testing.assert_allclose(r.edges, [1.0, 2.75, 4.5, 6.25, 8.0], rtol=1e-15)
-    # volume 5 -> (4.5, 6.25] group 3, 1 -> group 1 (lowest edge included), 3 -> 2, 8 -> 4, ...
+    # 8 values in 4 groups of 2 by rank: 1, 2 -> 1; 3, 4 -> 2; 5, 6 -> 3; 7, 8 -> 4
     assert r.groups.tolist() == [3, 1, 2, 4, 1, 4, 2, 3]
     p = r.profiles
     assert list(p.columns) == ["group", "layer"] + [f"radial_layers_graylevel-{s}" for s in ("mean", "std", "se", "n")]
@@ -362,8 +365,9 @@ def test_quantile_groups_by_hand():
     s = r.scalars
     assert s.index.name == "group" and s.index.tolist() == [1, 2, 3, 4]
     assert s["n"].tolist() == [2, 2, 2, 2]
-    np.testing.assert_allclose(s["lo"], [1.0, 2.75, 4.5, 6.25])
-    np.testing.assert_allclose(s["hi"], [2.75, 4.5, 6.25, 8.0])
+    # lo, hi: each group's smallest and largest volume
+    np.testing.assert_allclose(s["lo"], [1.0, 3.0, 5.0, 7.0])
+    np.testing.assert_allclose(s["hi"], [2.0, 4.0, 6.0, 8.0])
     # default columns: numeric, not label, not boolean
     assert "label-mean" not in s and "touches_border-mean" not in s and "volume-mean" in s
     # roi_mean: group 1 {101, 105}: mean 103, std sqrt(8), se 2, median 103
@@ -381,25 +385,98 @@ def test_quantile_groups_by_hand():
     assert len(r2.profiles) == 0 and list(r2.profiles.columns) == ["group", "layer"]
 
 
+def _rank_reference(values, q, ties):
+    """Groups by the documented rank rule, written out with Python's sort and index ranges."""
+    fin = [i for i, v in enumerate(values) if np.isfinite(v)]
+    order = sorted(fin, key=lambda i: (values[i], ties[i], i))
+    n = len(order)
+    group = np.zeros(len(values), int)
+    for g in range(1, q + 1):
+        for r in range((g - 1) * n // q, g * n // q):  # floor((g-1) n / q) <= r < floor(g n / q)
+            group[order[r]] = g
+    return group
+
+
+def test_quantile_labels_by_hand_and_against_qcut():
+    # five distinct values, four groups: the rank rule gives sizes 1, 1, 1, 2 (group 1 = the floor(5/4) = 1
+    # smallest, what drop_smallest=0.25 removes); pandas.qcut's edges 1, 2, 3, 4, 5 put 1 and 2 together
+    # (right-closed), sizes 2, 1, 1, 1: the two rules differ without any tie whenever n is not a multiple of q
+    v = [5.0, 1.0, 3.0, 8.0, 2.0]
+    assert quantile_labels(v, 4).tolist() == [4, 1, 3, 4, 2]
+    assert (pd.qcut(v, 4, labels=False) + 1).tolist() == [3, 1, 2, 4, 1]
+    # ties split by label: the three 3s are labels 30, 10, 20 -> ranks 2, 3, 4 go to labels 10, 20, 30
+    x = [3.0, 1.0, 3.0, 6.0, np.nan, 2.0, 3.0, 5.0, 4.0, np.inf]
+    lab = [30, 1, 10, 60, 99, 2, 20, 50, 40, 98]
+    g = quantile_labels(x, 2, ties=lab)
+    # 8 finite values: ranks 0-3 (1, 2, 3@10, 3@20) -> group 1, ranks 4-7 (3@30, 4, 5, 6) -> group 2
+    assert g.tolist() == [2, 1, 1, 2, 0, 1, 1, 2, 2, 0]
+    assert rank_order(x, lab).tolist() == [1, 5, 2, 6, 0, 8, 7, 3]
+    # without ties given: by position
+    assert quantile_labels([2.0, 2.0, 2.0], 3).tolist() == [1, 2, 3]
+    assert quantile_labels([np.nan, 1.0], 2).tolist() == [0, 2]  # fewer values than groups: group 1 empty
+    with pytest.raises(GrapesInputError, match="q=0"):
+        quantile_labels(v, 0)
+    with pytest.raises(GrapesInputError, match="ties has 2"):
+        quantile_labels(v, 2, ties=[1, 2])
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data(), n=st.integers(0, 60), q=st.integers(1, 12), n_distinct=st.integers(1, 8))
+def test_quantile_rules_agree_everywhere(data, n, q, n_distinct):
+    """quantile_labels, quantile_groups, the cleaning rule `smallest` (drop_smallest = 1/q) and
+    Tracking.by_quantile's grouping give the groups of the rank rule, ties or not, n a multiple of
+    q or not."""
+    from grapes_dask.track import _clean
+
+    seed = data.draw(st.integers(0, 2**31))
+    rng = np.random.default_rng(seed)
+    values = rng.integers(0, n_distinct, n).astype(float) if data.draw(st.booleans()) else rng.normal(0, 1, n)
+    if n:
+        values[rng.random(n) < 0.1] = np.nan
+    labels = rng.permutation(np.arange(1, n + 1) * 7).astype(np.uint64)
+    ref = _rank_reference(values, q, labels.astype(int))
+    got = quantile_labels(values, q, ties=labels)
+    np.testing.assert_array_equal(got, ref)
+    fin = np.isfinite(values)
+    sizes = np.bincount(got[fin], minlength=q + 1)[1:]
+    assert sizes.max() - sizes.min() <= 1 and sizes.sum() == fin.sum()
+    # quantile_groups on a table with those labels
+    t = pd.DataFrame({"label": labels, "v": values})
+    if fin.sum() >= q:
+        qg = quantile_groups(t, "v", q, profiles=(), columns=[])
+        np.testing.assert_array_equal(qg.groups.fillna(0).to_numpy(int), ref)
+    else:
+        with pytest.raises(GrapesInputError, match="fewer than q"):
+            quantile_groups(t, "v", q, profiles=(), columns=[])
+    # the cleaning rule: among the finite (candidate) particles, floor(n / q) smallest = group 1
+    m = int(fin.sum())
+    present = np.ones((m, 2), bool)
+    none = np.zeros((m, 2), bool)
+    if q > 1:  # drop_smallest < 1
+        flags, _ = _clean(labels[fin], present, none, none, np.zeros(m, bool), values[fin], 1.0 / q)
+        np.testing.assert_array_equal(flags[:, 4], ref[fin] == 1)
+
+
 def test_quantile_groups_ties_and_nan_rows():
-    # median of 1, 2, 3, 3, 3, 4, 5, 6 is 3: the three 3s all go to the lower group (right-closed), as pandas.qcut
-    t = pd.DataFrame({"x": [3.0, 1.0, 3.0, 6.0, np.nan, 2.0, 3.0, 5.0, 4.0, np.inf]})
+    # 1, 2, 3, 3, 3, 4, 5, 6 in 2 groups by rank, ties by label: the 3s of labels 3 and 7 go to group 1, that of
+    # label 1 to group 2
+    t = pd.DataFrame({"label": np.array([8, 2, 3, 4, 5, 6, 7, 1, 9, 10], np.uint64),
+                      "x": [3.0, 1.0, 3.0, 6.0, np.nan, 2.0, 3.0, 5.0, 4.0, np.inf]})
     r = quantile_groups(t, "x", 2, profiles=())
-    np.testing.assert_array_equal(r.edges, [1.0, 3.0, 6.0])
-    assert r.groups.tolist()[:4] == [1, 1, 1, 2] and r.groups.isna().tolist() == [False] * 4 + [True] + [False] * 4 + [
-        True]
-    assert r.scalars["n"].tolist() == [5, 3]
-    expect = pd.qcut(t["x"].where(np.isfinite(t["x"])), 2, labels=False) + 1
-    assert r.groups.astype("float").equals(expect.astype("float"))
+    np.testing.assert_array_equal(r.edges, [1.0, 3.0, 6.0])  # numpy.quantile, descriptive
+    assert r.groups.fillna(0).tolist() == [2, 1, 1, 2, 0, 1, 1, 2, 2, 0]
+    assert r.groups.isna().tolist() == [False] * 4 + [True] + [False] * 4 + [True]
+    assert r.scalars["n"].tolist() == [4, 4]
+    assert r.scalars["lo"].tolist() == [1.0, 3.0] and r.scalars["hi"].tolist() == [3.0, 6.0]
 
 
 def test_quantile_groups_errors():
     t = _hand_table()
-    with pytest.raises(GrapesInputError, match=r"2 distinct .* lower q to at most 2"):
-        quantile_groups(pd.DataFrame({"x": [1.0, 2.0, 1.0, 2.0]}), "x", 3, profiles=())
-    # four distinct values, but one value so frequent that two quartile edges tie
-    with pytest.raises(GrapesInputError, match="would be empty"):
-        quantile_groups(pd.DataFrame({"x": [1.0] * 10 + [2.0, 3.0, 4.0]}), "x", 4, profiles=())
+    with pytest.raises(GrapesInputError, match=r"2 finite .* lower q to at most 2"):
+        quantile_groups(pd.DataFrame({"x": [1.0, 2.0, np.nan]}), "x", 3, profiles=())
+    # one value repeated: groups by rank all the same, no error (pandas.qcut refuses)
+    r = quantile_groups(pd.DataFrame({"x": [1.0] * 10 + [2.0, 3.0, 4.0]}), "x", 4, profiles=())
+    assert r.scalars["n"].tolist() == [3, 3, 3, 4]
     with pytest.raises(GrapesInputError, match="q=0"):
         quantile_groups(t, "volume", 0)
     with pytest.raises(GrapesInputError, match="q=2.5"):
@@ -412,7 +489,7 @@ def test_quantile_groups_errors():
         quantile_groups(t, "radial_layers_graylevel", 4, profiles=())
     with pytest.raises(GrapesInputError, match="not numbers"):
         quantile_groups(t, "volume", 4, profiles=(), columns=["radial_layers_graylevel"])
-    with pytest.raises(GrapesInputError, match="distinct"):
+    with pytest.raises(GrapesInputError, match="0 finite"):
         quantile_groups(pd.DataFrame({"x": [np.nan, np.nan]}), "x", 1, profiles=())
 
 
@@ -420,14 +497,8 @@ def _per_group_reference(values, profiles, scal, q, k):
     """Groups and their statistics written out with numpy loops (the test's own reference)."""
     fin = np.isfinite(values)
     edges = np.quantile(values[fin], np.linspace(0, 1, q + 1))
-    group = np.full(len(values), -1)
-    for i, v in enumerate(values):
-        if not fin[i]:
-            continue
-        for g in range(1, q + 1):
-            if (edges[g - 1] < v <= edges[g]) or (g == 1 and v == edges[0]):
-                group[i] = g
-                break
+    group = _rank_reference(values, q, list(range(len(values))))
+    group = np.where(group == 0, -1, group)
     rows = []
     for g in range(1, q + 1):
         members = np.flatnonzero(group == g)
@@ -464,19 +535,13 @@ def test_quantile_groups_against_numpy_loops(seed, n, q, rounding):
     fin = np.isfinite(values)
     k = max([len(p) for p, f in zip(profiles, fin) if f], default=0)
     group, edges, rows, sc = _per_group_reference(values, profiles, scal, q, k)
-    distinct = np.unique(values[fin]).size
-    if distinct < q or not all((group == g).any() for g in range(1, q + 1)):
-        with pytest.raises(GrapesInputError, match="distinct|would be empty"):
+    if fin.sum() < q:
+        with pytest.raises(GrapesInputError, match="fewer than q"):
             quantile_groups(t, "v", q, profiles=("radial_layers_graylevel",), columns=["s"])
-        if q > 1 and np.any(np.diff(edges) == 0):
-            with pytest.raises(ValueError):  # pandas refuses tied edges too
-                pd.qcut(values[fin], q)
         return
     r = quantile_groups(t, "v", q, profiles=("radial_layers_graylevel",), columns=["s"])
     np.testing.assert_allclose(r.edges, edges, rtol=1e-15)
     np.testing.assert_array_equal(r.groups.fillna(-1).to_numpy(int), group)
-    if q == 1 or np.all(np.diff(edges) > 0):  # pandas refuses tied edges even when no group is empty
-        np.testing.assert_array_equal(pd.qcut(values, q, labels=False)[fin] + 1, group[fin])
     ref = pd.DataFrame(rows, columns=["group", "layer", "mean", "std", "se", "n"])
     P = "radial_layers_graylevel"
     np.testing.assert_array_equal(r.profiles[["group", "layer"]].to_numpy(), ref[["group", "layer"]].to_numpy())

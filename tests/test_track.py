@@ -206,6 +206,26 @@ def test_drop_smallest(scene, frac):
                                                                  if L not in smallest}
 
 
+def test_smallest_rule_is_group_1_of_by_quantile(scene):
+    """drop_smallest = 1/q removes exactly group 1 of by_quantile("volume", q) of the particles
+    the other rules keep (one rule for both), for q = 2, 4, 8 (8 candidates: sizes exact and not)."""
+    base = from_tables(scene, drop_smallest=0.0)
+    ref = base.particles[(base.particles["state"] == "a") & ~base.particles["excluded"]]
+    vol = dict(zip(ref["label"].astype(int), ref["volume"]))
+    order = sorted(vol, key=lambda L: (vol[L], L))  # by volume, ties by label: the documented rule
+    n = len(order)
+    for q in (2, 4, 8, 3):
+        byq = base.by_quantile("volume", q, state="b").set_index("group")
+        smallest = order[: n // q]
+        tr = from_tables(scene, drop_smallest=1.0 / q)
+        got = sorted(L for L, r in reasons(tr).items() if r == "smallest")
+        assert got == sorted(smallest)
+        assert byq.loc[1, "n"] == len(smallest) == n // q
+        assert (byq.loc[1, "lo"], byq.loc[1, "hi"]) == (min(vol[L] for L in smallest), max(vol[L] for L in smallest))
+        sizes = [int(byq.loc[g, "n"]) for g in range(1, q + 1)]
+        assert sizes == [g * n // q - (g - 1) * n // q for g in range(1, q + 1)]
+
+
 def test_tables_input_gives_the_same_result(scene, tracked, tmp_path):
     from grapes_dask.output import write_table
 
@@ -279,7 +299,9 @@ def test_by_quantile_against_numpy(tracked):
     ref = tracked.particles[(tracked.particles["state"] == "a") & ~tracked.particles["excluded"]]
     x = ref.set_index("label")["centroid-2"]
     order = sorted(x.index, key=lambda L: (x[L], L))
-    sizes = [3, 3, 2]  # 8 particles in 3 groups
+    n = len(order)
+    assert n == 8
+    sizes = [g * n // q - (g - 1) * n // q for g in range(1, q + 1)]  # floor(g n / q) - floor((g-1) n / q)
     start = 0
     for g, size in enumerate(sizes, start=1):
         grp = order[start:start + size]
@@ -319,16 +341,84 @@ def test_fraction_by_hand(tracked):
 
 def test_z_tests_by_hand(tracked):
     z = tracked.z_tests(alternative="less", sigma=2.0)
-    assert list(z.columns) == ["state_a", "state_b", "z", "p", "critical", "reject", "sigma"]
-    assert list(zip(z["state_a"], z["state_b"])) == [("a", "b"), ("b", "c")]
+    assert list(z.columns) == ["against", "state_a", "state_b", "n_a", "n_b", "mean_a", "mean_b", "z", "p", "critical",
+                               "reject", "sigma", "testable"]
+    # against the reference a first, then consecutive states
+    pairs = [("reference", 0, 1), ("reference", 0, 2), ("previous", 0, 1), ("previous", 1, 2)]
+    assert list(zip(z["against"], z["state_a"], z["state_b"])) == [(k, "abc"[a], "abc"[b]) for k, a, b in pairs]
     kept = [8, 9, 10, 11, 12, 13, 14, 15]
-    for i, (a, b) in enumerate([(0, 1), (1, 2)]):
+    for i, (_, a, b) in enumerate(pairs):
         va = np.array([grey_value(L, a) for L in kept])
         vb = np.array([grey_value(L, b) for L in kept])
         zz = (vb.mean() - va.mean()) / math.sqrt(vb.var(ddof=1) / 8 + va.var(ddof=1) / 8)
         assert z["z"].iloc[i] == pytest.approx(zz)
         assert z["p"].iloc[i] == pytest.approx(norm.cdf(zz))
         assert z["critical"].iloc[i] == -2.0 and z["reject"].iloc[i] == bool(norm.cdf(zz) < norm.sf(2.0))
+        assert z["n_a"].iloc[i] == z["n_b"].iloc[i] == 8 and bool(z["testable"].iloc[i])
+        assert z["mean_a"].iloc[i] == pytest.approx(va.mean()) and z["mean_b"].iloc[i] == pytest.approx(vb.mean())
+    ref = tracked.z_tests(sigma=2.0, against="reference")
+    prev = tracked.z_tests(sigma=2.0, against="previous")
+    pd.testing.assert_frame_equal(pd.concat([ref, prev], ignore_index=True), z.assign(sigma=2.0))
+    assert set(ref["against"]) == {"reference"} and set(prev["against"]) == {"previous"}
+    with pytest.raises(GrapesInputError, match="against='x'"):
+        tracked.z_tests(against="x")
+
+
+def _one_kept(scene, **kw):
+    """The scene with everything but one particle excluded by `smallest`, the warning caught."""
+    from grapes_dask import GrapesInputWarning
+
+    with pytest.warns(GrapesInputWarning) as rec:
+        tr = from_tables(scene, **kw)
+    return tr, rec
+
+
+def test_too_few_kept_warns_naming_the_rule(scene):
+    from grapes_dask import GrapesInputWarning
+
+    # 8 candidates, drop_smallest 0.9 keeps 8 - floor(7.2) = 1
+    tr, rec = _one_kept(scene, drop_smallest=0.9)
+    msg = str(rec[0].message)
+    assert "cleaning kept 1 of 14 particles" in msg and "rule 'smallest' removed 7" in msg
+    assert "lower drop_smallest (now 0.9)" in msg
+    assert rec[0].message.error.render("cli").count("--drop-smallest") == 1
+    # the z-tests of one particle are not testable: NaN, <NA>, never a False that reads "no change"
+    z = tr.z_tests()
+    assert not z["testable"].any() and z["z"].isna().all() and z["reject"].isna().all()
+    assert (z["n_a"] == 1).all() and (z["n_b"] == 1).all()
+    s = tr.summary()
+    assert (s["n"] == 1).all() and s["se_tot"].isna().all()
+    # no particle with a ROI: empty_roi removes all, the fix is exclude_outer_layers
+    g = {k: v[0] for k, v in scene.items()}
+    lab = {k: v[1] for k, v in scene.items()}
+    with pytest.warns(GrapesInputWarning) as rec:
+        tr = track({k: (g[k], lab[k]) for k in scene}, noise_sigma=SIGMA, exclude_outer_layers=6, drop_smallest=0.0)
+    msg = str(rec[0].message)
+    n_empty = int((tr.counts().set_index("reason").loc["empty_roi", "n"]))
+    assert n_empty == 14  # every particle: none has a voxel deeper than 6 layers
+    assert "cleaning kept 0 of 14 particles" in msg and f"rule 'empty_roi' removed {n_empty}" in msg
+    assert "lower exclude_outer_layers (now 6)" in msg
+    assert "--exclude-outer-layers" in rec[0].message.error.render("cli")
+    assert tr.counts().set_index("reason").loc["kept", "n"] == 0
+
+
+def test_few_kept_warns(scene):
+    from grapes_dask.track import FEW_KEPT, FewParticlesWarning
+
+    # 14 particles; 8 left by the other rules; drop_smallest 0.8 keeps 8 - floor(6.4) = 2 (14%): no warning
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tr = from_tables(scene, drop_smallest=0.8)
+    assert tr.counts().set_index("reason").loc["kept", "n"] == 2 and 2 >= FEW_KEPT * 14
+    # the rule's threshold, called directly: 2 of 30 kept (6.7%) warns
+    from grapes_dask.track import _check_kept
+
+    flags = np.zeros((30, 5), bool)
+    flags[:28, 2] = True
+    with pytest.warns(FewParticlesWarning, match=r"kept only 2 of 30 particles \(6.7%\): rule 'border' removed 28"):
+        _check_kept(flags, flags.any(axis=1), 5, 0.25, 1)
 
 
 def test_params_record_noise_and_analysis(tracked):
@@ -441,8 +531,11 @@ def test_change_map_recovers_shift_and_darkening():
 
     grey_a = _soft_particle(shape, c, 8.0, 0.0).astype(np.float32)
     grey_b = _soft_particle(shape, c + t, 8.0, 30.0).astype(np.float32)
-    tr = track({"pristine": (grey_a, ball(c)), "charged": (grey_b, ball(np.round(c + t)))}, noise_sigma=1.0,
-               exclude_outer_layers=3, drop_smallest=0.0)
+    from grapes_dask import GrapesInputWarning
+
+    with pytest.warns(GrapesInputWarning, match="the states hold 1 particle"):  # one particle: no statistic
+        tr = track({"pristine": (grey_a, ball(c)), "charged": (grey_b, ball(np.round(c + t)))}, noise_sigma=1.0,
+                   exclude_outer_layers=3, drop_smallest=0.0)
     cm = tr.change_map(1, "charged", margin=5, sigma=1.0)
     assert isinstance(cm, ChangeMap) and cm.delta.dtype == np.float32 and cm.reference == "pristine"
     assert np.allclose(cm.shift, -t, atol=0.1)
@@ -463,6 +556,33 @@ def test_change_map_recovers_shift_and_darkening():
     # no change where nothing changed: the pristine state against itself
     same = tr.change_map(1, "pristine")
     assert np.allclose(same.shift, 0) and np.nanmax(np.abs(same.delta)) < 1e-3
+
+
+@pytest.mark.parametrize("margin", [0, 1, 3, 40])
+def test_change_map_mask_at_any_margin_equals_whole_volume_edt(tracked, scene, margin):
+    """The mask of change_map is the particle's voxels deeper than N layers, with distances as in
+    the whole volume: scipy's EDT of the whole (uncropped) particle mask, the volume's outside
+    counting as outside; margin=0 (the crop edge cutting the particle's faces) included."""
+    lab = scene["a"][1]
+    for label in (10, 12, 14):
+        whole = np.pad(lab == label, 1)  # the volume's outside is outside the particle
+        d = ndimage.distance_transform_edt(whole)[1:-1, 1:-1, 1:-1]
+        for n_out in (0, 1, 2):
+            cm = tracked.change_map(label, "b", margin=margin, sigma=0.0, exclude_outer_layers=n_out)
+            box = tuple(slice(o, o + n) for o, n in zip(cm.origin, cm.mask.shape))
+            expect = (lab[box] == label) & (np.maximum(1, np.round(d[box])) > n_out)
+            # where the shifted crop has data (the scene does not move: everywhere)
+            assert np.allclose(cm.shift, 0)
+            np.testing.assert_array_equal(cm.mask, expect)
+        # a face voxel of the particle is at distance 1: layer 1, masked with n_out = 1
+        cm0 = tracked.change_map(label, "b", margin=0, sigma=0.0, exclude_outer_layers=0)
+        face = tuple(int(np.flatnonzero((lab == label).any(axis=tuple(b for b in range(3) if b != a)))[0])
+                     for a in range(3))
+        assert cm0.origin == tuple(face)  # margin 0: the box starts at the particle's first voxel per axis
+        cm1 = tracked.change_map(label, "b", margin=0, sigma=0.0, exclude_outer_layers=1)
+        first = np.argwhere(cm0.mask)[0]
+        assert first[0] == 0 and d[tuple(first + np.array(cm0.origin))] == 1.0
+        assert not cm1.mask[tuple(first)]
 
 
 def test_change_map_errors(tracked, scene):
