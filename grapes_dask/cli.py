@@ -662,7 +662,11 @@ def _parse_gap(text):
 @click.option("--noise-sigma", type=float, default=None,
               help="Image noise sigma_bg, grey levels (default: estimated from the background of each state).")
 @click.option("--noise-region", default=None, metavar="Z0:Z1,Y0:Y1,X0:X1",
-              help="Box of empty space to estimate the noise in (default: background far from particles).")
+              help="Box of empty space to estimate the noise in (default: empty space found at a face of each "
+                   "state's volume, else the background far from particles, with a warning).")
+@click.option("--correct-drift", is_flag=True,
+              help="Subtract from each state's ROI means the shift of its empty region's grey-level peak against "
+                   "the reference's (a beam drift); the uncorrected values are kept beside them.")
 @click.option("--drop-smallest", type=float, default=0.25, show_default=True,
               help="Exclude this fraction of the particles, smallest by reference volume.")
 @click.option("--neighbour-gap", default="1", show_default=True, metavar="N|none",
@@ -689,15 +693,16 @@ def _parse_gap(text):
 @click.option("--keep-partials", is_flag=True, help="Keep the partial results after the output is written.")
 @click.option("--quiet", is_flag=True, help="No progress, no dashboard link.")
 def operando(state_specs, reference, segment_states, register_method, denoise_method, prep_dir, out_dir,
-             exclude_outer_layers, noise_sigma, noise_region, drop_smallest, neighbour_gap, spacing, layer_width,
-             start_at, chunks, scheduler, workers, memory_limit, overwrite, partials_dir, keep_partials, quiet, hpc,
-             profile):
+             exclude_outer_layers, noise_sigma, noise_region, correct_drift, drop_smallest, neighbour_gap, spacing,
+             layer_width, start_at, chunks, scheduler, workers, memory_limit, overwrite, partials_dir, keep_partials,
+             quiet, hpc, profile):
     """Track the same particles through states of charge: cleaning, statistics, figures, report.
 
     Writes to DIR: particles.parquet (one row per particle and state, with the cleaning
     reason), state tables (tables/NAME.parquet), summary.csv, z_tests.csv, cleaning.csv
-    (counts by reason), by_quantile.csv (changes by x-position quartile), the figures (png)
-    and a self-contained report.html.
+    (counts by reason), by_quantile.csv (changes by x-position quartile), background.csv (the
+    empty region's grey-level peak per state: beam stability), the figures (png) and a
+    self-contained report.html.
     """
     from .cluster import check_scheduler
     from .io import _check_can_write, atomic_output
@@ -742,7 +747,7 @@ def operando(state_specs, reference, segment_states, register_method, denoise_me
     _check_profile(profile, overwrite, out_dir)
     kw = dict(reference=reference, spacing=spacing, exclude_outer_layers=exclude_outer_layers,
               noise_sigma=noise_sigma, noise_region=region, drop_smallest=drop_smallest,
-              neighbour_gap=neighbour_gap)
+              neighbour_gap=neighbour_gap, correct_drift=correct_drift)
     analysis = dict(start_at="center" if start_at == "centre" else start_at)
     if layer_width is not None:
         analysis["layer_width"] = layer_width
@@ -777,6 +782,7 @@ def operando(state_specs, reference, segment_states, register_method, denoise_me
         write_tracking(tr, tmp)
     if not keep_partials:
         _remove_partials_tree(partials)
+    _echo_background(tr)
     counts = tr.counts()
     kept = int(counts.loc[counts["reason"] == "kept", "n"].sum())
     click.echo(f"tracked {tr.particles['label'].nunique()} particles through {len(tr.states)} states "
@@ -784,6 +790,28 @@ def operando(state_specs, reference, segment_states, register_method, denoise_me
     click.echo(f"report: {Path(out_dir) / 'report.html'}")
     if profile and not quiet:
         click.echo(f"performance report: {Path(profile)}", err=True)
+
+
+def _echo_background(tr) -> None:
+    """Which noise source each state used (and why, on a fallback), and the beam check, on
+    standard error (standard output keeps the two closing lines)."""
+    for name, rec in tr.params.get("noise", {}).items():
+        box = rec.get("region")
+        where = "" if box is None else " in " + ",".join(f"{a}:{b}" for a, b in box)
+        click.echo(f"noise sigma_bg of {name}: {rec['sigma']:.4g} grey levels ({rec['source']}{where})", err=True)
+        if rec.get("warning"):
+            click.echo(f"warning: {name}: {rec['warning']}", err=True)
+    bg = tr.params.get("background") or {}
+    if bg.get("box") is None:
+        click.echo(f"beam stability not checked: {bg.get('note') or 'no empty region'}", err=True)
+        return
+    flagged = bg.get("flagged") or []
+    click.echo(f"beam stability (background.csv): empty region {bg['box']}, "
+               + (f"drift flagged in {', '.join(flagged)}" if flagged else "no drift flagged")
+               + (" (corrected)" if bg.get("correct_drift") else ""), err=True)
+    if flagged and not bg.get("correct_drift"):
+        click.echo(f"warning: the empty region's grey-level peak drifts in {', '.join(flagged)} by an amount large "
+                   "against the changes measured: see background.csv; --correct-drift subtracts it", err=True)
 
 
 @cli.command()

@@ -1,0 +1,256 @@
+"""sigma_bg from empty space and the beam stability across states (grapes_dask.stats,
+grapes_dask.track), against independent numpy computations on small volumes.
+
+- find_empty_space / estimate_noise: the label-free slab at a face is found where numpy finds
+  it, its sigma is numpy's std (ddof=1) of that box, its Haar estimate numpy's, whatever the
+  (uneven) chunking; a textured label-free slab is rejected; without empty space the estimate
+  falls back on the background with a warning recorded;
+- the phantom's air slab and textured pores: the new estimate is the true noise, the old one
+  is inflated;
+- track: an offset injected in one state is flagged, and correct_drift recovers the changes of
+  the offset-free series.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import dask.array as da
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+from scipy import ndimage as ndi
+
+from grapes_dask._errors import GrapesInputError
+from grapes_dask.stats import GrapesBackgroundWarning, estimate_noise, find_empty_space
+
+SHAPE = (34, 26, 22)
+TOP = 20  # last z of a labelled voxel; air above it from z = 21
+
+
+def scene(seed=0, air=True, texture=12.0, noise=4.0, integer=False):
+    """Labels in z 8..20 touching the y and x faces; textured pores (smooth field, std
+    `texture`) below z = 21 wherever unlabelled; air (level 20, white noise) from z = 21."""
+    rng = np.random.default_rng(seed)
+    lab = np.zeros(SHAPE, np.uint16)
+    smooth = ndi.gaussian_filter(rng.random((TOP - 8 + 1,) + SHAPE[1:]), 1.5)
+    blobs, _ = ndi.label(smooth > np.quantile(smooth, 0.6))
+    lab[8:TOP + 1] = blobs
+    lab[TOP, 0, 0] = lab[8, -1, -1] = lab[12, 0, 5] = lab[12, -1, 5] = lab[14, 5, 0] = lab[14, 5, -1] = 1
+    field = ndi.gaussian_filter(rng.normal(0.0, 1.0, SHAPE), 2.0)
+    field *= texture / field.std()
+    grey = 40.0 + field + rng.normal(0.0, noise, SHAPE)
+    grey[lab > 0] = 150.0 + rng.normal(0.0, noise, int((lab > 0).sum()))
+    if air:
+        grey[TOP + 1:] = 20.0 + rng.normal(0.0, noise, grey[TOP + 1:].shape)
+    if integer:
+        grey = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
+    return grey, lab
+
+
+def numpy_box(lab, margin=3):
+    """The high-z label-free slab, computed with numpy: above the last labelled plane plus margin."""
+    zs = np.flatnonzero(lab.any(axis=(1, 2)))
+    start = zs[-1] + max(math.ceil(margin), 1)
+    return ((int(start), lab.shape[0]), (0, lab.shape[1]), (0, lab.shape[2]))
+
+
+def numpy_haar(v):
+    s2, cnt = 0.0, 0
+    for ax in range(v.ndim):
+        d = np.diff(v.astype(np.float64), axis=ax)
+        s2 += float((d * d).sum())
+        cnt += d.size
+    return math.sqrt(s2 / (2 * cnt))
+
+
+def numpy_interp_median(v):
+    """Median of integer grey levels, each level k spread uniformly over [k - 0.5, k + 0.5)."""
+    vals, counts = np.unique(v, return_counts=True)
+    cum = np.cumsum(counts)
+    half = v.size / 2
+    k = int(np.searchsorted(cum, half, side="left"))
+    before = cum[k - 1] if k else 0
+    return vals[k] - 0.5 + (half - before) / counts[k]
+
+
+def _chunks(draw, n):
+    cuts = sorted(draw(st.sets(st.integers(1, n - 1), max_size=4)))
+    b = [0, *cuts, n]
+    return tuple(y - x for x, y in zip(b[:-1], b[1:]))
+
+
+# --------------------------------------------------------------------------------------------
+# the finder
+# --------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), seed=st.integers(0, 100), integer=st.booleans())
+def test_air_slab_found_and_measured_as_numpy(data, seed, integer):
+    grey, lab = scene(seed, integer=integer)
+    gc = tuple(_chunks(data.draw, n) for n in SHAPE)
+    lc = tuple(_chunks(data.draw, n) for n in SHAPE)
+    r = estimate_noise(da.from_array(grey, chunks=gc), da.from_array(lab, chunks=lc))
+    box = numpy_box(lab)
+    ref = grey[tuple(slice(a, b) for a, b in box)].astype(np.float64)
+    assert r.source == "empty_space" and r.region == box and r.warning is None and r.margin == 3.0
+    assert r.n_voxels == ref.size
+    assert r.sigma == pytest.approx(ref.std(ddof=1), rel=1e-10)
+    assert r.mean == pytest.approx(ref.mean(), rel=1e-12)
+    chosen = [c for c in r.candidates if c["box"] == box]
+    assert len(chosen) == 1 and chosen[0]["flat"]
+    assert chosen[0]["haar_sigma"] == pytest.approx(numpy_haar(ref), rel=1e-10)
+    # the peak: the median (interpolated in its bin) and the spread of a Gaussian (IQR / 1.349)
+    if integer:
+        assert r.peak == pytest.approx(numpy_interp_median(ref), abs=1e-9)
+    else:
+        assert abs(r.peak - np.median(ref)) <= r.sigma / 50
+    q1, q3 = np.quantile(ref, [0.25, 0.75])
+    assert r.spread == pytest.approx((q3 - q1) / 1.349, abs=r.sigma / 25 + (1.0 if integer else 0.0))
+    # the same as one chunk
+    r1 = estimate_noise(grey, lab)
+    assert r1.region == r.region and r1.n_voxels == r.n_voxels
+    assert r1.sigma == pytest.approx(r.sigma, rel=1e-12) and r1.peak == pytest.approx(r.peak, rel=1e-12)
+    json.dumps(r.as_dict())  # JSON friendly
+
+
+def test_textured_slab_not_chosen():
+    grey, lab = scene(3)
+    box, cands = find_empty_space(da.from_array(grey, chunks=(9, 13, 7)), lab)
+    assert box == numpy_box(lab)
+    low = [c for c in cands if c["face"] == "z-"]
+    # the textured pores below the particles: label-free, thick enough, but not flat
+    assert len(low) == 1 and low[0]["box"] == ((0, 6), (0, 26), (0, 22))
+    assert not low[0]["flat"] and "structure" in low[0]["why"]
+    v = grey[:6].astype(np.float64)
+    assert low[0]["ratio"] == pytest.approx(v.std(ddof=1) / numpy_haar(v), rel=1e-10) and low[0]["ratio"] > 1.5
+
+
+def test_no_empty_space_falls_back_with_a_warning():
+    grey, lab = scene(4, air=False)  # the only label-free slabs are textured pores
+    with pytest.warns(GrapesBackgroundWarning, match="no empty space found"):
+        r = estimate_noise(da.from_array(grey, chunks=11), da.from_array(lab, chunks=(5, 26, 22)))
+    ref = estimate_noise(grey, lab, mode="background")
+    d = ndi.distance_transform_edt(lab == 0)
+    v = grey[(lab == 0) & (d >= 3)]
+    assert r.source == "background" and r.region is None and r.peak is None
+    assert r.sigma == pytest.approx(v.std(ddof=1), rel=1e-10) == ref.sigma
+    assert "no empty space found" in r.warning and "structure" in r.warning
+    assert r.as_dict()["noise_warning"] == r.warning and ref.warning is None
+    assert any(not c["flat"] for c in r.candidates)
+    with pytest.raises(GrapesInputError, match="no empty space found"):
+        estimate_noise(grey, lab, mode="empty_space")
+    # a user box still wins
+    r2 = estimate_noise(grey, lab, region=((0, 5), (0, 26), (0, 22)))
+    assert r2.source == "region" and r2.warning is None
+
+
+def test_uneven_slab_rejected():
+    grey, lab = scene(5)
+    grey[TOP + 1:, :13] += 30.0  # half the air slab brighter: not one flat field
+    box, cands = find_empty_space(grey, lab)
+    top = [c for c in cands if c["face"] == "z+"][0]
+    assert box is None and not top["flat"] and "uneven mean" in top["why"]
+
+
+def test_smaller_sigma_wins_and_labels_free_volume():
+    rng = np.random.default_rng(6)
+    grey = rng.normal(10.0, 2.0, (30, 20, 20))
+    grey[15:] = rng.normal(50.0, 1.0, (15, 20, 20))  # two flat slabs, the quieter one is chosen
+    lab = np.zeros(grey.shape, np.uint8)
+    lab[12:15] = 1
+    box, cands = find_empty_space(grey, lab)
+    assert box == ((17, 30), (0, 20), (0, 20))  # 3 voxels above the last labelled plane, z = 14
+    assert {c["face"]: c["box"] for c in cands if c.get("flat")} == {"z-": ((0, 10), (0, 20), (0, 20)),
+                                                                    "z+": ((17, 30), (0, 20), (0, 20))}
+    # no label at all: the whole volume is one candidate
+    flat = rng.normal(0.0, 1.0, (12, 12, 12))
+    box, cands = find_empty_space(flat, np.zeros(flat.shape, np.uint8))
+    assert box == ((0, 12),) * 3 and cands[0]["face"] == "all"
+
+
+def test_finder_errors():
+    grey, lab = scene(0)
+    with pytest.raises(GrapesInputError, match="same shape"):
+        find_empty_space(grey, lab[:5])
+    with pytest.raises(GrapesInputError, match="max_ratio"):
+        find_empty_space(grey, lab, max_ratio=0.5)
+    with pytest.raises(GrapesInputError, match="min_thickness"):
+        find_empty_space(grey, lab, min_thickness=0)
+    with pytest.raises(GrapesInputError, match="mode="):
+        estimate_noise(grey, lab, mode="air")
+
+
+# --------------------------------------------------------------------------------------------
+# the phantom: air and textured pores
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def phantom_series():
+    from grapes_dask.synthetic import phantom_numpy
+
+    kw = dict(n_states=3, seed=3, noise_sigma=6.0, air_thickness=10, air_level=30.0, pore_texture=15.0,
+              mean_radius=7.0, grey_dtype="float32", chunks=(20, 24, 48))
+    clean = phantom_numpy((48, 48, 48), **kw)
+    drift = phantom_numpy((48, 48, 48), beam_offsets=[0.0, 0.0, -4.0], **kw)
+    return clean, drift
+
+
+def test_phantom_air_and_texture(phantom_series):
+    (g, lab, truth), _ = phantom_series
+    assert truth.attrs["noise_sigma"] == 6.0 and truth.attrs["air_box"] == [[38, 48], [0, 48], [0, 48]]
+    assert not lab[:, 38:].any() and lab[:, :38].any()
+    r = estimate_noise(da.from_array(g[0], chunks=16), da.from_array(lab[0], chunks=16))
+    old = estimate_noise(g[0], lab[0], mode="background")
+    assert r.source == "empty_space" and r.region[0][0] >= 38 and r.region[1:] == ((0, 48), (0, 48))
+    assert r.sigma == pytest.approx(6.0, rel=0.03) and r.peak == pytest.approx(30.0, abs=0.2)
+    assert old.sigma > 1.5 * 6.0  # the textured pores inflate the old estimate
+
+
+def test_drift_flagged_and_corrected(phantom_series):
+    from grapes_dask.track import track
+
+    (gc, lc, _), (gd, ld, _) = phantom_series
+    assert (lc == ld).all()
+    kw = dict(exclude_outer_layers=2, drop_smallest=0.0, chunks=24)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GrapesBackgroundWarning)  # no drift: no warning
+        clean = track({f"s{i}": (gc[i], lc[i]) for i in range(3)}, **kw)
+    with pytest.warns(GrapesBackgroundWarning, match="drifts"):
+        raw = track({f"s{i}": (gd[i], ld[i]) for i in range(3)}, **kw)
+    with pytest.warns(GrapesBackgroundWarning, match="subtracted"):
+        cor = track({f"s{i}": (gd[i], ld[i]) for i in range(3)}, correct_drift=True, **kw)
+    bc, br = clean.background(), raw.background()
+    assert not bc["flag"].any()
+    assert list(br["flag"]) == [False, False, True] and raw.params["background"]["flagged"] == ["s2"]
+    assert br["shift"].iloc[2] == pytest.approx(-4.0, abs=0.15) and (br["labelled"] == 0).all()
+    # the peak of each state against numpy's median of the box
+    box = tuple(tuple(r) for r in raw.params["background"]["box"])
+    for i in range(3):
+        v = gd[i][tuple(slice(a, b) for a, b in box)]
+        assert abs(br["peak"].iloc[i] - np.median(v)) <= br["sigma"].iloc[i] / 50
+    # the correction recovers the offset-free changes; nothing is lost
+    sc, sr, so = clean.summary(), raw.summary(), cor.summary()
+    assert abs(sr.loc["s2", "delta_mean"] - sc.loc["s2", "delta_mean"]) > 3.5
+    assert so.loc["s2", "delta_mean"] == pytest.approx(sc.loc["s2", "delta_mean"], abs=0.2)
+    p = cor.particles
+    assert np.allclose(p["roi_mean"], p["roi_mean_uncorrected"] - p["background_shift"], equal_nan=True)
+    assert np.allclose(p["roi_mean_uncorrected"], raw.particles["roi_mean"], equal_nan=True)
+    assert cor.params["background"]["correct_drift"] and cor.background()["corrected"].all()
+    assert "roi_mean_uncorrected" not in raw.particles.columns
+
+
+def test_correct_drift_needs_grey_and_empty_space():
+    from grapes_dask.track import track
+
+    grey, lab = scene(1, air=False)
+    with pytest.raises(GrapesInputError, match="needs an empty region"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", GrapesBackgroundWarning)
+            track({"a": (grey, lab), "b": (grey, lab)}, exclude_outer_layers=1, correct_drift=True)
+    with pytest.raises(GrapesInputError, match="correct_drift"):
+        track({"a": (grey, lab), "b": (grey, lab)}, noise_sigma=1.0, correct_drift="yes")
