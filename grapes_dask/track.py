@@ -694,10 +694,16 @@ class Tracking:
         (reference centroid, voxel indices; NaN where missing in the reference), ``excluded``
         (bool) and ``reason`` (``""`` or the reasons joined by ``";"``, in the order
         ``inconsistent;neighbour;border;empty_roi;smallest``), identical in every row of a label.
+        With ``correct_drift``: ``roi_mean`` and ``delta`` are corrected and
+        ``roi_mean_uncorrected``, ``delta_uncorrected`` and ``background_shift`` (the state's
+        shift subtracted, grey levels) follow.
     tables : dict of str to pandas.DataFrame
         Each state's particle table (as :func:`grapes_dask.table.analyze` gives it).
     params : dict
-        ``noise`` (per state ``sigma`` and ``source``), ``exclude_outer_layers``,
+        ``noise`` (per state ``sigma`` and ``source``, with ``n_voxels``, ``region``,
+        ``margin``, ``peak``, ``spread`` and ``warning`` when estimated), ``background`` (the
+        beam check: ``box``, ``source``, ``note``, per state ``states``, ``shift``,
+        ``correct_drift``, ``flagged``; see :meth:`background`), ``exclude_outer_layers``,
         ``drop_smallest``, ``neighbour_gap``, ``neighbour_method`` (per state), ``spacing``,
         ``shape``, ``analysis`` (the reference table's parameters), ``states``, ``reference``,
         ``inputs`` (per state), ``version`` and ``created``.
