@@ -715,7 +715,8 @@ class GreyModel:
         hold no particle (label 0; particles are cut by its plane) and the grey level
         `air_level` plus the noise only, a flat field. 0 (default): none.
     air_level : float, optional
-        Grey level of the empty space (default 15 for uint8).
+        Grey level of the empty space (default 25 for uint8: 4 noise sigmas above 0, so that
+        clipping at 0 leaves the noise whole).
     pore_texture : float
         Texture of the pore space (binder, carbon, sub-resolution pores): a smooth random field
         added to `pore_level`, with standard normal values times `pore_texture` (grey levels)
@@ -779,7 +780,7 @@ class GreyModel:
         if isinstance(self.air_thickness, bool) or int(self.air_thickness) != self.air_thickness \
                 or self.air_thickness < 0:
             raise GrapesInputError(f"air_thickness={self.air_thickness!r}: give a whole number of voxels >= 0")
-        al = level("air_level", self.air_level, 15.0)
+        al = level("air_level", self.air_level, 25.0)
         pt = _check_range("pore_texture", self.pore_texture, 0.0, top)
         pts = _check_range("pore_texture_scale", self.pore_texture_scale, 1.0, 1e6)
         off = _check_range("offset", self.offset, -top, top)

@@ -254,3 +254,87 @@ def test_correct_drift_needs_grey_and_empty_space():
             track({"a": (grey, lab), "b": (grey, lab)}, exclude_outer_layers=1, correct_drift=True)
     with pytest.raises(GrapesInputError, match="correct_drift"):
         track({"a": (grey, lab), "b": (grey, lab)}, noise_sigma=1.0, correct_drift="yes")
+
+
+# --------------------------------------------------------------------------------------------
+# the phantom's options
+# --------------------------------------------------------------------------------------------
+
+
+def test_phantom_air_texture_offsets_exact_and_chunk_free():
+    from grapes_dask.synthetic import phantom_numpy
+
+    kw = dict(n_states=2, seed=4, noise_sigma=0.0, grey_dtype="float32", mean_radius=6.0, air_thickness=7,
+              air_level=12.5, pore_texture=10.0, beam_offsets=[0.0, 2.5], rim_contrast=0.0, n_cracks=0,
+              void_fraction=0.0, pore_level=40.0, particle_level=150.0)
+    g, lab, truth = phantom_numpy((30, 28, 26), chunks=(30, 28, 26), **kw)
+    g2, lab2, _ = phantom_numpy((30, 28, 26), chunks=(7, 11, 26), **kw)
+    assert (g == g2).all() and (lab == lab2).all()  # whatever the chunking
+    assert not lab[:, 23:].any() and lab[:, 22].any()  # particles cut by the air plane
+    assert (g[0, 23:] == np.float32(12.5)).all() and (g[1, 23:] == np.float32(15.0)).all()
+    assert truth.attrs["air_box"] == [[23, 30], [0, 28], [0, 26]] and truth.attrs["beam_offsets"] == [0.0, 2.5]
+    pores = (lab[0] == 0)
+    pores[23:] = False
+    v = g[0][pores]
+    assert v.std() > 2.0 and abs(v.mean() - 40.0) < 5.0  # a texture around the pore level
+    assert np.allclose(g[1] - g[0], 2.5, atol=1e-4)  # no damage, no noise: the offset only
+    # no texture: the pores are flat at pore_level
+    flat, flab, _ = phantom_numpy((30, 28, 26), **{**kw, "pore_texture": 0.0, "n_states": 1, "beam_offsets": None})
+    fp = (flab == 0)
+    fp[23:] = False
+    assert (flat[fp] == np.float32(40.0)).all()
+
+
+def test_phantom_option_errors():
+    from grapes_dask.synthetic import phantom_numpy
+
+    with pytest.raises(GrapesInputError, match="air_thickness"):
+        phantom_numpy((20, 20, 20), air_thickness=20)
+    with pytest.raises(GrapesInputError, match="air_thickness"):
+        phantom_numpy((20, 20, 20), air_thickness=2.5)
+    with pytest.raises(GrapesInputError, match="beam_offsets"):
+        phantom_numpy((20, 20, 20), n_states=2, beam_offsets=[1.0])
+    with pytest.raises(GrapesInputError, match="pore_texture_scale"):
+        phantom_numpy((20, 20, 20), pore_texture=3.0, pore_texture_scale=0.5)
+
+
+# --------------------------------------------------------------------------------------------
+# the command line
+# --------------------------------------------------------------------------------------------
+
+
+def test_operando_background_csv_and_correction(tmp_path, monkeypatch):
+    import contextlib
+
+    import pandas as pd
+    from click.testing import CliRunner
+
+    import grapes_dask.cluster
+    from grapes_dask import synthetic
+    from grapes_dask.cli import cli
+
+    @contextlib.contextmanager
+    def threads(scheduler=None, **kw):
+        yield None
+
+    monkeypatch.setattr(grapes_dask.cluster, "cluster_client", threads)
+    ph = synthetic.make_phantom(tmp_path / "ph", shape=(56, 48, 48), n_states=2, seed=2, mean_radius=7.0, chunks=24,
+                                air_thickness=10, pore_texture=12.0, beam_offsets=[0.0, -5.0])
+    args = ["operando", "--state", f"a={ph.grey[0]},{ph.labels[0]}", "--state", f"b={ph.grey[1]},{ph.labels[1]}",
+            "--exclude-outer-layers", "2", "--quiet"]
+    r = CliRunner().invoke(cli, args + ["--out", str(tmp_path / "raw")])
+    assert r.exit_code == 0, (r.output, r.exception)
+    assert "noise sigma_bg of a: " in r.stderr and "(empty_space in 48:56,0:48,0:48)" in r.stderr
+    assert "drift flagged in b" in r.stderr and "--correct-drift subtracts it" in r.stderr
+    bg = pd.read_csv(tmp_path / "raw" / "background.csv")
+    assert list(bg["flag"]) == [False, True] and bg["shift"].iloc[1] == pytest.approx(-5.0, abs=0.3)
+    assert "Noise and beam stability" in (tmp_path / "raw" / "report.html").read_text(encoding="utf-8")
+    r = CliRunner().invoke(cli, args + ["--out", str(tmp_path / "cor"), "--correct-drift"])
+    assert r.exit_code == 0, (r.output, r.exception)
+    assert "(corrected)" in r.stderr
+    from grapes_dask.output import read_table
+
+    p = read_table(tmp_path / "cor" / "particles.parquet")
+    assert {"roi_mean_uncorrected", "delta_uncorrected", "background_shift"} <= set(p.columns)
+    b = p[p["state"].astype(str) == "b"]
+    assert np.allclose(b["background_shift"], bg["shift"].iloc[1])
