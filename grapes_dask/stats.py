@@ -814,10 +814,13 @@ def _label_extent(lab, client=None) -> list:
     return out
 
 
-def _face_slabs(shape: tuple, extent, margin: float) -> list:
+def _face_slabs(shape: tuple, extent, margin: float, min_thickness: int = 1, outer: int = 3) -> list:
     """Label-free slabs at the faces, at least `margin` voxels from the labelled planes:
     ``(face, box)`` with face ``"z-"`` (low side of axis z), ``"z+"`` (high side), ...;
-    ``("all", whole volume)`` when no voxel is labelled."""
+    ``("all", whole volume)`` when no voxel is labelled. Each slab is followed by up to
+    `outer` outer parts of it, halving its thickness each time (the part against the volume's
+    face, at least `min_thickness` thick): unlabelled pores or a separator between the
+    particles and the air spoil the whole slab but not its outer part."""
     nd = len(shape)
     full = [(0, int(n)) for n in shape]
     if extent is None:
@@ -827,16 +830,14 @@ def _face_slabs(shape: tuple, extent, margin: float) -> list:
     out = []
     for a, name in enumerate(_axis_names(nd)):
         lo, hi = extent[a]
-        stop = lo - low_shrink
-        if stop > 0:
-            box = list(full)
-            box[a] = (0, stop)
-            out.append((name + "-", tuple(box)))
-        start = hi + high_gap
-        if start < shape[a]:
-            box = list(full)
-            box[a] = (start, int(shape[a]))
-            out.append((name + "+", tuple(box)))
+        n = int(shape[a])
+        for side, t in (("-", lo - low_shrink), ("+", n - (hi + high_gap))):
+            k = 0
+            while t > 0 and k <= outer and (k == 0 or t >= min_thickness):
+                box = list(full)
+                box[a] = (0, t) if side == "-" else (n - t, n)
+                out.append((name + side, tuple(box)))
+                t, k = t // 2, k + 1
     return out
 
 
@@ -939,7 +940,7 @@ def _find_empty(g, lab, *, margin, min_thickness, min_voxels, max_ratio, tiles, 
     from .table import _compute
 
     extent = _label_extent(lab, client=client)
-    slabs = _face_slabs(g.shape, extent, float(margin))
+    slabs = _face_slabs(g.shape, extent, float(margin), int(min_thickness))
     cands, graphs = [], []
     for face, box in slabs:
         n_box = math.prod(b - a for a, b in box)
@@ -967,7 +968,10 @@ def _find_empty(g, lab, *, margin, min_thickness, min_voxels, max_ratio, tiles, 
             per_tile = np.nan_to_num(per_tile, nan=0.0)
             hs = [(res.pop(0), res.pop(0)) for _ in haar]
             c.update(_test_flat(per_tile[:, 0], per_tile[:, 1], per_tile[:, 2], hs, float(max_ratio)))
-    flat = [c for c in cands if c.get("flat")]
+    flat = []
+    for c in cands:  # per face, the thickest flat slab (its outer parts follow it)
+        if c.get("flat") and all(f["face"] != c["face"] for f in flat):
+            flat.append(c)
     if not flat:
         return None, cands
     best = min(flat, key=lambda c: (c["sigma"], -c["n_voxels"], c["face"]))
@@ -981,7 +985,9 @@ def find_empty_space(grey, labels, *, margin=3, min_thickness: int = 4, min_voxe
     Candidates are the label-free slabs at the faces of the volume: along each axis, the voxels
     below the first labelled plane and above the last one, less `margin` voxels next to the
     labels (the rims and blur), each spanning the whole volume along the other axes (a volume
-    without any label is one candidate, the whole volume). A candidate at least `min_thickness`
+    without any label is one candidate, the whole volume), and the outer half, quarter and
+    eighth of each slab (the part against the face, while at least `min_thickness` thick):
+    unlabelled pores between the particles and the air spoil a slab, not its outer part. A candidate at least `min_thickness`
     voxels thick and of at least `min_voxels` voxels is *flat* when it passes all three tests:
 
     1. no structure: its sample standard deviation ``sigma`` (ddof=1) is at most `max_ratio`
@@ -994,8 +1000,8 @@ def find_empty_space(grey, labels, *, margin=3, min_thickness: int = 4, min_voxe
     3. one noise: every sub-box's standard deviation lies within
        ``0.2 + 3 / sqrt(2 (n_min - 1))`` (relative) of the slab's.
 
-    The flat candidate of smallest ``sigma`` is chosen (any structure only adds variance),
-    ties by more voxels. Stages: one reduction of the labels per axis (any labelled voxel per
+    Per face, the thickest flat candidate is kept; of those, the one of smallest ``sigma`` is
+    chosen (any structure only adds variance), ties by more voxels. Stages: one reduction of the labels per axis (any labelled voxel per
     plane), then per candidate and per chunk the moments of each sub-box and the sums of the
     squared neighbour differences, all in one compute; nothing larger than a chunk is held.
 
