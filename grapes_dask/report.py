@@ -712,7 +712,8 @@ def write_tracking(tracking, folder, *, title: str | None = None) -> ReportFiles
     Written: ``particles.parquet`` (the long table), ``tables/NAME.parquet`` (each state's
     particle table, NAME from :func:`file_name`), ``z_tests.csv``, ``cleaning.csv`` (counts by
     reason), ``by_quantile.csv`` (changes by x-position quartile, with at least 4 kept
-    particles), ``background.csv`` (:meth:`~grapes_dask.track.Tracking.background`), and the files of :func:`tracking_report` (``summary.csv``, ``figures/``,
+    particles), ``background.csv`` (:meth:`~grapes_dask.track.Tracking.background`), and the
+    files of :func:`tracking_report` (``summary.csv``, ``figures/``,
     ``report.html``). The CLI and the demo call it on a temporary folder renamed when complete.
 
     Parameters

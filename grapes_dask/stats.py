@@ -987,8 +987,9 @@ def find_empty_space(grey, labels, *, margin=3, min_thickness: int = 4, min_voxe
     labels (the rims and blur), each spanning the whole volume along the other axes (a volume
     without any label is one candidate, the whole volume), and the outer half, quarter and
     eighth of each slab (the part against the face, while at least `min_thickness` thick):
-    unlabelled pores between the particles and the air spoil a slab, not its outer part. A candidate at least `min_thickness`
-    voxels thick and of at least `min_voxels` voxels is *flat* when it passes all three tests:
+    unlabelled pores between the particles and the air spoil a slab, not its outer part. A
+    candidate at least `min_thickness` voxels thick and of at least `min_voxels` voxels is
+    *flat* when it passes all three tests:
 
     1. no structure: its sample standard deviation ``sigma`` (ddof=1) is at most `max_ratio`
        times ``haar_sigma = sqrt(mean(d**2) / 2)``, ``d`` the differences between neighbouring
@@ -1001,9 +1002,10 @@ def find_empty_space(grey, labels, *, margin=3, min_thickness: int = 4, min_voxe
        ``0.2 + 3 / sqrt(2 (n_min - 1))`` (relative) of the slab's.
 
     Per face, the thickest flat candidate is kept; of those, the one of smallest ``sigma`` is
-    chosen (any structure only adds variance), ties by more voxels. Stages: one reduction of the labels per axis (any labelled voxel per
-    plane), then per candidate and per chunk the moments of each sub-box and the sums of the
-    squared neighbour differences, all in one compute; nothing larger than a chunk is held.
+    chosen (any structure only adds variance), ties by more voxels. Stages: one reduction of
+    the labels per axis (any labelled voxel per plane), then per candidate and per chunk the
+    moments of each sub-box and the sums of the squared neighbour differences, all in one
+    compute; nothing larger than a chunk is held.
 
     Parameters
     ----------

@@ -935,13 +935,14 @@ class Tracking:
             One row per state, in order: ``state``, ``peak`` (median of the box's grey levels,
             interpolated in its histogram bin), ``spread`` (interquartile range / 1.349),
             ``mean``, ``sigma`` (ddof 1), ``n_voxels``, ``labelled`` (labelled voxels in the box
-            in that state, should be 0; -1 without its label volume), ``shift`` (peak minus the reference's), ``shift_se``
+            in that state, should be 0; -1 without its label volume), ``shift`` (peak minus the
+            reference's), ``shift_se``
             (``sqrt(se_a**2 + se_b**2)``, ``se = 1.2533 spread / sqrt(n)``), ``delta_mean``
             (mean per-particle change of the kept particles against the reference, uncorrected),
             ``ratio`` (``|shift| / |delta_mean|``), ``flag`` (``|shift| > n_se * shift_se`` and
             ``|shift| > tolerance * |delta_mean|``), ``corrected`` (the shift was subtracted from
-            ``roi_mean``). Grey levels. No rows' values (NaN) without an empty region; its
-            reason is ``params["background"]["note"]``.
+            ``roi_mean``). Grey levels. Without an empty region the values are NaN and
+            ``params["background"]["note"]`` says why.
         """
         for name, v in (("tolerance", tolerance), ("n_se", n_se)):
             if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) \
