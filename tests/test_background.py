@@ -117,6 +117,28 @@ def test_air_slab_found_and_measured_as_numpy(data, seed, integer):
     json.dumps(r.as_dict())  # JSON friendly
 
 
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), seed=st.integers(0, 10_000), thick=st.integers(4, 12), noise=st.floats(0.5, 50.0),
+       texture=st.floats(1.0, 3.0))
+def test_flat_field_rule_white_noise_kept_texture_rejected(data, seed, thick, noise, texture):
+    """White noise in a label-free slab passes the flat-field test; a smooth texture of at least
+    the noise's standard deviation fails it, whatever the levels and the chunking."""
+    rng = np.random.default_rng(seed)
+    shape = (10 + 5 + thick, 20, 24)
+    lab = np.zeros(shape, np.uint8)
+    lab[10:15] = 1
+    grey = rng.normal(100.0, noise, shape)
+    tex = ndi.gaussian_filter(rng.normal(0.0, 1.0, (10,) + shape[1:]), 2.0)
+    grey[:10] += texture * noise * tex / tex.std()
+    chunks = tuple(_chunks(data.draw, n) for n in shape)
+    box, cands = find_empty_space(da.from_array(grey, chunks=chunks), lab, margin=0)
+    top = next(c for c in cands if c["face"] == "z+")
+    low = next(c for c in cands if c["face"] == "z-")
+    assert top["box"] == ((15, shape[0]), (0, 20), (0, 24)) and top["flat"], top
+    assert low["box"] == ((0, 10), (0, 20), (0, 24)) and not low["flat"] and "structure" in low["why"]
+    assert box == top["box"]
+
+
 def test_textured_slab_not_chosen():
     grey, lab = scene(3)
     box, cands = find_empty_space(da.from_array(grey, chunks=(9, 13, 7)), lab)
