@@ -57,10 +57,14 @@ def numpy_box(lab, margin=3):
     return ((int(start), lab.shape[0]), (0, lab.shape[1]), (0, lab.shape[2]))
 
 
-def numpy_haar(v):
+def numpy_haar(v, lag=2):
     s2, cnt = 0.0, 0
     for ax in range(v.ndim):
-        d = np.diff(v.astype(np.float64), axis=ax)
+        n = v.shape[ax]
+        if n <= lag:
+            continue
+        v64 = v.astype(np.float64)
+        d = np.take(v64, np.arange(lag, n), axis=ax) - np.take(v64, np.arange(n - lag), axis=ax)
         s2 += float((d * d).sum())
         cnt += d.size
     return math.sqrt(s2 / (2 * cnt))
@@ -182,6 +186,35 @@ def test_outer_part_of_a_slab_when_pores_lie_between_particles_and_air():
     v = grey[29:].astype(np.float64)
     assert r.source == "empty_space" and r.region == ((29, 34), (0, 26), (0, 22))
     assert r.sigma == pytest.approx(v.std(ddof=1), rel=1e-10) and r.n_voxels == v.size
+
+
+def test_noise_correlated_over_a_voxel_is_flat_at_lag_2():
+    """Reconstructed noise is correlated over about a voxel: such air passes at lag 2 (the
+    default) and fails at lag 1, where sigma / haar_sigma = 1 / sqrt(1 - rho(1))."""
+    grey, lab = scene(9)
+    rng = np.random.default_rng(9)
+    air = ndi.gaussian_filter(rng.normal(0.0, 1.0, (13,) + SHAPE[1:]), 0.7)[:, :, :]
+    grey[TOP + 1:] = 20.0 + 4.0 * air / air.std()
+    box, cands = find_empty_space(grey, lab)
+    assert box == numpy_box(lab)
+    top = next(c for c in cands if c["face"] == "z+")
+    v = grey[tuple(slice(a, b) for a, b in box)]
+    assert top["ratio"] == pytest.approx(v.std(ddof=1) / numpy_haar(v, 2), rel=1e-10) and top["ratio"] < 1.15
+    box1, cands1 = find_empty_space(grey, lab, lag=1)
+    top1 = next(c for c in cands1 if c["face"] == "z+")
+    assert box1 is None and top1["ratio"] == pytest.approx(v.std(ddof=1) / numpy_haar(v, 1), rel=1e-10)
+    assert top1["ratio"] > 1.3
+
+
+def test_two_dimensional_phantom_air_found():
+    from grapes_dask.synthetic import phantom_numpy
+
+    g, lab, truth = phantom_numpy((120, 100), seed=1, air_thickness=20, pore_texture=15.0, noise_sigma=6.0)
+    assert truth.attrs["air_box"] == [[100, 120], [0, 100]] and not lab[100:].any()
+    r = estimate_noise(da.from_array(g, chunks=(33, 41)), da.from_array(lab, chunks=50))
+    assert r.source == "empty_space" and r.region[1] == (0, 100) and r.region[0][0] >= 100
+    v = g[tuple(slice(a, b) for a, b in r.region)].astype(np.float64)
+    assert r.sigma == pytest.approx(v.std(ddof=1), rel=1e-10) and r.sigma == pytest.approx(6.0, rel=0.05)
 
 
 def test_uneven_slab_rejected():
