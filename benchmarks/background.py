@@ -37,6 +37,28 @@ from pathlib import Path
 import numpy as np
 
 
+def ratio_masked(v, mask, lag: int) -> float:
+    """sigma / haar_sigma (numpy) of the voxels of `mask` (all if None) at least 3 voxels from a
+    labelled voxel, with pairs `lag` apart inside the mask along each axis."""
+    from scipy import ndimage as ndi
+
+    v = v.astype(np.float64)
+    if mask is None:
+        mask = np.ones(v.shape, bool)
+    else:
+        mask = mask & (ndi.distance_transform_edt(mask) >= 3)
+    s2, cnt = 0.0, 0
+    for ax in range(v.ndim):
+        hi = [slice(None)] * v.ndim
+        lo = [slice(None)] * v.ndim
+        hi[ax], lo[ax] = slice(lag, None), slice(None, -lag)
+        m = mask[tuple(hi)] & mask[tuple(lo)]
+        d = (v[tuple(hi)] - v[tuple(lo)])[m]
+        s2 += float(d @ d)
+        cnt += d.size
+    return float(v[mask].std(ddof=1) / np.sqrt(s2 / (2 * cnt)))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=256)
@@ -78,6 +100,9 @@ def main(argv=None):
         res["true_sigma_rounded"] = float(np.sqrt(a.noise ** 2 + 1 / 12))
         res["numpy_air_std"] = float(air.std(ddof=1))
         res["numpy_pore_std"] = float(pores.std(ddof=1))
+        below = a.size - a.air
+        res["pore_ratio"] = {lag: ratio_masked(gn[:below], ln[:below] == 0, lag) for lag in (1, 2, 3)}
+        res["air_ratio"] = {lag: ratio_masked(gn[a.size - a.air:], None, lag) for lag in (1, 2, 3)}
         del gn, ln, air, pores
         t0 = time.perf_counter()
         old = estimate_noise(g, lab, mode="background")
