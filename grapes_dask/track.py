@@ -1469,6 +1469,13 @@ def _warn_drift(tr: Tracking) -> None:
     bg = tr.background()
     flagged = bg[bg["flag"]]
     tr.params["background"]["flagged"] = [str(s) for s in flagged["state"]]
+    intruded = bg[bg["labelled"] > 0]
+    if len(intruded):
+        warnings.warn(GrapesBackgroundWarning(
+            f"the empty region {tr.params['background']['box']} of the reference holds labelled voxels in "
+            + ", ".join(f"{r.state} ({r.labelled})" for r in intruded.itertuples())
+            + ": particles moved into it, and its peak there mixes them in; give a box that stays empty "
+              "(noise_region / --noise-region)"), stacklevel=3)
     if len(flagged):
         what = ", ".join(f"{r.state}: {r.shift:+.3g} grey levels against a mean change of {r.delta_mean:+.3g}"
                          for r in flagged.itertuples())

@@ -410,3 +410,21 @@ def test_operando_background_csv_and_correction(tmp_path, monkeypatch):
     assert {"roi_mean_uncorrected", "delta_uncorrected", "background_shift"} <= set(p.columns)
     b = p[p["state"].astype(str) == "b"]
     assert np.allclose(b["background_shift"], bg["shift"].iloc[1])
+
+
+def test_particle_moving_into_the_empty_region_is_reported():
+    from grapes_dask.track import track
+
+    grey, lab = scene(10)
+    lab2, grey2 = lab.copy(), grey.copy()
+    lab2[28:31, 10:14, 10:14] = 999  # a particle in the air of the second state only
+    grey2[lab2 == 999] = 150.0
+    with pytest.warns(GrapesBackgroundWarning, match=r"holds labelled voxels in b \(48\)"):
+        tr = track({"a": (grey, lab), "b": (grey2, lab2)}, exclude_outer_layers=1, drop_smallest=0.0,
+                   noise_sigma=4.0, neighbour_gap=None)
+    bg = tr.background()
+    box = tuple(tuple(r) for r in tr.params["background"]["box"])
+    assert box == numpy_box(lab) and tr.params["background"]["source"] == "empty_space"
+    assert list(bg["labelled"]) == [0, int((lab2[tuple(slice(a, b) for a, b in box)] != 0).sum())] == [0, 48]
+    with pytest.raises(GrapesInputError, match="tolerance"):
+        tr.background(tolerance=-1.0)
