@@ -763,7 +763,8 @@ def operando(state_specs, reference, segment_states, register_method, denoise_me
         check_scheduler(scheduler)
     partials = Path(partials_dir) if partials_dir else Path(str(out_dir).rstrip("/\\") + ".partials")
     t0 = time.perf_counter()
-    with _cluster(scheduler, workers, memory_limit, quiet, hpc) as client, _profiled(profile, overwrite), _notes():
+    with _cluster(scheduler, workers, memory_limit, quiet, hpc) as client, _profiled(profile, overwrite), _notes(), \
+            _background_warnings():
         if segment_states:
             from .preprocess import prepare_series
 
@@ -792,15 +793,37 @@ def operando(state_specs, reference, segment_states, register_method, denoise_me
         click.echo(f"performance report: {Path(profile)}", err=True)
 
 
+@contextlib.contextmanager
+def _background_warnings():
+    """GrapesBackgroundWarning (sigma_bg from the background between particles, a beam drift)
+    as ``warning: ...`` lines on standard error, each text once, while the block runs."""
+    import warnings
+
+    from .stats import GrapesBackgroundWarning
+
+    seen = set()
+    with warnings.catch_warnings():  # restores showwarning and the filters on exit
+        old = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if not issubclass(category, GrapesBackgroundWarning):
+                return old(message, category, filename, lineno, file, line)
+            if str(message) not in seen:
+                seen.add(str(message))
+                click.echo(f"warning: {message}", err=True)
+
+        warnings.simplefilter("always", GrapesBackgroundWarning)
+        warnings.showwarning = show
+        yield
+
+
 def _echo_background(tr) -> None:
-    """Which noise source each state used (and why, on a fallback), and the beam check, on
-    standard error (standard output keeps the two closing lines)."""
+    """Which noise source each state used, and the beam check, on standard error (standard
+    output keeps the two closing lines; the warnings come from :func:`_background_warnings`)."""
     for name, rec in tr.params.get("noise", {}).items():
         box = rec.get("region")
         where = "" if box is None else " in " + ",".join(f"{a}:{b}" for a, b in box)
         click.echo(f"noise sigma_bg of {name}: {rec['sigma']:.4g} grey levels ({rec['source']}{where})", err=True)
-        if rec.get("warning"):
-            click.echo(f"warning: {name}: {rec['warning']}", err=True)
     bg = tr.params.get("background") or {}
     if bg.get("box") is None:
         click.echo(f"beam stability not checked: {bg.get('note') or 'no empty region'}", err=True)
@@ -809,9 +832,6 @@ def _echo_background(tr) -> None:
     click.echo(f"beam stability (background.csv): empty region {bg['box']}, "
                + (f"drift flagged in {', '.join(flagged)}" if flagged else "no drift flagged")
                + (" (corrected)" if bg.get("correct_drift") else ""), err=True)
-    if flagged and not bg.get("correct_drift"):
-        click.echo(f"warning: the empty region's grey-level peak drifts in {', '.join(flagged)} by an amount large "
-                   "against the changes measured: see background.csv; --correct-drift subtracts it", err=True)
 
 
 @cli.command()
