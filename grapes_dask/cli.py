@@ -684,7 +684,11 @@ def _parse_gap(text):
 @click.option("--noise-sigma", type=float, default=None,
               help="Image noise sigma_bg, grey levels (default: estimated from the background of each state).")
 @click.option("--noise-region", default=None, metavar="Z0:Z1,Y0:Y1,X0:X1",
-              help="Box of empty space to estimate the noise in (default: background far from particles).")
+              help="Box of empty space to estimate the noise in (default: empty space found at a face of each "
+                   "state's volume, else the background far from particles, with a warning).")
+@click.option("--correct-drift", is_flag=True,
+              help="Subtract from each state's ROI means the shift of its empty region's grey-level peak against "
+                   "the reference's (a beam drift); the uncorrected values are kept beside them.")
 @click.option("--drop-smallest", type=float, default=0.25, show_default=True,
               help="Exclude this fraction of the particles, smallest by reference volume.")
 @click.option("--neighbour-gap", default="1", show_default=True, metavar="N|none",
@@ -712,15 +716,16 @@ def _parse_gap(text):
 @click.option("--keep-partials", is_flag=True, help="Keep the partial results after the output is written.")
 @click.option("--quiet", is_flag=True, help="No progress, no dashboard link.")
 def operando(state_specs, reference, segment_states, register_method, denoise_method, prep_dir, out_dir,
-             exclude_outer_layers, noise_sigma, noise_region, drop_smallest, neighbour_gap, spacing, layer_width,
-             start_at, chunks, scheduler, workers, memory_limit, overwrite, partials_dir, keep_partials, quiet, hpc,
-             profile):
+             exclude_outer_layers, noise_sigma, noise_region, correct_drift, drop_smallest, neighbour_gap, spacing,
+             layer_width, start_at, chunks, scheduler, workers, memory_limit, overwrite, partials_dir, keep_partials,
+             quiet, hpc, profile):
     """Track the same particles through states of charge: cleaning, statistics, figures, report.
 
     Writes to DIR: particles.parquet (one row per particle and state, with the cleaning
     reason), state tables (tables/NAME.parquet), summary.csv, z_tests.csv (each state against
     the reference and against the previous state), cleaning.csv (counts by reason),
-    by_quantile.csv (changes by x-position quartile), the figures (png) and a self-contained
+    by_quantile.csv (changes by x-position quartile), background.csv (the empty region's
+    grey-level peak per state: beam stability), the figures (png) and a self-contained
     report.html; prints the statistics (per state mean and change +- 3 SE_tot, z-tests,
     cleaning counts, noise). A run whose cleaning keeps fewer than 2 particles stops with an
     error naming the rule that removed them and the option to change, and writes nothing.
@@ -768,7 +773,7 @@ def operando(state_specs, reference, segment_states, register_method, denoise_me
     _check_profile(profile, overwrite, out_dir)
     kw = dict(reference=reference, spacing=spacing, exclude_outer_layers=exclude_outer_layers,
               noise_sigma=noise_sigma, noise_region=region, drop_smallest=drop_smallest,
-              neighbour_gap=neighbour_gap)
+              neighbour_gap=neighbour_gap, correct_drift=correct_drift)
     analysis = dict(start_at="center" if start_at == "centre" else start_at)
     if layer_width is not None:
         analysis["layer_width"] = layer_width
@@ -784,7 +789,8 @@ def operando(state_specs, reference, segment_states, register_method, denoise_me
         check_scheduler(scheduler)
     partials = Path(partials_dir) if partials_dir else Path(str(out_dir).rstrip("/\\") + ".partials")
     t0 = time.perf_counter()
-    with _cluster(scheduler, workers, memory_limit, quiet, hpc) as client, _profiled(profile, overwrite), _notes():
+    with _cluster(scheduler, workers, memory_limit, quiet, hpc) as client, _profiled(profile, overwrite), _notes(), \
+            _background_warnings():
         if segment_states:
             from .preprocess import prepare_series
 
@@ -813,6 +819,7 @@ def operando(state_specs, reference, segment_states, register_method, denoise_me
         _remove_partials_tree(partials)
     for line in statistics_lines(tr):
         click.echo(line)
+    _echo_background(tr)
     counts = tr.counts()
     kept = int(counts.loc[counts["reason"] == "kept", "n"].sum())
     click.echo(f"tracked {tr.particles['label'].nunique()} particles through {len(tr.states)} states "
@@ -820,6 +827,47 @@ def operando(state_specs, reference, segment_states, register_method, denoise_me
     click.echo(f"report: {Path(out_dir) / 'report.html'}")
     if profile and not quiet:
         click.echo(f"performance report: {Path(profile)}", err=True)
+
+
+@contextlib.contextmanager
+def _background_warnings():
+    """GrapesBackgroundWarning (sigma_bg from the background between particles, a beam drift)
+    as ``warning: ...`` lines on standard error, each text once, while the block runs."""
+    import warnings
+
+    from .stats import GrapesBackgroundWarning
+
+    seen = set()
+    with warnings.catch_warnings():  # restores showwarning and the filters on exit
+        old = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if not issubclass(category, GrapesBackgroundWarning):
+                return old(message, category, filename, lineno, file, line)
+            if str(message) not in seen:
+                seen.add(str(message))
+                click.echo(f"warning: {message}", err=True)
+
+        warnings.simplefilter("always", GrapesBackgroundWarning)
+        warnings.showwarning = show
+        yield
+
+
+def _echo_background(tr) -> None:
+    """Which noise source each state used, and the beam check, on standard error (standard
+    output keeps the two closing lines; the warnings come from :func:`_background_warnings`)."""
+    for name, rec in tr.params.get("noise", {}).items():
+        box = rec.get("region")
+        where = "" if box is None else " in " + ",".join(f"{a}:{b}" for a, b in box)
+        click.echo(f"noise sigma_bg of {name}: {rec['sigma']:.4g} grey levels ({rec['source']}{where})", err=True)
+    bg = tr.params.get("background") or {}
+    if bg.get("box") is None:
+        click.echo(f"beam stability not checked: {bg.get('note') or 'no empty region'}", err=True)
+        return
+    flagged = bg.get("flagged") or []
+    click.echo(f"beam stability (background.csv): empty region {bg['box']}, "
+               + (f"drift flagged in {', '.join(flagged)}" if flagged else "no drift flagged")
+               + (" (corrected)" if bg.get("correct_drift") else ""), err=True)
 
 
 @cli.command()

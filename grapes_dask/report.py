@@ -649,6 +649,7 @@ def tracking_report(tracking, out_dir, overwrite: bool = False, *, n_maps: int =
 
     sections = [sec_summary, sec_z, sec_clean, sec_q, sec_f, sec_prof, sec_maps,
                 Section("Parameters", (dict(tracking.params),))]
+    sections[-1:-1] = _background_sections(tracking)
     if figs.notes:
         sections.append(Section("Notes", tuple(figs.notes)))
     return _write_outputs(dests, figs.figures, summary, title=title or f"Operando tracking: {', '.join(states)}",
@@ -833,6 +834,36 @@ def tables_report(tables, out_dir, overwrite: bool = False, *, labels=None, colu
                           overwrite=overwrite, dpi=dpi, notes=figs.notes)
 
 
+def _background_sections(tracking) -> list:
+    """The section on sigma_bg's source and the beam stability (empty list for a Tracking-like
+    object without :meth:`~grapes_dask.track.Tracking.background`)."""
+    if not hasattr(tracking, "background"):
+        return []
+    import pandas as pd
+
+    params = dict(getattr(tracking, "params", {}) or {})
+    noise = pd.DataFrame([{"state": s, "sigma": r.get("sigma"), "source": r.get("source"),
+                           "box": r.get("region"), "warning": r.get("warning") or ""}
+                          for s, r in (params.get("noise") or {}).items()])
+    bg = params.get("background") or {}
+    items = ["Image noise sigma_bg per state (eq. 1) and where it was measured: empty_space (a label-free slab "
+             "at a face of the volume that passed the flat-field test), region (a box given), background (the "
+             "voxels between particles, whose texture inflates it: a fallback) or given.", noise]
+    if bg.get("box") is None:
+        items.append(f"Beam stability not checked: {bg.get('note') or 'no empty region'}.")
+    else:
+        table = tracking.background()
+        flagged = [str(s) for s in table.loc[table["flag"], "state"]]
+        items += [f"Beam stability (paper 3.3): the grey-level peak (median) and spread (IQR / 1.349) of the empty "
+                  f"region {bg['box']} ({bg.get('source')}) in every state, its shift against {tracking.reference}, "
+                  "and the ratio of the shift to the mean change of the kept particles. A state is flagged when "
+                  "its shift exceeds 3 standard errors and 10% of the mean change. "
+                  + (f"Flagged: {', '.join(flagged)}. " if flagged else "No state flagged. ")
+                  + ("The shifts were subtracted from the ROI means (correct_drift)." if bg.get("correct_drift")
+                     else "The ROI means are not corrected (correct_drift not set)."), table]
+    return [Section("Noise and beam stability", tuple(items))]
+
+
 def file_name(name: str) -> str:
     """A state name as a file name: letters, digits, ``.``, ``-`` and ``_`` kept, others ``_``."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("._") or "state"
@@ -844,7 +875,8 @@ def write_tracking(tracking, folder, *, title: str | None = None) -> ReportFiles
     Written: ``particles.parquet`` (the long table), ``tables/NAME.parquet`` (each state's
     particle table, NAME from :func:`file_name`), ``z_tests.csv``, ``cleaning.csv`` (counts by
     reason), ``by_quantile.csv`` (changes by x-position quartile, with at least 4 kept
-    particles), and the files of :func:`tracking_report` (``summary.csv``, ``figures/``,
+    particles), ``background.csv`` (:meth:`~grapes_dask.track.Tracking.background`), and the
+    files of :func:`tracking_report` (``summary.csv``, ``figures/``,
     ``report.html``). The CLI and the demo call it on a temporary folder renamed when complete.
 
     Parameters
@@ -868,6 +900,8 @@ def write_tracking(tracking, folder, *, title: str | None = None) -> ReportFiles
         write_table(table, folder / "tables" / f"{file_name(name)}.parquet")
     tracking.z_tests().to_csv(folder / "z_tests.csv", index=False)
     tracking.counts().to_csv(folder / "cleaning.csv", index=False)
+    if hasattr(tracking, "background"):
+        tracking.background().to_csv(folder / "background.csv", index=False)
     parts = tracking.particles
     column = "centroid-2" if "centroid-2" in parts.columns else "centroid-1"
     kept = int((~parts.loc[parts["state"] == tracking.reference, "excluded"]).sum())

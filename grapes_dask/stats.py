@@ -50,7 +50,9 @@ __all__ = [
     "QuantileGroups",
     "quantile_groups",
     "NoiseEstimate",
+    "GrapesBackgroundWarning",
     "estimate_noise",
+    "find_empty_space",
 ]
 
 
@@ -686,6 +688,16 @@ def quantile_groups(table, column: str, q: int = 4, *, profiles=GROUP_PROFILES, 
 # --------------------------------------------------------------------------------------------
 
 
+class GrapesBackgroundWarning(UserWarning):
+    """``sigma_bg`` or the beam stability check fell back on a weaker estimate, or found a drift.
+
+    Issued when no empty space was found (``sigma_bg`` then comes from the background voxels
+    between the particles, whose texture inflates it), and by :func:`grapes_dask.track.track`
+    when the background peak of a state drifts by an amount that is large against the changes
+    being measured. Not an error: the result is computed and records the warning.
+    """
+
+
 @dataclass(frozen=True)
 class NoiseEstimate:
     """Standard deviation of the image noise, ``sigma_bg`` of the paper (:func:`estimate_noise`).
@@ -699,12 +711,29 @@ class NoiseEstimate:
     n_voxels : int
         Voxels used (finite grey levels).
     source : str
-        ``"region"`` (a box given by the user) or ``"background"`` (label-0 voxels at least
-        `margin` voxels from every particle).
+        ``"empty_space"`` (a label-free slab at a face of the volume that passed the flat-field
+        test, :func:`find_empty_space`), ``"region"`` (a box given by the user) or
+        ``"background"`` (label-0 voxels at least `margin` voxels from every particle).
     region : tuple of (int, int) or None
-        The box, ``(start, stop)`` voxel indices per axis (z, y, x), for ``source="region"``.
+        The box, ``(start, stop)`` voxel indices per axis (z, y, x), for ``source="region"``
+        and ``source="empty_space"``.
     margin : float or None
-        The distance to the particles, voxels, for ``source="background"``.
+        The distance to the particles, voxels, for ``source="background"`` and
+        ``source="empty_space"``.
+    peak : float or None
+        Centre of the box's grey-level histogram peak, grey levels: the median, interpolated
+        within its histogram bin (for a symmetric noise peak, also its mode). None for
+        ``source="background"``.
+    spread : float or None
+        Robust spread of the peak, grey levels: interquartile range / 1.349 (the standard
+        deviation of a Gaussian peak). None for ``source="background"``.
+    warning : str or None
+        Why the estimate is weaker than asked (e.g. no empty space found, fallback on the
+        background between particles); None otherwise.
+    candidates : tuple of dict
+        The empty-space candidates examined (one per face with a label-free slab): ``face``,
+        ``box``, ``n_voxels``, ``sigma``, ``haar_sigma``, ``ratio``, ``tile_mean_dev``,
+        ``tile_sigma_dev``, ``flat`` (passed the test) and ``why`` (the test that failed).
     """
 
     sigma: float
@@ -713,12 +742,42 @@ class NoiseEstimate:
     source: str
     region: tuple | None
     margin: float | None
+    peak: float | None = None
+    spread: float | None = None
+    warning: str | None = None
+    candidates: tuple = ()
+
+    @property
+    def peak_se(self) -> float | None:
+        """Standard error of `peak` for independent Gaussian noise, ``1.2533 * spread / sqrt(n)``
+        (grey levels); None without a peak. Correlated noise makes the true error larger."""
+        if self.peak is None or self.spread is None or not self.n_voxels:
+            return None
+        return float(math.sqrt(math.pi / 2.0) * self.spread / math.sqrt(self.n_voxels))
 
     def as_dict(self, prefix: str = "noise_") -> dict:
         """The fields as a JSON-friendly dict (for a table's metadata), names prefixed."""
         region = None if self.region is None else [list(r) for r in self.region]
         return {prefix + "sigma": self.sigma, prefix + "mean": self.mean, prefix + "n_voxels": self.n_voxels,
-                prefix + "source": self.source, prefix + "region": region, prefix + "margin": self.margin}
+                prefix + "source": self.source, prefix + "region": region, prefix + "margin": self.margin,
+                prefix + "peak": self.peak, prefix + "spread": self.spread, prefix + "warning": self.warning,
+                prefix + "candidates": [_jsonable_candidate(c) for c in self.candidates]}
+
+
+def _jsonable_candidate(c: dict) -> dict:
+    out = {}
+    for k, v in c.items():
+        if k == "box":
+            out[k] = [list(map(int, r)) for r in v]
+        elif isinstance(v, (bool, np.bool_)):
+            out[k] = bool(v)
+        elif isinstance(v, (int, np.integer)):
+            out[k] = int(v)
+        elif isinstance(v, (float, np.floating)):
+            out[k] = float(v)
+        else:
+            out[k] = v
+    return out
 
 
 def _parse_region(region, shape: tuple) -> tuple:
@@ -815,28 +874,375 @@ def _spread_blocks(chunks: tuple, max_voxels: int) -> tuple:
     return tuple(pick(len(s), m) for s, m in zip(sizes, count))
 
 
-def estimate_noise(grey, labels=None, *, region=None, margin=3, max_voxels: int | None = None,
-                   client=None) -> NoiseEstimate:
+# -- empty space: label-free slabs at the faces, tested for a flat field ------------------------
+
+_FACE_NAMES = ("z", "y", "x")
+
+
+def _axis_names(nd: int) -> tuple:
+    return _FACE_NAMES[-nd:]
+
+
+def _label_extent(lab, client=None) -> list:
+    """Per axis, ``(lo, hi)``: the smallest and largest index of a labelled voxel along it, or
+    None when the volume holds no label. One dask reduction per axis (any along the others)."""
+    from .table import _compute
+
+    nz = lab != 0
+    nd = lab.ndim
+    projs = [nz.any(axis=tuple(b for b in range(nd) if b != a)) for a in range(nd)]
+    out = []
+    for p in _compute(*projs, client=client):
+        idx = np.flatnonzero(np.asarray(p))
+        if idx.size == 0:
+            return None
+        out.append((int(idx[0]), int(idx[-1])))
+    return out
+
+
+def _face_slabs(shape: tuple, extent, margin: float, min_thickness: int = 1, outer: int = 3) -> list:
+    """Label-free slabs at the faces, at least `margin` voxels from the labelled planes:
+    ``(face, box)`` with face ``"z-"`` (low side of axis z), ``"z+"`` (high side), ...;
+    ``("all", whole volume)`` when no voxel is labelled. Each slab is followed by up to
+    `outer` outer parts of it, halving its thickness each time (the part against the volume's
+    face, at least `min_thickness` thick): unlabelled pores or a separator between the
+    particles and the air spoil the whole slab but not its outer part."""
+    nd = len(shape)
+    full = [(0, int(n)) for n in shape]
+    if extent is None:
+        return [("all", tuple(full))]
+    low_shrink = max(int(math.ceil(margin)) - 1, 0)  # index lo - margin is at distance margin from plane lo
+    high_gap = max(int(math.ceil(margin)), 1)
+    out = []
+    for a, name in enumerate(_axis_names(nd)):
+        lo, hi = extent[a]
+        n = int(shape[a])
+        for side, t in (("-", lo - low_shrink), ("+", n - (hi + high_gap))):
+            k = 0
+            while t > 0 and k <= outer and (k == 0 or t >= min_thickness):
+                box = list(full)
+                box[a] = (0, t) if side == "-" else (n - t, n)
+                out.append((name + side, tuple(box)))
+                t, k = t // 2, k + 1
+    return out
+
+
+def _tile_boxes(box: tuple, tiles: int) -> list:
+    """The box cut into ``min(tiles, extent)`` nearly equal parts per axis (a grid of sub-boxes)."""
+    import itertools
+
+    cuts = []
+    for a, b in box:
+        k = max(1, min(int(tiles), b - a))
+        edges = np.linspace(a, b, k + 1).round().astype(np.int64)
+        cuts.append([(int(x), int(y)) for x, y in zip(edges[:-1], edges[1:]) if y > x])
+    return [tuple(t) for t in itertools.product(*cuts)]
+
+
+def _moments_graph(g, box: tuple):
+    """Lazy per-chunk (count, mean, M2) of the box of `g`."""
+    import dask.array as da
+
+    sub = g[tuple(slice(a, b) for a, b in box)]
+    nd = sub.ndim
+    out_chunks = tuple((1,) * len(c) for c in sub.chunks) + ((3,),)
+    return da.map_blocks(_block_moments, sub, new_axis=nd, chunks=out_chunks, dtype=np.float64)
+
+
+def _haar_graph(g, box: tuple, lag: int = 2) -> list:
+    """Lazy ``(sum of d**2, number of d)`` of the differences between voxels `lag` apart in the
+    box along each axis of extent > `lag` (pairs of finite grey levels; exact whatever the
+    chunking: the shifted views are aligned by dask)."""
+    import dask.array as da
+
+    out = []
+    for ax, (a, b) in enumerate(box):
+        if b - a <= lag:
+            continue
+        lo = [slice(s, e) for s, e in box]
+        hi = list(lo)
+        lo[ax], hi[ax] = slice(a, b - lag), slice(a + lag, b)
+        d = g[tuple(hi)].astype(np.float64) - g[tuple(lo)].astype(np.float64)
+        fin = da.isfinite(d)
+        out.append((da.where(fin, d * d, 0.0).sum(), fin.sum()))
+    return out
+
+
+def _test_flat(n_t, mean_t, m2_t, haar, max_ratio: float) -> dict:
+    """The flat-field test of one candidate from its tiles' moments and its Haar sums."""
+    m = np.column_stack([n_t, mean_t, m2_t])
+    n, mean, m2 = _combine_moments(m)
+    res = {"n_voxels": int(n), "mean": mean, "sigma": math.nan, "haar_sigma": math.nan, "ratio": math.nan,
+           "tile_mean_dev": math.nan, "tile_sigma_dev": math.nan, "flat": False, "why": ""}
+    if n < 2:
+        res["why"] = "fewer than 2 finite grey levels"
+        return res
+    sigma = math.sqrt(m2 / (n - 1))
+    s2 = sum(float(x) for x, _ in haar)
+    cnt = sum(float(c) for _, c in haar)
+    hs = math.sqrt(s2 / (2.0 * cnt)) if cnt > 0 else math.nan
+    res.update(sigma=sigma, haar_sigma=hs, m2=m2)
+    if not np.isfinite(hs):
+        res["why"] = "no pair of voxels lag apart"
+        return res
+    ratio = (1.0 if sigma == 0 else math.inf) if hs == 0 else sigma / hs
+    ok_t = n_t >= 2
+    nt = n_t[ok_t]
+    tm = mean_t[ok_t]
+    ts = np.sqrt(m2_t[ok_t] / np.maximum(nt - 1, 1))
+    scale = hs if hs > 0 else 1.0
+    mean_dev = float(np.max(np.abs(tm - mean)) / scale) if nt.size else 0.0
+    mean_tol = 0.5 + 4.0 / math.sqrt(max(float(nt.min()), 1.0)) if nt.size else math.inf
+    sig_dev = float(np.max(np.abs(ts / sigma - 1.0))) if nt.size and sigma > 0 else 0.0
+    sig_tol = 0.2 + 3.0 / math.sqrt(2.0 * max(float(nt.min()) - 1.0, 1.0)) if nt.size else math.inf
+    res.update(ratio=ratio, tile_mean_dev=mean_dev, tile_sigma_dev=sig_dev)
+    why = []
+    if ratio > max_ratio:
+        why.append(f"structure: sigma / haar_sigma = {ratio:.3g} > {max_ratio:g}")
+    if mean_dev > mean_tol:
+        why.append(f"uneven mean: a sub-box's mean is {mean_dev:.3g} haar_sigma from the slab's (> {mean_tol:.3g})")
+    if sig_dev > sig_tol:
+        why.append(f"uneven noise: a sub-box's sigma differs by {sig_dev:.0%} from the slab's (> {sig_tol:.0%})")
+    res["flat"] = not why
+    res["why"] = "; ".join(why)
+    return res
+
+
+def _check_finder_options(margin, min_thickness, min_voxels, max_ratio, tiles, lag=2) -> None:
+    if isinstance(margin, bool) or not isinstance(margin, (int, float, np.integer, np.floating)) \
+            or not (np.isfinite(margin) and margin >= 0):
+        raise GrapesInputError(f"margin={margin!r}: give a distance from the particles in voxels (>= 0)")
+    for name, v, lo in (("min_thickness", min_thickness, 1), ("min_voxels", min_voxels, 2), ("tiles", tiles, 1),
+                        ("lag", lag, 1)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+            raise GrapesInputError(f"{name}={v!r}: give a whole number >= {lo}")
+    if isinstance(max_ratio, bool) or not isinstance(max_ratio, (int, float, np.integer, np.floating)) \
+            or not (np.isfinite(max_ratio) and max_ratio >= 1):
+        raise GrapesInputError(f"max_ratio={max_ratio!r}: give a ratio >= 1 (sigma over the difference estimate "
+                               "haar_sigma that a flat field may reach; default 1.2)")
+
+
+def _find_empty(g, lab, *, margin, min_thickness, min_voxels, max_ratio, tiles, client, lag=2):
+    """(chosen candidate dict or None, candidates list). `g`, `lab` dask arrays of one shape."""
+    from .table import _compute
+
+    extent = _label_extent(lab, client=client)
+    slabs = _face_slabs(g.shape, extent, float(margin), int(min_thickness))
+    cands, graphs = [], []
+    for face, box in slabs:
+        n_box = math.prod(b - a for a, b in box)
+        thick = min(b - a for a, b in box) if face == "all" else \
+            (box[_axis_names(g.ndim).index(face[0])][1] - box[_axis_names(g.ndim).index(face[0])][0])
+        c = {"face": face, "box": box, "n_voxels": int(n_box)}
+        if thick < min_thickness or n_box < min_voxels:
+            c.update(flat=False, why=f"too small: {thick} voxels thick (min_thickness={min_thickness}), "
+                                     f"{n_box} voxels (min_voxels={min_voxels})")
+            cands.append(c)
+            continue
+        tb = _tile_boxes(box, tiles)
+        graphs.append((c, len(tb), [_moments_graph(g, t) for t in tb], _haar_graph(g, box, int(lag))))
+        cands.append(c)
+    if graphs:
+        flat_objs = []
+        for _, _, mom, haar in graphs:
+            flat_objs += mom
+            for s2, cnt in haar:
+                flat_objs += [s2, cnt]
+        res = list(_compute(*flat_objs, client=client))
+        for c, nt, mom, haar in graphs:
+            ms = [np.asarray(res.pop(0), np.float64).reshape(-1, 3) for _ in mom]
+            per_tile = np.array([_combine_moments(m) for m in ms], np.float64).reshape(-1, 3)
+            per_tile = np.nan_to_num(per_tile, nan=0.0)
+            hs = [(res.pop(0), res.pop(0)) for _ in haar]
+            c.update(_test_flat(per_tile[:, 0], per_tile[:, 1], per_tile[:, 2], hs, float(max_ratio)))
+    flat = []
+    for c in cands:  # per face, the thickest flat slab (its outer parts follow it)
+        if c.get("flat") and all(f["face"] != c["face"] for f in flat):
+            flat.append(c)
+    if not flat:
+        return None, cands
+    best = min(flat, key=lambda c: (c["sigma"], -c["n_voxels"], c["face"]))
+    return best, cands
+
+
+def find_empty_space(grey, labels, *, margin=3, min_thickness: int = 4, min_voxels: int = 1000,
+                     max_ratio: float = 1.2, tiles: int = 3, lag: int = 2, client=None):
+    """Empty space (air above or around the sample) for ``sigma_bg``, out of core.
+
+    Candidates are the label-free slabs at the faces of the volume: along each axis, the voxels
+    below the first labelled plane and above the last one, less `margin` voxels next to the
+    labels (the rims and blur), each spanning the whole volume along the other axes (a volume
+    without any label is one candidate, the whole volume), and the outer half, quarter and
+    eighth of each slab (the part against the face, while at least `min_thickness` thick):
+    unlabelled pores between the particles and the air spoil a slab, not its outer part. A
+    candidate at least `min_thickness` voxels thick and of at least `min_voxels` voxels is
+    *flat* when it passes all three tests:
+
+    1. no structure: its sample standard deviation ``sigma`` (ddof=1) is at most `max_ratio`
+       times ``haar_sigma = sqrt(mean(d**2) / 2)``, ``d`` the differences between voxels `lag`
+       apart along every axis. For noise uncorrelated at `lag` voxels both estimate the noise
+       (``sigma / haar_sigma = 1 / sqrt(1 - rho(lag))``, ``rho`` the autocorrelation); a
+       texture correlated over more than `lag` voxels (pores, binder, a separator) inflates
+       ``sigma`` far more than ``haar_sigma``. A lag of 2 rather than 1 lets through the
+       noise of reconstructions, correlated over about a voxel (Gaussian-blurred white noise
+       of sigma 0.8 voxel: ratio 1.13 at lag 2, 1.76 at lag 1);
+    2. one mean: cut into ``tiles`` parts per axis, every sub-box's mean lies within
+       ``(0.5 + 4 / sqrt(n_min)) * haar_sigma`` of the slab's (``n_min``: the smallest sub-box);
+    3. one noise: every sub-box's standard deviation lies within
+       ``0.2 + 3 / sqrt(2 (n_min - 1))`` (relative) of the slab's.
+
+    Per face, the thickest flat candidate is kept; of those, the one of smallest ``sigma`` is
+    chosen (any structure only adds variance), ties by more voxels. Stages: one reduction of
+    the labels per axis (any labelled voxel per plane), then per candidate and per chunk the
+    moments of each sub-box and the sums of the squared neighbour differences, all in one
+    compute; nothing larger than a chunk is held.
+
+    Parameters
+    ----------
+    grey, labels : path, numpy.ndarray, dask.array.Array or Volume, shape (Z, Y, X) or (Y, X)
+        Grey-level and label volumes (label 0: background).
+    margin : float
+        Distance kept from the labelled planes, voxels.
+    min_thickness : int
+        Smallest slab thickness examined, voxels.
+    min_voxels : int
+        Smallest slab examined, voxels.
+    max_ratio : float
+        Largest ``sigma / haar_sigma`` of a flat field (>= 1). Noise correlated over more than
+        `lag` voxels by the reconstruction raises the ratio of real air above 1; raise it (or
+        `lag`) for such data.
+    tiles : int
+        Sub-boxes per axis of tests 2 and 3.
+    lag : int
+        Distance of the voxel pairs of ``haar_sigma``, voxels.
+    client : distributed.Client, optional
+
+    Returns
+    -------
+    box : tuple of (int, int) or None
+        The chosen slab, ``(start, stop)`` voxel indices per axis, or None when no candidate
+        is flat.
+    candidates : list of dict
+        Every candidate: ``face`` (``"z-"``: low side of z, ``"z+"``: high side, ...;
+        ``"all"``), ``box``, ``n_voxels``, and when examined ``mean``, ``sigma``,
+        ``haar_sigma`` (at `lag`), ``ratio``, ``tile_mean_dev`` (in haar_sigma), ``tile_sigma_dev``
+        (relative), ``flat`` and ``why`` (the failed tests).
+    """
+    from .io import open_volume
+
+    _check_finder_options(margin, min_thickness, min_voxels, max_ratio, tiles, lag)
+    g, lab = open_volume(grey), open_volume(labels)
+    if lab.shape != g.shape:
+        raise GrapesInputError(f"grey has shape {g.shape} and labels {lab.shape}: give the labels of this grey "
+                               "volume (same shape)")
+    best, cands = _find_empty(g, lab, margin=margin, min_thickness=int(min_thickness),
+                              min_voxels=int(min_voxels), max_ratio=float(max_ratio), tiles=int(tiles), client=client,
+                              lag=int(lag))
+    for c in cands:
+        c.pop("m2", None)
+    return (None if best is None else best["box"]), cands
+
+
+# -- the peak of a box's histogram ---------------------------------------------------------------
+
+
+def _block_hist(block: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Counts of a block's finite grey levels in the bins of `edges`, plus underflow (first)
+    and overflow (last), shaped ``(1,) * ndim + (len(edges) + 1,)``."""
+    v = np.asarray(block).ravel()
+    if v.dtype.kind == "f":
+        v = v[np.isfinite(v)]
+    v = v.astype(np.float64)
+    idx = np.searchsorted(edges, v, side="right")  # 0: below edges[0]; len(edges): at or above the last edge
+    counts = np.bincount(idx, minlength=len(edges) + 1).astype(np.int64)
+    return counts.reshape((1,) * np.ndim(block) + (len(edges) + 1,))
+
+
+def _hist_edges(mean: float, sigma: float, integer: bool) -> np.ndarray:
+    """Bins for the peak: +-8 sigma around the mean, 1/50 sigma wide (float grey) or whole grey
+    levels centred on integers (integer grey; wider when sigma is large, at most 4096 bins)."""
+    half = 8.0 * max(sigma, 1e-12)
+    if integer:
+        w = max(1, int(math.ceil(2 * half / 4096)))
+        lo = math.floor(mean - half) - 0.5
+        nb = int(math.ceil(2 * half / w)) + 2
+        return lo + w * np.arange(nb + 1, dtype=np.float64)
+    w = max(sigma, 1e-12) / 50.0
+    return (mean - half) + w * np.arange(int(round(2 * half / w)) + 1, dtype=np.float64)
+
+
+def _hist_quantile(edges: np.ndarray, counts: np.ndarray, q: float) -> float:
+    """Quantile `q` of a histogram (counts with under/overflow at both ends), linear within the
+    bin that holds it; NaN if it falls in the under/overflow."""
+    n = float(counts.sum())
+    if n == 0:
+        return math.nan
+    target = q * n
+    cum = np.cumsum(counts)
+    k = int(np.searchsorted(cum, target, side="left"))  # first cum >= target
+    if k == 0 or k == len(counts) - 1:
+        return math.nan
+    before = float(cum[k - 1])
+    inside = float(counts[k])
+    frac = (target - before) / inside if inside > 0 else 0.5
+    return float(edges[k - 1] + frac * (edges[k] - edges[k - 1]))
+
+
+def _peak_graph(g, box: tuple, mean: float, sigma: float):
+    import dask.array as da
+
+    sub = g[tuple(slice(a, b) for a, b in box)]
+    edges = _hist_edges(mean, sigma, np.issubdtype(sub.dtype, np.integer) or sub.dtype == bool)
+    out_chunks = tuple((1,) * len(c) for c in sub.chunks) + ((len(edges) + 1,),)
+    h = da.map_blocks(_block_hist, sub, edges, new_axis=sub.ndim, chunks=out_chunks, dtype=np.int64)
+    return edges, h.sum(axis=tuple(range(sub.ndim)))
+
+
+def _peak_from(edges, counts, mean, sigma) -> tuple:
+    if sigma == 0 or not np.isfinite(sigma):
+        return float(mean), 0.0 if sigma == 0 else math.nan
+    counts = np.asarray(counts, np.int64)
+    med = _hist_quantile(edges, counts, 0.5)
+    iqr = _hist_quantile(edges, counts, 0.75) - _hist_quantile(edges, counts, 0.25)
+    return med, float(iqr / 1.3489795003921634)
+
+
+def estimate_noise(grey, labels=None, *, region=None, margin=3, max_voxels: int | None = None, client=None,
+                   mode: str = "auto", min_thickness: int = 4, min_voxels: int = 1000,
+                   max_ratio: float = 1.2, lag: int = 2) -> NoiseEstimate:
     """Standard deviation of the image noise ``sigma_bg`` (paper eq. 1), out of core.
 
-    The sample standard deviation (ddof=1) of grey levels where the image should be flat:
+    The sample standard deviation (ddof=1) of grey levels where the image should be flat,
+    ``sigma_bg`` being "the standard deviation of the image background": empty space.
 
     - ``region`` given: every voxel of that box, e.g. empty space above the sample
       (``source="region"``; `labels` is not needed);
-    - else: the background voxels (label 0) at least `margin` voxels (Euclidean, in voxel
-      indices) from every particle voxel, away from the particles' rims and blur
-      (``source="background"``). The volume's outside counts as background.
+    - else, with ``mode="auto"`` (default) or ``"empty_space"``: the empty space found by
+      :func:`find_empty_space` (a label-free slab at a face of the volume that passes its
+      flat-field test; ``source="empty_space"``, `region` records the slab);
+    - else (``mode="background"``, or ``"auto"`` when no empty space is found, with a
+      :class:`GrapesBackgroundWarning` recorded in ``warning``): the background voxels (label 0)
+      at least `margin` voxels (Euclidean, in voxel indices) from every particle voxel, away
+      from the particles' rims and blur (``source="background"``). The volume's outside counts
+      as background. Pores, binder and carbon between particles have a texture that inflates
+      this estimate above the noise.
+
+    For a box (region or empty space), ``peak`` and ``spread`` describe its histogram peak (the
+    beam-stability check of :func:`grapes_dask.track.track` compares them across states).
 
     Stages, per chunk with dask (no task holds more than a chunk and its halo):
 
-    1. the far-background mask: the labels read with a halo of ``ceil(margin) - 1`` voxels
-       (:func:`dask.array.map_overlap`; the outside of the volume is background), an exact
-       squared distance transform of each block (``edt``); a particle voxel nearer than
-       `margin` to a chunk's voxel is less than `margin` away along every axis, so it lies
-       within the halo and the mask is exact;
-    2. per chunk, the count, mean and sum of squared deviations of the selected finite grey
-       levels in float64;
-    3. their exact combination (Chan et al.'s parallel formula) into the mean and ``sigma``.
+    1. empty space: one reduction of the labels per axis, then per candidate slab the
+       per-chunk moments of its sub-boxes and the sums of squared neighbour differences;
+    2. background: the far-background mask from the labels read with a halo of
+       ``ceil(margin) - 1`` voxels (:func:`dask.array.map_overlap`; the outside of the volume
+       is background) and an exact squared distance transform of each block (``edt``); a
+       particle voxel nearer than `margin` to a chunk's voxel lies within the halo, so the
+       mask is exact;
+    3. per chunk, the count, mean and sum of squared deviations of the selected finite grey
+       levels in float64, combined exactly (Chan et al.'s parallel formula);
+    4. for a box, per chunk a histogram (+-8 sigma around the mean; 1/50 sigma bins for float
+       grey, whole grey levels for integer grey), summed, and its median and quartiles.
 
     Parameters
     ----------
@@ -848,33 +1254,47 @@ def estimate_noise(grey, labels=None, *, region=None, margin=3, max_voxels: int 
         The box, one ``slice`` or ``(start, stop)`` pair of voxel indices per axis (z, y, x);
         ``None`` for a bound means the volume's edge. No negative indices, no steps.
     margin : float
-        Distance from every particle voxel, voxels (background mode). 0 takes every background
-        voxel; a background voxel next to a particle is at distance 1.
+        Distance from every particle voxel, voxels (background mode), and from the labelled
+        planes (empty space). 0 takes every background voxel; a background voxel next to a
+        particle is at distance 1.
     max_voxels : int, optional
         At most this many voxels are examined (of the box, or of the volume in background
         mode): beyond it, an evenly spread subset of whole chunks is used (at least one
-        chunk). Default: all.
+        chunk). The empty-space search reads its slabs whole. Default: all.
     client : distributed.Client, optional
         Compute on this cluster (default: the current dask scheduler).
+    mode : {"auto", "empty_space", "background"}
+        Without `region`: empty space, else the background with a warning (``"auto"``); empty
+        space or an error (``"empty_space"``); the background between particles
+        (``"background"``, the estimate of earlier versions).
+    min_thickness, min_voxels, max_ratio, lag
+        Of :func:`find_empty_space` (voxels, voxels, ratio, voxels).
 
     Returns
     -------
     NoiseEstimate
-        ``sigma`` and ``mean`` in grey levels, ``n_voxels``, ``source``, ``region``, ``margin``.
+        ``sigma`` and ``mean`` in grey levels, ``n_voxels``, ``source``, ``region``, ``margin``,
+        ``peak`` and ``spread`` (grey levels, for a box), ``warning``, ``candidates``.
 
     Raises
     ------
     GrapesInputError
         Before any compute: grey and labels of different shapes, no labels and no region, a
-        region outside the volume or empty, a negative margin. After it: no background voxel
-        (or fewer than 2) far enough from the particles (lower `margin` or give `region`), or a
-        region of fewer than 2 finite grey levels.
+        region outside the volume or empty, a negative margin, an unknown mode. After it: no
+        background voxel (or fewer than 2) far enough from the particles (lower `margin` or
+        give `region`), a region of fewer than 2 finite grey levels, or no empty space with
+        ``mode="empty_space"``.
     """
+    import warnings
+
     import dask.array as da
 
     from .io import open_volume
     from .table import _compute
 
+    if mode not in ("auto", "empty_space", "background"):
+        raise GrapesInputError(f"mode={mode!r}: choose 'auto' (empty space, else the background between particles, "
+                               "with a warning), 'empty_space' or 'background'")
     g = open_volume(grey)
     lab = None if labels is None else open_volume(labels)
     if lab is not None and lab.shape != g.shape:
@@ -884,44 +1304,99 @@ def estimate_noise(grey, labels=None, *, region=None, margin=3, max_voxels: int 
                                    or max_voxels < 2):
         raise GrapesInputError(f"max_voxels={max_voxels!r}: give a number of voxels >= 2, or None for all")
     nd = g.ndim
+    warning, cands = None, []
     if region is not None:
         box = _parse_region(region, g.shape)
         if math.prod(b - a for a, b in box) < 2:
             raise GrapesInputError(f"region={box}: the box holds one voxel; give a larger box (a standard deviation "
                                    "needs at least 2)")
-        g = g[tuple(slice(a, b) for a, b in box)]
-        far, used_margin, source = None, None, "region"
+        return _box_estimate(g, box, "region", None, max_voxels, client)
+    if lab is None:
+        raise GrapesInputError("give {labels} (background voxels are label 0), or a {region} of empty space "
+                               "(e.g. above the sample)", labels=None, region=None)
+    if isinstance(margin, bool) or not isinstance(margin, (int, float, np.integer, np.floating)) \
+            or not (np.isfinite(margin) and margin >= 0):
+        raise GrapesInputError(f"margin={margin!r}: give a distance from the particles in voxels (>= 0)")
+    if mode != "background":
+        _check_finder_options(margin, min_thickness, min_voxels, max_ratio, 3, lag)
+        lab_g = lab if lab.chunks == g.chunks else lab.rechunk(g.chunks)
+        best, cands = _find_empty(g, lab_g, margin=margin, min_thickness=int(min_thickness),
+                                  min_voxels=int(min_voxels), max_ratio=float(max_ratio), tiles=3, client=client,
+                                  lag=int(lag))
+        for c in cands:
+            m2 = c.pop("m2", None)
+            if best is c:
+                best_m2 = m2
+        if best is not None:
+            n, mean = best["n_voxels"], best["mean"]
+            sigma = math.sqrt(best_m2 / (n - 1))
+            edges, h = _peak_graph(g, best["box"], mean, sigma)
+            (counts,) = _compute(h, client=client)
+            peak, spread = _peak_from(edges, counts, mean, sigma)
+            return NoiseEstimate(sigma=sigma, mean=mean, n_voxels=int(n), source="empty_space", region=best["box"],
+                                 margin=float(margin), peak=peak, spread=spread, candidates=tuple(cands))
+        looked = "; ".join(f"{c['face']} {c['box']}: {c.get('why', '')}" for c in cands) or \
+            "no label-free slab at any face"
+        if mode == "empty_space":
+            raise GrapesInputError(f"no empty space found ({looked}): give a {{region}} of empty space, or use "
+                                   "mode='auto' or 'background'", region=None)
+        warning = (f"no empty space found ({looked}): sigma_bg is estimated from the background between the "
+                   "particles, whose texture (pores, binder, carbon) can inflate it above the noise; give a box of "
+                   "empty space (noise_region / --noise-region) or the noise (noise_sigma / --noise-sigma)")
+        warnings.warn(GrapesBackgroundWarning(warning), stacklevel=2)
+    # a particle voxel nearer than `margin` is less than `margin` away along every axis
+    depth = max(int(math.ceil(margin)) - 1, 0)
+    if depth == 0:
+        far = lab.map_blocks(_far_mask, float(margin) ** 2, dtype=bool)
     else:
-        if lab is None:
-            raise GrapesInputError("give {labels} (background voxels are label 0), or a {region} of empty space "
-                                   "(e.g. above the sample)", labels=None, region=None)
-        if isinstance(margin, bool) or not isinstance(margin, (int, float, np.integer, np.floating)) \
-                or not (np.isfinite(margin) and margin >= 0):
-            raise GrapesInputError(f"margin={margin!r}: give a distance from the particles in voxels (>= 0)")
-        # a particle voxel nearer than `margin` is less than `margin` away along every axis
-        depth = max(int(math.ceil(margin)) - 1, 0)
-        if depth == 0:
-            far = lab.map_blocks(_far_mask, float(margin) ** 2, dtype=bool)
-        else:
-            far = lab.map_overlap(_far_mask, depth=depth, boundary=0, dtype=bool, margin2=float(margin) ** 2)
-        if g.chunks != far.chunks:
-            g = g.rechunk(far.chunks)
-        box, used_margin, source = None, float(margin), "background"
+        far = lab.map_overlap(_far_mask, depth=depth, boundary=0, dtype=bool, margin2=float(margin) ** 2)
+    if g.chunks != far.chunks:
+        g = g.rechunk(far.chunks)
     out_chunks = tuple((1,) * len(c) for c in g.chunks) + ((3,),)
-    args = (g,) if far is None else (g, far)
-    moments = da.map_blocks(_block_moments, *args, new_axis=nd, chunks=out_chunks, dtype=np.float64)
+    moments = da.map_blocks(_block_moments, g, far, new_axis=nd, chunks=out_chunks, dtype=np.float64)
     if max_voxels is not None and g.size > max_voxels:
         for ax, idx in enumerate(_spread_blocks(g.chunks, int(max_voxels))):
             moments = moments[(slice(None),) * ax + (idx,)]
     (m,) = _compute(moments, client=client)
     n, mean, m2 = _combine_moments(m)
     if n < 2:
-        if source == "region":
-            raise GrapesInputError(f"region={box} holds {n} finite grey level(s): give a box of empty space with "
-                                   "finite grey levels")
         raise GrapesInputError(
             f"{n} background voxel(s) (label 0) at least margin={float(margin):g} voxels from every particle"
             f"{' in the chunks examined' if max_voxels is not None else ''}: lower {{margin}} (0 takes every "
             "background voxel), or give a {region} of empty space", margin=None, region=None)
-    return NoiseEstimate(sigma=math.sqrt(m2 / (n - 1)), mean=mean, n_voxels=n, source=source, region=box,
-                         margin=used_margin)
+    return NoiseEstimate(sigma=math.sqrt(m2 / (n - 1)), mean=mean, n_voxels=n, source="background", region=None,
+                         margin=float(margin), warning=warning, candidates=tuple(cands))
+
+
+def _box_estimate(g, box: tuple, source: str, margin, max_voxels, client) -> NoiseEstimate:
+    """Moments and histogram peak of every voxel of a box (an evenly spread subset of its
+    chunks beyond `max_voxels`): two computes, per chunk."""
+    import dask.array as da
+
+    from .table import _compute
+
+    sub = g[tuple(slice(a, b) for a, b in box)]
+    nd = sub.ndim
+    out_chunks = tuple((1,) * len(c) for c in sub.chunks) + ((3,),)
+    moments = da.map_blocks(_block_moments, sub, new_axis=nd, chunks=out_chunks, dtype=np.float64)
+    pick = None
+    if max_voxels is not None and sub.size > max_voxels:
+        pick = _spread_blocks(sub.chunks, int(max_voxels))
+        for ax, idx in enumerate(pick):
+            moments = moments[(slice(None),) * ax + (idx,)]
+    (m,) = _compute(moments, client=client)
+    n, mean, m2 = _combine_moments(m)
+    if n < 2:
+        raise GrapesInputError(f"region={box} holds {n} finite grey level(s): give a box of empty space with "
+                               "finite grey levels")
+    sigma = math.sqrt(m2 / (n - 1))
+    edges = _hist_edges(mean, sigma, np.issubdtype(sub.dtype, np.integer) or sub.dtype == bool)
+    hc = tuple((1,) * len(c) for c in sub.chunks) + ((len(edges) + 1,),)
+    h = da.map_blocks(_block_hist, sub, edges, new_axis=nd, chunks=hc, dtype=np.int64)
+    if pick is not None:
+        for ax, idx in enumerate(pick):
+            h = h[(slice(None),) * ax + (idx,)]
+    (counts,) = _compute(h.sum(axis=tuple(range(nd))), client=client)
+    peak, spread = _peak_from(edges, counts, mean, sigma)
+    return NoiseEstimate(sigma=sigma, mean=mean, n_voxels=int(n), source=source, region=box, margin=margin,
+                         peak=peak, spread=spread)

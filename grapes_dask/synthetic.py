@@ -83,6 +83,7 @@ _OFF21 = 1 << 20  # lattice coordinates are packed as 21-bit fields offset by 2*
 _STREAM_VOID = 0x5EED_0001
 _STREAM_NOISE = 0x5EED_0002
 _STREAM_CRACK = 0x5EED_0003
+_STREAM_TEXTURE = 0x5EED_0004
 _BIG = np.int32(1 << 30)
 
 
@@ -709,6 +710,25 @@ class GreyModel:
         ``k / n_cracks``.
     crack_width : float
         Crack aperture, voxels (sub-resolution: < 1).
+    air_thickness : int
+        Empty space above the sample: the last `air_thickness` voxels along z (along y in 2D)
+        hold no particle (label 0; particles are cut by its plane) and the grey level
+        `air_level` plus the noise only, a flat field. 0 (default): none.
+    air_level : float, optional
+        Grey level of the empty space (default 25 for uint8: 4 noise sigmas above 0, so that
+        clipping at 0 leaves the noise whole).
+    pore_texture : float
+        Texture of the pore space (binder, carbon, sub-resolution pores): a smooth random field
+        added to `pore_level`, with standard normal values times `pore_texture` (grey levels)
+        at the nodes of a lattice of spacing `pore_texture_scale` voxels, interpolated with
+        smoothstep weights (its standard deviation is about 0.6 `pore_texture` in 3D). The
+        field is fixed across states. 0 (default): a flat pore space.
+    pore_texture_scale : float
+        Lattice spacing of the texture, voxels (>= 1).
+    offset : float
+        Grey offset added to every voxel before the noise (a beam drift of one state), grey
+        levels. :func:`phantom_numpy` and :func:`make_phantom` set it per state from
+        ``beam_offsets``.
     """
 
     dtype: str = "uint8"
@@ -725,6 +745,11 @@ class GreyModel:
     void_fraction: float = 0.3
     n_cracks: int = 3
     crack_width: float = 0.3
+    air_thickness: int = 0
+    air_level: float | None = None
+    pore_texture: float = 0.0
+    pore_texture_scale: float = 4.0
+    offset: float = 0.0
 
     def resolved(self) -> "GreyModel":
         """A copy with the defaults filled in for the dtype, after checking every value."""
@@ -752,10 +777,19 @@ class GreyModel:
         ce = _check_range("core_extent", self.core_extent, 0.0, 1.0)
         vf = _check_range("void_fraction", self.void_fraction, 0.0, 1.0)
         cw = _check_range("crack_width", self.crack_width, 0.0, 4.0)
+        if isinstance(self.air_thickness, bool) or int(self.air_thickness) != self.air_thickness \
+                or self.air_thickness < 0:
+            raise GrapesInputError(f"air_thickness={self.air_thickness!r}: give a whole number of voxels >= 0")
+        al = level("air_level", self.air_level, 25.0)
+        pt = _check_range("pore_texture", self.pore_texture, 0.0, top)
+        pts = _check_range("pore_texture_scale", self.pore_texture_scale, 1.0, 1e6)
+        off = _check_range("offset", self.offset, -top, top)
         return dataclasses.replace(
             self, particle_level=pl, pore_level=po, void_level=vl, rim_contrast=rc, noise_sigma=ns,
             blur_sigma=bs, blur_truncate=bt, rim_width=rw, supersample=int(self.supersample),
             n_cracks=int(self.n_cracks), core_extent=ce, void_fraction=vf, crack_width=cw,
+            air_thickness=int(self.air_thickness), air_level=al, pore_texture=pt, pore_texture_scale=pts,
+            offset=off,
         )
 
     @property
@@ -1028,27 +1062,94 @@ def _crack_normals(salts, n_cracks, thresholds_out, normals_out):
 # --------------------------------------------------------------------------------------------
 
 
-def _render_labels(P, ids, origin, shape, label_dtype):
+def _cut_air(idx, origin, air):
+    """No particle in the empty space: index -1 (pore) where the global coordinate along the
+    air axis is at or beyond its start. `air` is None or ``(axis, start, level, texture,
+    scale, salt)``."""
+    if air is None:
+        return idx
+    ax, start = air[0], air[1]
+    k = start - int(origin[ax])
+    if k < idx.shape[ax]:
+        sl = [slice(None)] * 3
+        sl[ax] = slice(max(k, 0), None)
+        idx[tuple(sl)] = -1
+    return idx
+
+
+def _render_labels(P, ids, origin, shape, label_dtype, air=None):
     idx = _owner(origin[0], origin[1], origin[2], shape[0], shape[1], shape[2], P)
+    idx = _cut_air(idx, origin, air)
     return _labels_of(idx, ids, np.empty(shape, dtype=label_dtype))
 
 
-def _clean_grey(P, salts, normals, origin, shape, halo, cfg, ss, ssz, shift, rim, flat):
+@numba.njit(nogil=True, cache=True)
+def _texture_add(out, pore, oz, oy, ox, amp, scale, salt, table, flat):
+    """Add a smooth random field to the pore voxels of `out`: standard normal node values
+    (hashed from the global lattice node and `salt`) times `amp` on a lattice of spacing
+    `scale` voxels, interpolated with smoothstep weights. A pure function of global
+    coordinates, so the same whatever the chunking."""
+    nz, ny, nx = out.shape
+    inv = 1.0 / scale
+    for z in range(nz):
+        for y in range(ny):
+            for x in range(nx):
+                if not pore[z, y, x]:
+                    continue
+                uz = 0.0 if flat else (oz + z) * inv
+                uy = (oy + y) * inv
+                ux = (ox + x) * inv
+                iz, iy, ix = math.floor(uz), math.floor(uy), math.floor(ux)
+                fz, fy, fx = uz - iz, uy - iy, ux - ix
+                wz = fz * fz * (3.0 - 2.0 * fz)
+                wy = fy * fy * (3.0 - 2.0 * fy)
+                wx = fx * fx * (3.0 - 2.0 * fx)
+                v = 0.0
+                for dz in range(2):
+                    cz = wz if dz else 1.0 - wz
+                    if cz == 0.0:
+                        continue
+                    for dy in range(2):
+                        cy = wy if dy else 1.0 - wy
+                        for dx in range(2):
+                            cx = wx if dx else 1.0 - wx
+                            h = _mix(_pack(np.int64(iz + dz), np.int64(iy + dy), np.int64(ix + dx)) ^ salt)
+                            v += cz * cy * cx * table[h >> _U64(48)]
+                out[z, y, x] += np.float32(amp * v)
+    return out
+
+
+def _clean_grey(P, salts, normals, origin, shape, halo, cfg, ss, ssz, shift, rim, flat, air=None):
     """Grey before blur and noise (float32) of the box `origin`, `shape`."""
     h = np.array(halo)
     eo = np.asarray(origin) - h
     es = np.asarray(shape) + 2 * h
     idx = _owner(eo[0], eo[1], eo[2], es[0], es[1], es[2], P)
+    idx = _cut_air(idx, eo, air)
     if rim:
         R = int(halo[1])
         d2 = _pore_dist2(idx, halo[0], halo[1], halo[2], R, 0 if flat else R)
     else:
         d2 = np.empty((0, 0, 0), dtype=np.int32)
-    return _grey_kernel(idx, halo[0], halo[1], halo[2], origin[0], origin[1], origin[2], P, salts, normals,
-                        cfg, ss, ssz, shift, d2)
+    out = _grey_kernel(idx, halo[0], halo[1], halo[2], origin[0], origin[1], origin[2], P, salts, normals,
+                       cfg, ss, ssz, shift, d2)
+    if air is None:
+        return out
+    ax, start, level, texture, scale, salt = air
+    core = idx[halo[0]:halo[0] + shape[0], halo[1]:halo[1] + shape[1], halo[2]:halo[2] + shape[2]]
+    pore = core < 0
+    zz = np.arange(shape[ax]) + int(origin[ax])
+    in_air = (zz >= start).reshape([-1 if a == ax else 1 for a in range(3)])
+    if texture > 0:
+        _texture_add(out, pore & ~in_air, int(origin[0]), int(origin[1]), int(origin[2]), float(texture),
+                     float(scale), salt, _normal_table(), bool(flat))
+    if start < int(origin[ax]) + shape[ax]:
+        out[np.broadcast_to(in_air, out.shape)] = np.float32(level)
+    return out
 
 
-def _render_grey(P, salts, normals, origin, shape, halo, cfg, ss, ssz, shift, rim, noise, flat, blur, shape3):
+def _render_grey(P, salts, normals, origin, shape, halo, cfg, ss, ssz, shift, rim, noise, flat, blur, shape3,
+                 air=None, offset=0.0):
     """Grey of one chunk: a pure function of its particles, origin and parameters.
 
     With a blur, the chunk grown by the kernel radius is rendered, mirrored where it leaves the
@@ -1056,7 +1157,7 @@ def _render_grey(P, salts, normals, origin, shape, halo, cfg, ss, ssz, shift, ri
     whole volume, with memory bounded by the chunk.
     """
     if blur is None:
-        g = _clean_grey(P, salts, normals, origin, shape, halo, cfg, ss, ssz, shift, rim, flat)
+        g = _clean_grey(P, salts, normals, origin, shape, halo, cfg, ss, ssz, shift, rim, flat, air)
     else:
         from scipy import ndimage
 
@@ -1064,12 +1165,14 @@ def _render_grey(P, salts, normals, origin, shape, halo, cfg, ss, ssz, shift, ri
         o, n, full = np.asarray(origin), np.asarray(shape), np.asarray(shape3)
         lo = np.maximum(o - radius, 0)
         hi = np.minimum(o + n + radius, full)
-        g = _clean_grey(P, salts, normals, tuple(lo), tuple(hi - lo), halo, cfg, ss, ssz, shift, rim, flat)
+        g = _clean_grey(P, salts, normals, tuple(lo), tuple(hi - lo), halo, cfg, ss, ssz, shift, rim, flat, air)
         pad = [(int(a), int(b)) for a, b in zip(lo - (o - radius), (o + n + radius) - hi)]
         if any(a or b for a, b in pad):
             g = np.pad(g, pad, mode="symmetric")  # = scipy's "reflect" at the volume faces
         g = ndimage.gaussian_filter(g, sigma, mode="reflect", truncate=truncate)
         g = np.ascontiguousarray(g[tuple(slice(r, r + k) for r, k in zip(radius, shape))])
+    if offset:
+        g = g + np.float32(offset)
     salt, sigma, lo_, hi_, dtype = noise
     return _noise_quantize(g, origin[0], origin[1], origin[2], salt, sigma, lo_, hi_, dtype != "float32",
                            _normal_table(), np.empty(shape, dtype=dtype))
@@ -1226,6 +1329,15 @@ def phantom_arrays(
               else (-np.inf, np.inf))
     noise_salt = np.uint64(_salts(_seed64(seed), _STREAM_NOISE, np.array([int(state)], dtype=np.uint64))[0])
     noise = (noise_salt, float(model.noise_sigma), lo, hi, model.dtype)
+    air = None
+    if model.air_thickness > 0 or model.pore_texture > 0:
+        ax = 1 if flat else 0
+        if model.air_thickness >= shape3[ax]:
+            raise GrapesInputError(f"air_thickness={model.air_thickness}: the volume has {shape3[ax]} voxels along "
+                                   f"{'y' if flat else 'z'}; give a thinner empty space")
+        tex_salt = np.uint64(_salts(_seed64(seed), _STREAM_TEXTURE, np.array([0], dtype=np.uint64))[0])
+        air = (ax, int(shape3[ax] - model.air_thickness), float(model.air_level), float(model.pore_texture),
+               float(model.pore_texture_scale), tex_salt)
 
     blur = None
     if model.blur_sigma > 0:
@@ -1262,10 +1374,10 @@ def phantom_arrays(
                 bshape = tuple(min(c, s - o) for c, s, o in zip(c3, shape3, origin))
                 Ps = np.ascontiguousarray(P[sel])
                 Ps[:, _RANK] = sel  # global rank: ties broken the same way in every chunk
-                lab = render_l(Ps, ids_l[sel], origin, bshape, ldt)
+                lab = render_l(Ps, ids_l[sel], origin, bshape, ldt, air)
                 lab_blocks[bz, by, bx] = da.from_delayed(lab, bshape, dtype=ldt)
                 grey = render_g(Ps, salts[sel], np.ascontiguousarray(normals[sel]), origin, bshape, halo, cfg,
-                                ss, ssz, shift, rim, noise, flat, blur, shape3)
+                                ss, ssz, shift, rim, noise, flat, blur, shape3, air, float(model.offset))
                 grey_blocks[bz, by, bx] = da.from_delayed(grey, bshape, dtype=model.dtype)
     labels = da.block(lab_blocks.tolist())
     grey = da.block(grey_blocks.tolist())
@@ -1295,6 +1407,43 @@ def _split_options(options: dict):
     return p, t, g
 
 
+def _beam_offsets(beam_offsets, n_states: int) -> list:
+    """One grey offset per state (grey levels), checked."""
+    if beam_offsets is None:
+        return [0.0] * n_states
+    try:
+        arr = np.asarray(beam_offsets, dtype=float).reshape(-1)
+    except (TypeError, ValueError):
+        arr = None
+    if arr is None or arr.size != n_states or not np.all(np.isfinite(arr)):
+        raise GrapesInputError(f"beam_offsets={beam_offsets!r}: give one finite grey offset per state ({n_states})")
+    return [float(v) for v in arr]
+
+
+def _placement_shape(shape: tuple, g_opts: dict) -> tuple:
+    """The box particles are placed in: the volume less its empty space (air_thickness)."""
+    t = g_opts.get("air_thickness", 0) or 0
+    if isinstance(t, bool) or int(t) != t or t < 0:
+        raise GrapesInputError(f"air_thickness={t!r}: give a whole number of voxels >= 0")
+    if t <= 0:
+        return shape
+    if t >= shape[0]:
+        raise GrapesInputError(f"air_thickness={t}: the volume has {shape[0]} voxels along its first axis; give a "
+                               "thinner empty space")
+    return (shape[0] - int(t),) + tuple(shape[1:])
+
+
+def _truth_extras(truth: pd.DataFrame, model: "GreyModel", shape: tuple, offsets: list) -> None:
+    """Record the true noise, the empty-space box and the beam offsets in ``truth.attrs``."""
+    t = model.air_thickness
+    box = None if t == 0 else [[int(shape[0] - t), int(shape[0])]] + [[0, int(n)] for n in shape[1:]]
+    truth.attrs["noise_sigma"] = float(model.noise_sigma)
+    truth.attrs["air_box"] = box
+    truth.attrs["air_level"] = float(model.air_level) if t else None
+    truth.attrs["pore_texture"] = float(model.pore_texture)
+    truth.attrs["beam_offsets"] = list(offsets)
+
+
 def phantom_numpy(
     shape: Sequence[int] = (64, 64, 64),
     *,
@@ -1303,13 +1452,14 @@ def phantom_numpy(
     chunks=64,
     label_dtype=None,
     grey_dtype="uint8",
+    beam_offsets=None,
     **options,
 ):
     """Small phantom in memory (tests, examples).
 
     Parameters
     ----------
-    shape, n_states, seed, chunks, label_dtype, grey_dtype
+    shape, n_states, seed, chunks, label_dtype, grey_dtype, beam_offsets
         As for :func:`make_phantom`.
     **options
         Options of :func:`make_particles`, :func:`make_truth` and :class:`GreyModel`.
@@ -1319,14 +1469,20 @@ def phantom_numpy(
     grey, labels : numpy.ndarray
         Shape `shape` for one state, ``(n_states, *shape)`` for several.
     truth : pandas.DataFrame
-        Table of :func:`make_truth`.
+        Table of :func:`make_truth`; ``attrs`` also hold ``noise_sigma`` (the true noise, grey
+        levels, before rounding), ``air_box`` (the empty space, ``[start, stop]`` per axis, or
+        None), ``air_level``, ``pore_texture`` and ``beam_offsets``.
     """
     shape = _check_shape(shape)
     p_opts, t_opts, g_opts = _split_options(options)
-    particles = make_particles(shape, seed=seed, **p_opts)
+    offsets = _beam_offsets(beam_offsets, int(n_states))
+    model = _grey_model(grey_dtype, {**g_opts, "offset": 0.0})
+    particles = make_particles(_placement_shape(shape, g_opts), seed=seed, **p_opts)
     truth = make_truth(particles, shape, n_states=n_states, seed=seed, **t_opts)
     pairs = [phantom_arrays(shape, truth, state=s, chunks=chunks, seed=seed, label_dtype=label_dtype,
-                            grey_dtype=grey_dtype, **g_opts) for s in range(n_states)]
+                            grey_dtype=grey_dtype, **{**g_opts, **({"offset": offsets[s]} if offsets[s] else {})})
+             for s in range(n_states)]
+    _truth_extras(truth, model, shape, offsets)
     out = dask.compute(*[a for pair in pairs for a in pair])
     grey, labels = out[0::2], out[1::2]
     if n_states == 1:
@@ -1395,6 +1551,7 @@ def make_phantom(
     overwrite: bool = False,
     progress: bool = False,
     scheduler=None,
+    beam_offsets=None,
     **options,
 ) -> Phantom:
     """Generate a phantom chunk by chunk into Zarr stores, with its ground truth.
@@ -1432,6 +1589,9 @@ def make_phantom(
         Show a progress bar per store.
     scheduler : optional
         Dask scheduler (default: the current one, threads).
+    beam_offsets : sequence of float, optional
+        One grey offset per state, grey levels, added to every voxel before the noise (a beam
+        drift; :class:`GreyModel` ``offset``). Default: none.
     **options
         Options of :func:`make_particles` (``mean_radius``, ``radius_spread``,
         ``ellipsoid_fraction``, ``aspect_range``, ``n_particles``, ``packing_fraction``,
@@ -1450,6 +1610,7 @@ def make_phantom(
     n_states = int(n_states)
     p_opts, t_opts, g_opts = _split_options(options)
     model = _grey_model(grey_dtype, g_opts)
+    offsets = _beam_offsets(beam_offsets, n_states)
     _chunks3(chunks, ((1,) + shape) if len(shape) == 2 else shape, len(shape) == 2)
     if spacing is None:
         spacing = (1.0,) * len(shape)
@@ -1467,7 +1628,7 @@ def make_phantom(
             f"{str(out_dir)!r} already holds {existing}: choose another folder or pass {{overwrite}}", overwrite=True
         )
     if particles is None:
-        particles = make_particles(shape, seed=seed, **p_opts)
+        particles = make_particles(_placement_shape(shape, g_opts), seed=seed, **p_opts)
     elif p_opts:
         raise GrapesInputError(f"options {sorted(p_opts)} place particles: drop them when passing particles=")
     truth = make_truth(particles, shape, n_states=n_states, seed=seed, **t_opts)
@@ -1482,10 +1643,15 @@ def make_phantom(
         "grey": _jsonable(dataclasses.asdict(model)),
         "n_particles": int(len(particles)),
     }
+    _truth_extras(truth, model, shape, offsets)
+    if model.air_thickness or model.pore_texture or any(offsets):
+        params["background"] = _jsonable({k: truth.attrs[k] for k in ("noise_sigma", "air_box", "air_level",
+                                                                        "pore_texture", "beam_offsets")})
     grey_paths, label_paths = [], []
     for s in range(n_states):
         grey, labels = phantom_arrays(shape, truth, state=s, chunks=chunks, seed=seed, label_dtype=ldt,
-                                      grey_dtype=model.dtype, **g_opts)
+                                      grey_dtype=model.dtype,
+                                      **{**g_opts, **({"offset": offsets[s]} if offsets[s] else {})})
         for arr, name, kind, paths in ((labels, label_names[s], "labels", label_paths),
                                        (grey, grey_names[s], "grey", grey_paths)):
             attrs = {"spacing": list(spacing), "unit": unit,

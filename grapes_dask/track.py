@@ -770,10 +770,16 @@ class Tracking:
         (reference centroid, voxel indices; NaN where missing in the reference), ``excluded``
         (bool) and ``reason`` (``""`` or the reasons joined by ``";"``, in the order
         ``inconsistent;neighbour;border;empty_roi;smallest``), identical in every row of a label.
+        With ``correct_drift``: ``roi_mean`` and ``delta`` are corrected and
+        ``roi_mean_uncorrected``, ``delta_uncorrected`` and ``background_shift`` (the state's
+        shift subtracted, grey levels) follow.
     tables : dict of str to pandas.DataFrame
         Each state's particle table (as :func:`grapes_dask.table.analyze` gives it).
     params : dict
-        ``noise`` (per state ``sigma`` and ``source``), ``exclude_outer_layers``,
+        ``noise`` (per state ``sigma`` and ``source``, with ``n_voxels``, ``region``,
+        ``margin``, ``peak``, ``spread`` and ``warning`` when estimated), ``background`` (the
+        beam check: ``box``, ``source``, ``note``, per state ``states``, ``shift``,
+        ``correct_drift``, ``flagged``; see :meth:`background`), ``exclude_outer_layers``,
         ``drop_smallest``, ``neighbour_gap``, ``neighbour_method`` (per state), ``spacing``,
         ``shape``, ``analysis`` (the reference table's parameters), ``states``, ``reference``,
         ``inputs`` (per state), ``version`` and ``created``.
@@ -1024,6 +1030,71 @@ class Tracking:
 
     # -- change map ---------------------------------------------------------------------------
 
+    def background(self, tolerance: float = 0.1, n_se: float = 3.0) -> pd.DataFrame:
+        """Beam stability: the empty region's grey-level peak per state (paper 3.3).
+
+        The paper checked "stable histogram peaks in empty regions above the sample across
+        scans". One box, the reference's empty region (``params["background"]["box"]``), is
+        read in every state with a grey volume.
+
+        Parameters
+        ----------
+        tolerance : float
+            A state is flagged when its shift exceeds this fraction of the mean change being
+            measured (and is real: see `n_se`).
+        n_se : float
+            ... and exceeds `n_se` standard errors of the difference of the two peaks.
+
+        Returns
+        -------
+        pandas.DataFrame
+            One row per state, in order: ``state``, ``peak`` (median of the box's grey levels,
+            interpolated in its histogram bin), ``spread`` (interquartile range / 1.349),
+            ``mean``, ``sigma`` (ddof 1), ``n_voxels``, ``labelled`` (labelled voxels in the box
+            in that state, should be 0; -1 without its label volume), ``shift`` (peak minus the
+            reference's), ``shift_se``
+            (``sqrt(se_a**2 + se_b**2)``, ``se = 1.2533 spread / sqrt(n)``), ``delta_mean``
+            (mean per-particle change of the kept particles against the reference, uncorrected),
+            ``ratio`` (``|shift| / |delta_mean|``), ``flag`` (``|shift| > n_se * shift_se`` and
+            ``|shift| > tolerance * |delta_mean|``), ``corrected`` (the shift was subtracted from
+            ``roi_mean``). Grey levels. Without an empty region the values are NaN and
+            ``params["background"]["note"]`` says why.
+        """
+        for name, v in (("tolerance", tolerance), ("n_se", n_se)):
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) \
+                    or not (np.isfinite(v) and v >= 0):
+                raise GrapesInputError(f"{name}={v!r}: give a number >= 0")
+        bg = self.params.get("background") or {}
+        per = bg.get("states") or {}
+        col = "roi_mean_uncorrected" if "roi_mean_uncorrected" in self.particles.columns else "roi_mean"
+        raw = self._wide(col)
+        ref = per.get(self.reference) or {}
+        rows = []
+        for s in self.states:
+            r = per.get(s) or {}
+            peak = r.get("peak")
+            shift = math.nan if peak is None or ref.get("peak") is None else float(peak - ref["peak"])
+            se_a, se_b = ref.get("peak_se"), r.get("peak_se")
+            shift_se = math.nan if se_a is None or se_b is None else math.hypot(se_a, se_b)
+            d = (raw[s] - raw[self.reference]).to_numpy(dtype=float)
+            d = d[np.isfinite(d)]
+            delta = float(d.mean()) if d.size else math.nan
+            if s == self.reference:
+                ratio, flag = 0.0, False
+            else:
+                ratio = abs(shift) / abs(delta) if delta else math.inf
+                flag = bool(np.isfinite(shift) and abs(shift) > n_se * (0.0 if np.isnan(shift_se) else shift_se)
+                            and (not np.isfinite(delta) or abs(shift) > tolerance * abs(delta)))
+            rows.append({"state": s, "peak": math.nan if peak is None else peak,
+                         "spread": math.nan if r.get("spread") is None else r["spread"],
+                         "mean": math.nan if r.get("mean") is None else r["mean"],
+                         "sigma": math.nan if r.get("sigma") is None else r["sigma"],
+                         "n_voxels": int(r.get("n_voxels") or 0),
+                         "labelled": -1 if r.get("labelled") is None else int(r["labelled"]),
+                         "shift": shift, "shift_se": shift_se, "delta_mean": delta, "ratio": ratio, "flag": flag,
+                         "corrected": bool(bg.get("correct_drift")) and np.isfinite(shift)})
+        return pd.DataFrame(rows)
+
     def change_map(self, label: int, state: str, *, margin: int = 4, sigma: float = 1.0,
                    exclude_outer_layers: int | None = None, upsample: int = 10) -> ChangeMap:
         """Intra-particle grey-level change of one particle against the reference (fig. 10).
@@ -1159,6 +1230,107 @@ class Tracking:
 
 
 # --------------------------------------------------------------------------------------------
+# 3. noise and the background (beam stability) of every state
+# --------------------------------------------------------------------------------------------
+
+
+def _estimate_noises(parsed: list, sigmas: dict, noise_region, client) -> tuple:
+    """Per state the noise record for ``params["noise"]`` and the estimate object (or None)."""
+    noise, ests = {}, {}
+    for st in parsed:
+        if sigmas[st.name] is not None:
+            noise[st.name] = {"sigma": sigmas[st.name], "source": "given"}
+            ests[st.name] = None
+            continue
+        from . import stats
+
+        region = noise_region.get(st.name) if isinstance(noise_region, Mapping) else noise_region
+        est = stats.estimate_noise(st.grey, st.labels, region=region, client=client)
+        rec = {"sigma": float(est.sigma), "source": str(est.source),
+               **{k: getattr(est, k) for k in ("n_voxels", "region", "margin") if hasattr(est, k)}}
+        for k in ("peak", "spread", "warning"):
+            if getattr(est, k, None) is not None:
+                rec[k] = getattr(est, k)
+        noise[st.name] = rec
+        ests[st.name] = est
+    return noise, ests
+
+
+def _background_levels(parsed: list, reference: str, ests: dict, noise_region, client, check: bool) -> dict:
+    """The empty region's histogram peak in every state, in one box: the reference's.
+
+    The box: the reference's noise box (``source`` ``"empty_space"`` or ``"region"``), else the
+    reference's `noise_region`, else empty space found in the reference
+    (:func:`grapes_dask.stats.find_empty_space`'s rule); none when the reference has no grey and
+    label volumes or no empty space. Every state with a grey volume is then read in that box
+    (per chunk: moments and a histogram), and the labelled voxels of each state with labels in
+    that box counted (a particle moving into it would bias its peak).
+    """
+    from .io import open_volume
+    from .stats import _box_estimate, _find_empty, _parse_region
+    from .table import _compute
+
+    out = {"box": None, "source": None, "note": None, "states": {}}
+    if not check:
+        out["note"] = "not checked (check_background=False)"
+        return out
+    ref = next(s for s in parsed if s.name == reference)
+    est = ests.get(reference)
+    region = noise_region.get(reference) if isinstance(noise_region, Mapping) else noise_region
+    box = None
+    if est is not None and getattr(est, "source", None) in ("empty_space", "region") \
+            and getattr(est, "region", None) is not None:
+        box, out["source"] = tuple(tuple(int(v) for v in r) for r in est.region), str(est.source)
+    elif region is not None and ref.shape is not None:
+        box, out["source"] = _parse_region(region, tuple(ref.shape)), "region"
+    elif est is not None and getattr(est, "source", None) == "background":
+        out["note"] = "no empty space in the reference state (its noise comes from the background between particles)"
+    elif ref.grey is None or ref.labels is None:
+        out["note"] = "the reference state has no grey and label volumes to find empty space in"
+    else:
+        g, lab = open_volume(ref.grey), open_volume(ref.labels)
+        lab = lab if lab.chunks == g.chunks else lab.rechunk(g.chunks)
+        best, _ = _find_empty(g, lab, margin=3, min_thickness=4, min_voxels=1000, max_ratio=1.2, tiles=3,
+                              client=client)
+        if best is None:
+            out["note"] = "no empty space found in the reference state"
+        else:
+            box, out["source"] = best["box"], "empty_space"
+    if box is None:
+        return out
+    out["box"] = [list(r) for r in box]
+    sl = tuple(slice(a, b) for a, b in box)
+    labelled = {}
+    for st in parsed:
+        if st.labels is not None:
+            labelled[st.name] = (open_volume(st.labels)[sl] != 0).sum()
+    counts = dict(zip(labelled, _compute(*labelled.values(), client=client))) if labelled else {}
+    for st in parsed:
+        rec = {"peak": None, "spread": None, "mean": None, "sigma": None, "n_voxels": 0, "peak_se": None,
+               "labelled": None if st.name not in counts else int(counts[st.name])}
+        if st.grey is not None:
+            e = ests.get(st.name)
+            if not (e is not None and getattr(e, "region", None) is not None and getattr(e, "peak", None) is not None
+                    and tuple(tuple(r) for r in e.region) == tuple(box)):
+                e = _box_estimate(open_volume(st.grey), tuple(box), "region", None, None, client)
+            rec.update(peak=float(e.peak), spread=float(e.spread), mean=float(e.mean), sigma=float(e.sigma),
+                       n_voxels=int(e.n_voxels), peak_se=e.peak_se)
+        out["states"][st.name] = rec
+    return out
+
+
+def _shifts(background: dict, names: list, reference: str) -> dict:
+    """Per state, its background peak minus the reference's (NaN where unknown)."""
+    states = background.get("states") or {}
+    ref = (states.get(reference) or {}).get("peak")
+    out = {}
+    for n in names:
+        p = (states.get(n) or {}).get("peak")
+        out[n] = float(p - ref) if p is not None and ref is not None else math.nan
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # track
 # --------------------------------------------------------------------------------------------
 
@@ -1207,19 +1379,39 @@ def _prepare(states, reference, spacing, exclude_outer_layers, noise_sigma, nois
 
 def check_states(states, reference=None, *, spacing=None, exclude_outer_layers: int = 5, noise_sigma=None,
                  noise_region=None, drop_smallest: float = 0.25, neighbour_gap: int | None = 1,
-                 **analyze_options) -> None:
+                 correct_drift: bool = False, check_background: bool = True, **analyze_options) -> None:
     """Run every check of :func:`track` that needs no voxel, and return (the CLI's first step).
 
     Parameters are those of :func:`track`. Raises :class:`GrapesInputError` on the first bad
     input, before any cluster is started or any voxel is read.
     """
-    _prepare(states, reference, spacing, exclude_outer_layers, noise_sigma, noise_region, drop_smallest,
-             neighbour_gap, analyze_options)
+    parsed, _, _, _, _ = _prepare(states, reference, spacing, exclude_outer_layers, noise_sigma, noise_region,
+                                  drop_smallest, neighbour_gap, analyze_options)
+    _check_drift_options(parsed, correct_drift, check_background)
+
+
+def _check_drift_options(parsed: list, correct_drift, check_background) -> None:
+    """correct_drift needs every state's grey volume (its background peak)."""
+    for name, v in (("correct_drift", correct_drift), ("check_background", check_background)):
+        if not isinstance(v, (bool, np.bool_)):
+            raise GrapesInputError(f"{name}={v!r}: give True or False")
+    if correct_drift and not check_background:
+        raise GrapesInputError("correct_drift=True shifts each state by its background peak, which "
+                               "check_background=False leaves unmeasured: drop one of the two")
+    if correct_drift:
+        lacking = [s.name for s in parsed if s.grey is None]
+        if lacking:
+            raise GrapesInputError(
+                f"{{correct_drift}} shifts each state by the grey-level peak of its empty space, but the states "
+                f"{lacking} have no grey volume: give them as {{form}}, or leave out {{correct_drift}}",
+                correct_drift=Alt("correct_drift=True", "--correct-drift"),
+                form=Alt("(grey, labels) or (grey, labels, table)", "NAME=GREY,LABELS[,TABLE]"))
 
 
 def track(states, reference=None, *, spacing=None, exclude_outer_layers: int = 5, noise_sigma=None,
           noise_region=None, drop_smallest: float = 0.25, neighbour_gap: int | None = 1, client=None,
-          progress: bool = False, **analyze_options) -> Tracking:
+          progress: bool = False, correct_drift: bool = False, check_background: bool = True,
+          **analyze_options) -> Tracking:
     """Follow the same particles through states: ROI grey levels, changes, cleaning, statistics.
 
     Parameters
@@ -1240,10 +1432,11 @@ def track(states, reference=None, *, spacing=None, exclude_outer_layers: int = 5
         given must have been computed with the same N.
     noise_sigma : float or dict of str to float, optional
         Image noise ``sigma_bg`` (grey levels), one for all states or one per state; missing
-        states are estimated with :func:`grapes_dask.stats.estimate_noise`.
+        states are estimated with :func:`grapes_dask.stats.estimate_noise` (empty space at a
+        face of the volume, else the background between particles with a warning).
     noise_region : optional
-        The background box passed to ``estimate_noise`` as ``region`` (one for all states, or
-        a dict per state); default: background voxels far from the particles.
+        The box of empty space passed to ``estimate_noise`` as ``region`` (one for all states,
+        or a dict per state), voxel indices; default: empty space found in each state.
     drop_smallest : float
         Fraction (0 <= f < 1) of the particles left by the other rules to exclude as the
         smallest by reference volume (``floor(f n)`` of them, ties by label); 0 keeps all.
@@ -1254,6 +1447,18 @@ def track(states, reference=None, *, spacing=None, exclude_outer_layers: int = 5
         Cluster for the analyses, the neighbour search and the noise estimates.
     progress : bool
         Progress bars.
+    correct_drift : bool
+        Subtract from each state's ``roi_mean`` its background peak's shift against the
+        reference's (:meth:`Tracking.background`), a beam drift; the uncorrected values stay in
+        ``roi_mean_uncorrected`` and ``delta_uncorrected``, the shift in ``background_shift``,
+        and ``params["background"]["correct_drift"]`` records it. Needs every state's grey
+        volume and an empty region (found, or the reference's `noise_region`).
+    check_background : bool
+        Measure the empty region's histogram peak in every state with a grey volume
+        (:meth:`Tracking.background`) and warn (:class:`grapes_dask.stats.GrapesBackgroundWarning`)
+        when a state drifts by an amount large against the change being measured. One pass over
+        the reference's labels (to find the empty space, unless its noise estimate did) and one
+        over the box in each state.
     **analyze_options
         Other options of :func:`grapes_dask.table.analyze` for the states given as volumes
         (``layer_width``, ``start_at``, ``black_border``, ``chunks``, ``memory_limit``...).
@@ -1292,7 +1497,20 @@ def track(states, reference=None, *, spacing=None, exclude_outer_layers: int = 5
     parsed, reference, shape, spacing, sigmas = _prepare(
         states, reference, spacing, exclude_outer_layers, noise_sigma, noise_region, drop_smallest, neighbour_gap,
         analyze_options)
+    _check_drift_options(parsed, correct_drift, check_background)
     gap = None if neighbour_gap is None else int(neighbour_gap)
+
+    # 3 (before the analyses: a drift correction without empty space fails early).
+    # noise, and the empty region's peak in every state
+    noise, ests = _estimate_noises(parsed, sigmas, noise_region, client)
+    background = _background_levels(parsed, reference, ests, noise_region, client, bool(check_background))
+    background["correct_drift"] = bool(correct_drift)
+    if correct_drift and background["box"] is None:
+        raise GrapesInputError(
+            f"{{correct_drift}} needs an empty region, but {background['note']}: give the reference's {{noise_region}} "
+            "(a box of empty space), or leave out {correct_drift}",
+            correct_drift=Alt("correct_drift=True", "--correct-drift"),
+            noise_region=Alt("noise_region", "--noise-region Z0:Z1,Y0:Y1,X0:X1"))
 
     # 2. analyses
     partials = analyze_options.pop("partials", None)
@@ -1315,19 +1533,6 @@ def track(states, reference=None, *, spacing=None, exclude_outer_layers: int = 5
         shape = next((tuple(s.params["shape"]) for s in parsed if "shape" in s.params), None)
     if spacing is None:
         spacing = tuple(float(x) for x in parsed[0].params["spacing"])
-
-    # 3. noise
-    noise = {}
-    for st in parsed:
-        if sigmas[st.name] is not None:
-            noise[st.name] = {"sigma": sigmas[st.name], "source": "given"}
-            continue
-        from .stats import estimate_noise
-
-        region = noise_region.get(st.name) if isinstance(noise_region, Mapping) else noise_region
-        est = estimate_noise(st.grey, st.labels, region=region, client=client)
-        noise[st.name] = {"sigma": float(est.sigma), "source": str(est.source),
-                          **{k: getattr(est, k) for k in ("n_voxels", "region", "margin") if hasattr(est, k)}}
 
     # 4. cleaning
     names = [s.name for s in parsed]
@@ -1380,6 +1585,11 @@ def track(states, reference=None, *, spacing=None, exclude_outer_layers: int = 5
     _check_kept(flags, excluded, int(exclude_outer_layers), float(drop_smallest), gap)
 
     # 5. the long table
+    shifts = _shifts(background, names, reference)
+    background["shift"] = shifts
+    raw_mean = roi_mean
+    if correct_drift:
+        roi_mean = roi_mean - np.array([shifts[nm] for nm in names])[None, :]
     roi_sem = np.column_stack([particle_sem(roi_voxels[:, j], noise[nm]["sigma"]) for j, nm in enumerate(names)])
     delta = roi_mean - roi_mean[:, [ref_j]]
     delta_sem = np.column_stack([change_sem(roi_sem[:, ref_j], roi_sem[:, j]) for j in range(len(names))])
@@ -1400,8 +1610,12 @@ def track(states, reference=None, *, spacing=None, exclude_outer_layers: int = 5
         "excluded": np.tile(excluded, S),
         "reason": np.tile(reason, S).astype(str).astype(object),
     })
+    if correct_drift:  # nothing lost: the uncorrected values and the shift beside the corrected ones
+        long["roi_mean_uncorrected"] = raw_mean.T.ravel()
+        long["delta_uncorrected"] = (raw_mean - raw_mean[:, [ref_j]]).T.ravel()
+        long["background_shift"] = np.repeat([shifts[nm] for nm in names], n)
     params = {
-        "states": names, "reference": reference, "noise": noise,
+        "states": names, "reference": reference, "noise": noise, "background": background,
         "exclude_outer_layers": int(exclude_outer_layers), "drop_smallest": float(drop_smallest),
         "neighbour_gap": gap, "neighbour_method": method, "spacing": list(spacing),
         "shape": None if shape is None else list(shape),
@@ -1414,4 +1628,33 @@ def track(states, reference=None, *, spacing=None, exclude_outer_layers: int = 5
     long.attrs["grapes_dask"] = params
     tables = {s.name: s.table for s in parsed}
     volumes = {s.name: (s.grey, s.labels) for s in parsed}
-    return Tracking(long, tables, params, names, reference, volumes)
+    tr = Tracking(long, tables, params, names, reference, volumes)
+    _warn_drift(tr)
+    return tr
+
+
+def _warn_drift(tr: Tracking) -> None:
+    """A GrapesBackgroundWarning naming the states whose background drifts (recorded in
+    ``params["background"]["flagged"]``)."""
+    import warnings
+
+    from .stats import GrapesBackgroundWarning
+
+    bg = tr.background()
+    flagged = bg[bg["flag"]]
+    tr.params["background"]["flagged"] = [str(s) for s in flagged["state"]]
+    intruded = bg[bg["labelled"] > 0]
+    if len(intruded):
+        warnings.warn(GrapesBackgroundWarning(
+            f"the empty region {tr.params['background']['box']} of the reference holds labelled voxels in "
+            + ", ".join(f"{r.state} ({r.labelled})" for r in intruded.itertuples())
+            + ": particles moved into it, and its peak there mixes them in; give a box that stays empty "
+              "(noise_region / --noise-region)"), stacklevel=3)
+    if len(flagged):
+        what = ", ".join(f"{r.state}: {r.shift:+.3g} grey levels against a mean change of {r.delta_mean:+.3g}"
+                         for r in flagged.itertuples())
+        done = ("subtracted (correct_drift)" if tr.params["background"].get("correct_drift") else
+                "not corrected: pass correct_drift=True (--correct-drift) to subtract it")
+        warnings.warn(GrapesBackgroundWarning(
+            f"the grey-level peak of the empty region {tr.params['background']['box']} drifts between states "
+            f"({what}): a beam drift that large biases the changes measured; {done}"), stacklevel=3)

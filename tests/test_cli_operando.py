@@ -144,7 +144,8 @@ def test_operando_writes_every_output(full_run, tracked):
     assert lines[-1] == f"report: {out / 'report.html'}"
     no_leftovers(out.parent, keep=["run"])
     assert {p.name for p in out.iterdir()} == {"particles.parquet", "tables", "summary.csv", "z_tests.csv",
-                                               "cleaning.csv", "by_quantile.csv", "figures", "report.html"}
+                                               "cleaning.csv", "by_quantile.csv", "background.csv", "figures",
+                                               "report.html"}
     pd.testing.assert_frame_equal(pd.read_csv(out / "cleaning.csv"), tracked.counts(), check_dtype=False)
     byq = pd.read_csv(out / "by_quantile.csv")
     exp_q = tracked.by_quantile("centroid-2", 4)

@@ -603,7 +603,8 @@ def test_estimate_noise_against_whole_volume_edt(data, seed, margin, ndim):
     grey = rng.normal(80.0, 7.0, shape).astype(np.float32) + (labels > 0) * np.float32(60.0)
     chunks = tuple(_chunks(data.draw, n) for n in shape)
     sd, mean, n = _reference_noise(grey, labels, margin)
-    r = estimate_noise(da.from_array(grey, chunks=chunks), da.from_array(labels, chunks=chunks), margin=margin)
+    r = estimate_noise(da.from_array(grey, chunks=chunks), da.from_array(labels, chunks=chunks), margin=margin,
+                       mode="background")
     assert r.n_voxels == n
     assert r.sigma == pytest.approx(sd, rel=1e-10)
     assert r.mean == pytest.approx(mean, rel=1e-12)
@@ -615,10 +616,10 @@ def test_estimate_noise_grey_and_labels_chunked_differently_nan_grey():
     grey = rng.normal(20.0, 2.0, labels.shape)
     grey[0, :5, :5] = np.nan  # e.g. outside a reconstruction
     sd, mean, n = _reference_noise(grey, labels, 3)
-    r = estimate_noise(da.from_array(grey, chunks=(7, 30, 9)), da.from_array(labels, chunks=(11, 8, 35)))
+    r = estimate_noise(da.from_array(grey, chunks=(7, 30, 9)), da.from_array(labels, chunks=(11, 8, 35)), mode="background")
     assert r.n_voxels == n and r.sigma == pytest.approx(sd, rel=1e-10) and r.mean == pytest.approx(mean, rel=1e-12)
     # numpy inputs, one chunk
-    r2 = estimate_noise(grey, labels, margin=3)
+    r2 = estimate_noise(grey, labels, margin=3, mode="background")
     assert r2.n_voxels == n and r2.sigma == pytest.approx(sd, rel=1e-10)
 
 
@@ -688,7 +689,8 @@ def test_estimate_noise_on_a_cluster():
     grey = rng.normal(5.0, 1.0, labels.shape)
     sd, _, n = _reference_noise(grey, labels, 2)
     with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=":0") as client:
-        r = estimate_noise(da.from_array(grey, chunks=9), da.from_array(labels, chunks=9), margin=2, client=client)
+        r = estimate_noise(da.from_array(grey, chunks=9), da.from_array(labels, chunks=9), margin=2, client=client,
+                           mode="background")
     assert r.n_voxels == n and r.sigma == pytest.approx(sd, rel=1e-10)
 
 
