@@ -23,7 +23,7 @@ import numpy as np
 
 from ._errors import GrapesInputError, GrapesInputWarning
 from .formats import _UNIT_TO_UM
-from .units import parse_spacing
+from .units import format_spacing, parse_spacing
 
 # GrapesInputWarning: input analysed by the API with a warning (no particle at all) stops the command
 _USER_ERRORS = (GrapesInputError, GrapesInputWarning, FileNotFoundError, FileExistsError, PermissionError,
@@ -733,7 +733,7 @@ def operando(state_specs, reference, segment_states, register_method, denoise_me
     from .cluster import check_scheduler
     from .io import _check_can_write, atomic_output
     from .report import file_name, statistics_lines, write_tracking
-    from .track import FewParticlesWarning, check_states, track
+    from .track import FewParticlesWarning, InheritedVoxelSizeWarning, check_states, track
 
     if not segment_states and (register_method != "translation" or denoise_method != "none" or prep_dir):
         raise GrapesInputError("--register, --denoise and --prep-dir set up --segment: add --segment (the states "
@@ -806,9 +806,10 @@ def operando(state_specs, reference, segment_states, register_method, denoise_me
         # fewer than 2 particles kept is a GrapesInputWarning, an error here (_cluster); few kept: a warning line
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", FewParticlesWarning)
+            warnings.simplefilter("always", InheritedVoxelSizeWarning)
             tr = track(states, client=client, progress=not quiet, partials=partials, **kw)
     for w in caught:
-        if issubclass(w.category, FewParticlesWarning):
+        if issubclass(w.category, (FewParticlesWarning, InheritedVoxelSizeWarning)):
             click.echo(f"warning: {_message(w.message)}", err=True)
         else:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
@@ -817,6 +818,9 @@ def operando(state_specs, reference, segment_states, register_method, denoise_me
         write_tracking(tr, tmp)
     if not keep_partials:
         _remove_partials_tree(partials)
+    if not quiet:
+        click.echo(f"voxel size {format_spacing(tr.params['spacing'], tr.params.get('spacing_unit'))}; layers "
+                   f"{_layer_text(tr)} thick", err=True)
     for line in statistics_lines(tr):
         click.echo(line)
     _echo_background(tr)
@@ -827,6 +831,15 @@ def operando(state_specs, reference, segment_states, register_method, denoise_me
     click.echo(f"report: {Path(out_dir) / 'report.html'}")
     if profile and not quiet:
         click.echo(f"performance report: {Path(profile)}", err=True)
+
+
+def _layer_text(tr) -> str:
+    """The radial layer width of a tracking's tables, in voxels and in the unit."""
+    from .units import to_voxels
+
+    a = tr.params.get("analysis", {})
+    return to_voxels(a.get("layer_width"), name="layer_width", spacing=tr.params["spacing"],
+                     unit=tr.params.get("spacing_unit"), default=1.0).describe()
 
 
 @contextlib.contextmanager

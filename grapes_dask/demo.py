@@ -27,12 +27,15 @@ from typing import Callable
 import numpy as np
 
 from ._errors import GrapesInputError
+from .units import format_spacing
 
 __all__ = ["run_demo", "MIN_SIZE", "STATES"]
 
 MIN_SIZE = 64
 #: The demo's states of charge and the damage level injected in each (0-1).
 STATES = {"pristine": 0.0, "4.0 V": 0.35, "4.4 V": 0.8, "2.5 V": 0.5}
+#: Voxel edge of the demo phantom, micrometres (a typical synchrotron micro-CT voxel).
+VOXEL_UM = 0.325
 _ERROR_STATE = 2  # the 4.4 V labels get the segmentation error
 
 
@@ -119,11 +122,14 @@ def run_demo(out_dir, *, size: int = 160, workers: int | None = None, seed: int 
     _check_can_write(results, overwrite)
     t0 = time.perf_counter()
     names = list(STATES)
-    echo(f"1/4 phantom: {size}^3 voxels, {len(names)} states of charge ({', '.join(names)}), "
-         f"damage {', '.join(f'{v:g}' for v in STATES.values())}, less far from the current collector (x) "
-         f"-> {out / 'phantom'}")
+    air = max(4, size // 10)
+    echo(f"1/4 phantom: {size}^3 voxels of {format_spacing((VOXEL_UM,) * 3, 'um')} ({air} of air above the sample), "
+         f"{len(names)} states of charge ({', '.join(names)}), damage {', '.join(f'{v:g}' for v in STATES.values())}, "
+         f"less far from the current collector (x) -> {out / 'phantom'}")
     (out / "phantom").mkdir(exist_ok=True)
+    # a beamline-like voxel size and empty space above the sample, where sigma_bg is measured
     ph = synthetic.make_phantom(out / "phantom", shape=(size,) * 3, n_states=len(names), seed=seed,
+                                spacing=(VOXEL_UM,) * 3, unit="micrometer", air_thickness=air,
                                 mean_radius=9.0, damage=list(STATES.values()), damage_gradient=0.6,
                                 damage_axis=2, chunks=80, overwrite=overwrite, progress=not quiet)
     pair = _merge_pair(ph.truth, (size,) * 3)

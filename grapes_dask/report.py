@@ -650,6 +650,15 @@ def tracking_report(tracking, out_dir, overwrite: bool = False, *, n_maps: int =
     sections = [sec_summary, sec_z, sec_clean, sec_q, sec_f, sec_prof, sec_maps,
                 Section("Parameters", (dict(tracking.params),))]
     sections[-1:-1] = _background_sections(tracking)
+    # after the paper (grapes_dask.change) and fig. 5 / 8b on the reference state's volumes
+    from .change_plots import change_sections
+    from .particle_figures import particle_figure_sections
+
+    sections[-1:-1] = change_sections(tracking, figs)
+    g_ref, l_ref = getattr(tracking, "_volumes", {}).get(reference, (None, None))
+    if l_ref is not None and reference in getattr(tracking, "tables", {}):
+        sections[-1:-1] = particle_figure_sections(g_ref, l_ref, tracking.tables[reference], figs=figs,
+                                                   name=reference)
     if figs.notes:
         sections.append(Section("Notes", tuple(figs.notes)))
     return _write_outputs(dests, figs.figures, summary, title=title or f"Operando tracking: {', '.join(states)}",

@@ -49,6 +49,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -57,9 +58,10 @@ import numpy as np
 import pandas as pd
 
 from ._errors import Alt, GrapesInputError
+from .units import format_spacing, relative_spacing, to_voxels
 
 __all__ = ["track", "Tracking", "Fraction", "ChangeMap", "neighbour_pairs", "REASONS", "FewParticlesWarning",
-           "FEW_KEPT"]
+           "InheritedVoxelSizeWarning", "FEW_KEPT"]
 
 REASONS = ("inconsistent", "neighbour", "border", "empty_roi", "smallest")
 
@@ -151,6 +153,7 @@ class _State:
     shape: tuple | None = None
     spacing: tuple | None = None
     spacing_source: str | None = None
+    spacing_unit: str | None = None
     analyse: bool = False  # volumes to analyse here
 
     @property
@@ -225,6 +228,7 @@ def _parse_state(name: str, spec, *, spacing, options: dict) -> _State:
             raise GrapesInputError(f"state {name!r}: " + exc.template, **exc.options) from exc
         st.grey, st.labels, st.shape = chk.grey, chk.labels, tuple(chk.shape)
         st.spacing, st.spacing_source, st.analyse = tuple(chk.spacing), chk.spacing_source, True
+        st.spacing_unit = chk.spacing_unit
     elif isinstance(spec, (tuple, list)) and len(spec) == 3 and _is_table(spec[2]):
         st.table, st.contacts, st.params = _load_table(st.name, spec[2])
         st.grey = _resolve(st.name, "grey", spec[0])
@@ -260,6 +264,7 @@ def _parse_state(name: str, spec, *, spacing, options: dict) -> _State:
             st.shape = rec
         st.spacing = tuple(float(s) for s in st.params.get("spacing", ())) or None
         st.spacing_source = "table: " + str(st.params.get("spacing_source", "recorded"))
+        st.spacing_unit = st.params.get("spacing_unit")
     return st
 
 
@@ -317,6 +322,19 @@ def _check_spacing(states: list[_State], given) -> tuple:
         return tuple(float(x) for x in given)
     if not known:
         return None
+    # a state whose files record no voxel size takes the others' (said in a warning and the params)
+    recorded = [s for s in known if not str(s.spacing_source or "").startswith("default")]
+    if recorded and len(recorded) < len(known):
+        first = recorded[0]
+        for s in known:
+            if s not in recorded:
+                warnings.warn(
+                    f"state {s.name!r} records no voxel size in its files: it takes that of state {first.name!r}, "
+                    f"{format_spacing(first.spacing, first.spacing_unit)} ({first.spacing_source})",
+                    InheritedVoxelSizeWarning, stacklevel=3)
+                s.spacing, s.spacing_unit = first.spacing, first.spacing_unit
+                s.spacing_source = f"inherited from state {first.name!r} (its files record none)"
+        known = recorded
     first = known[0]
     for s in known[1:]:
         if not _same_spacing(first.spacing, s.spacing):
@@ -678,6 +696,10 @@ def _clean(labels: np.ndarray, present: np.ndarray, touches: np.ndarray, empty: 
         order = rank_order(ref_volume[cand], labels[cand])
         flags[cand[order[:k]], 4] = True
     return flags, flags.any(axis=1)
+
+
+class InheritedVoxelSizeWarning(UserWarning):
+    """A state whose files record no voxel size takes that of the states that record one."""
 
 
 class FewParticlesWarning(UserWarning):
@@ -1175,12 +1197,15 @@ class Tracking:
         else:
             ref_s = ref_crop
         spacing = tuple(float(s) for s in self.params["spacing"])
-        width = float(self.params["analysis"].get("layer_width", 1.0) or 1.0)
+        # the layers of the tables: `layer_width` voxels of the finest axis (grapes_dask.units)
+        recorded = (getattr(self.tables.get(self.reference), "attrs", {}) or {}).get("grapes_dask", {})
+        width = to_voxels(recorded.get("layer_width", self.params["analysis"].get("layer_width")), name="layer_width",
+                          spacing=spacing, unit=self.params.get("spacing_unit"), default=1.0).voxels
         # the box holds the particle's whole bounding box, so every voxel beyond it (in the volume or out of it)
         # is outside the particle: one voxel of "outside" on every side makes the EDT of the crop that of the
         # whole volume (a voxel's nearest outside voxel beyond the box is on that one-voxel shell); without it
         # a crop edge that cuts through the particle's face (margin=0) would count as particle
-        d = ndimage.distance_transform_edt(np.pad(inside, 1), sampling=spacing)[(slice(1, -1),) * nd]
+        d = ndimage.distance_transform_edt(np.pad(inside, 1), sampling=relative_spacing(spacing))[(slice(1, -1),) * nd]
         layer = np.maximum(1, np.round(d / width))
         mask = inside & (layer > n_out) & valid
         delta = np.where(mask, moved - ref_s, np.nan).astype(np.float32)
@@ -1618,6 +1643,8 @@ def track(states, reference=None, *, spacing=None, exclude_outer_layers: int = 5
         "states": names, "reference": reference, "noise": noise, "background": background,
         "exclude_outer_layers": int(exclude_outer_layers), "drop_smallest": float(drop_smallest),
         "neighbour_gap": gap, "neighbour_method": method, "spacing": list(spacing),
+        "spacing_unit": next((s.spacing_unit for s in parsed if s.spacing_unit), None),
+        "spacing_sources": {s.name: s.spacing_source for s in parsed},
         "shape": None if shape is None else list(shape),
         "analysis": {k: v for k, v in parsed[ref_j].params.items() if k not in ("version", "created")},
         "inputs": {s.name: {"grey": None if s.grey is None else s.grey.name,
