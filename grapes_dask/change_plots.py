@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._errors import GrapesInputError
+from .units import describe_column
 
 __all__ = [
     "plot_classification",
@@ -340,10 +341,10 @@ def plot_trend(trend, state: str | None = None, ax=None, title: str | None = Non
     ax.fill_between(grid, lo, hi, color=_DARKER, alpha=0.25, lw=0,
                     label=f"{100 * f.confidence:g}% band of the fitted mean")
     ax.plot(grid, f.predict(grid), color=_DARKER, lw=2,
-            label=f"slope {f.slope:.3g} [{f.ci_low:.3g}, {f.ci_high:.3g}] per unit")
+            label=f"slope {f.slope:.3g} [{f.ci_low:.3g}, {f.ci_high:.3g}] per "
+                  f"{'voxel' if trend.covariate.startswith('centroid') else 'unit'}")
     ax.axhline(0.0, color="0.6", lw=0.8, zorder=0)
-    unit = " (voxels)" if trend.covariate.startswith("centroid") else ""
-    ax.set_xlabel(f"{trend.covariate}{unit}, reference state")
+    ax.set_xlabel(f"{describe_column(trend.covariate)[0]}, reference state")
     ax.set_ylabel(f"change, {state} vs {trend.reference} (grey levels)")
     ax.legend(fontsize="small")
     ax.set_title(title or f"change against {trend.covariate} at {state}: least squares, "

@@ -808,9 +808,15 @@ def operando(state_specs, reference, segment_states, register_method, denoise_me
             warnings.simplefilter("always", FewParticlesWarning)
             warnings.simplefilter("always", InheritedVoxelSizeWarning)
             tr = track(states, client=client, progress=not quiet, partials=partials, **kw)
+    from .stats import GrapesBackgroundWarning
+
+    said = set()
     for w in caught:
-        if issubclass(w.category, (FewParticlesWarning, InheritedVoxelSizeWarning)):
-            click.echo(f"warning: {_message(w.message)}", err=True)
+        if issubclass(w.category, (FewParticlesWarning, InheritedVoxelSizeWarning, GrapesBackgroundWarning)):
+            text = _message(w.message)
+            if text not in said:  # each text once
+                said.add(text)
+                click.echo(f"warning: {text}", err=True)
         else:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     with atomic_output(out_dir, overwrite=overwrite) as tmp:
@@ -1069,15 +1075,17 @@ def _find_key(d, key):
 @click.option("--opening", type=int, default=1, show_default=True,
               help="Radius (voxels) of the binary opening that removes specks and thin bridges (0: none).")
 @click.option("--no-fill-holes", is_flag=True, help="Leave cavities enclosed by a particle unfilled.")
-@click.option("--smoothing", type=float, default=None,
-              help="Standard deviation of the Gaussian smoothing of the distance map, spacing units "
-                   "(default: one voxel).")
+@click.option("--smoothing", default=None, metavar="S", callback=_parse_length,
+              help="Standard deviation of the Gaussian smoothing of the distance map: voxels of the finest axis, "
+                   "or a length with its unit (0.3um) (default: 1 voxel; 0: none).")
 @click.option("--markers", type=click.Choice(["dynamics", "local_max"]), default="dynamics", show_default=True,
               help="Maxima of the smoothed distance map that start a particle: those rising at least --h above "
                    "the pass to a higher one (dynamics), or the highest point within --min-distance (local_max).")
-@click.option("--h", "h", type=float, default=None, help="Dynamics threshold, spacing units (default: half a voxel).")
-@click.option("--min-distance", type=float, default=None,
-              help="Footprint radius of --markers local_max, spacing units (default: 3 voxels).")
+@click.option("--h", "h", default=None, metavar="H", callback=_parse_length,
+              help="Dynamics threshold: voxels of the finest axis, or a length with its unit (default: 0.5 voxel).")
+@click.option("--min-distance", default=None, metavar="D", callback=_parse_length,
+              help="Footprint radius of --markers local_max: voxels of the finest axis, or a length with its unit "
+                   "(default: 3 voxels).")
 @click.option("--min-size", type=int, default=20, show_default=True, help="Particles of fewer voxels are removed.")
 @click.option("--seeds", default=None, metavar="LABELS",
               help="Reference labels (e.g. the pristine state, registered onto GREY): each particle keeps its id.")

@@ -982,7 +982,7 @@ class Particle:
     labels : ndarray
         Label ids of the crop (neighbours included).
     distance : ndarray of float64
-        The distance that defines the layers, in spacing units: the EDT (distance to the
+        The distance that defines the layers, in the voxel size's unit: the EDT (distance to the
         nearest voxel not in the particle) for ``start_at="edge"``, the distance to the
         particle's centroid for ``start_at="center"``; 0 outside the mask.
     layers : ndarray of int64

@@ -26,6 +26,7 @@ import numpy as np
 
 from ._errors import GrapesInputError
 from .stats import radial_profile_stats
+from .units import describe_column
 
 __all__ = [
     "radial_profile_stats",
@@ -50,9 +51,9 @@ _LABELS = {
     "roi_mean": "mean ROI grey level (grey levels)",
     "roi_std": "ROI grey-level standard deviation (grey levels)",
     "intensity_mean": "mean grey level (grey levels)",
-    "volume": "volume (spacing units^3)",
+    "volume": "volume (voxel size unit^3)",
     "voxel_count": "volume (voxels)",
-    "equivalent_diameter_volume": "equivalent diameter (spacing units)",
+    "equivalent_diameter_volume": "equivalent diameter (voxel size unit)",
     "sphericity": "sphericity (1)",
     "delta": "grey-level change (grey levels)",
 }
@@ -374,7 +375,7 @@ def plot_state_deltas(summary, n_se: float = 3.0, reference=None, ax=None, title
 
 
 def plot_quantile_deltas(by_quantile, n_se: float = 1.0, error: str = "delta_se_tot", column: str = "centroid-2",
-                         ax=None, title: str | None = None):
+                         ax=None, title: str | None = None, spacing=None, unit=None):
     """Mean change per position-quantile group, one line per state, +-`n_se` SE (fig. 8).
 
     Parameters
@@ -391,6 +392,11 @@ def plot_quantile_deltas(by_quantile, n_se: float = 1.0, error: str = "delta_se_
         The column the groups were made of, for the axis label (voxel indices for centroids).
     ax : matplotlib Axes, optional
     title : str, optional
+    spacing : sequence of float, optional
+        Voxel size (z, y, x); with a known `unit`, a centroid column's group ranges are shown as
+        positions in that unit ("x position (µm)").
+    unit : str, optional
+        The voxel size's unit (``Tracking.params["spacing_unit"]``).
 
     Returns
     -------
@@ -413,16 +419,17 @@ def plot_quantile_deltas(by_quantile, n_se: float = 1.0, error: str = "delta_se_
         dx = (k - (len(states) - 1) / 2) * width
         ax.errorbar(_float(rows["group"]) + dx, _float(rows["delta_mean"]), yerr=n_se * _float(rows[error]),
                     marker="o", ms=4, capsize=3, label=str(state))
+    name, factor = describe_column(column, len(spacing) if spacing is not None else 3, spacing, unit)
     ticks = [f"Q{g:g}" for g in groups]
     if "lo" in frame.columns and "hi" in frame.columns:
         first = frame.drop_duplicates("group").set_index("group")
-        ticks = [f"Q{g:g}\n{first.loc[g, 'lo']:.4g}-{first.loc[g, 'hi']:.4g}" for g in groups]
+        ticks = [f"Q{g:g}\n{first.loc[g, 'lo'] * factor:.4g}-{first.loc[g, 'hi'] * factor:.4g}" for g in groups]
     ax.set_xticks(groups, ticks, fontsize="small")
     ax.axhline(0.0, color="0.6", lw=0.8, zorder=0)
-    unit = " (voxels)" if column.startswith("centroid") else ""
-    ax.set_xlabel(f"quantile group of {column}{unit}, 1 = lowest")
+    ax.set_xlabel(f"quartile of {name}, Q1 = lowest" if len(groups) == 4 else f"quantile group of {name}, 1 = lowest")
     ax.set_ylabel("mean ROI grey-level change (grey levels)")
-    ax.set_title(title or f"mean change by {column} group, error bars ±{n_se:g} {error}")
+    short = name.split(" (")[0]
+    ax.set_title(title or f"mean change by {short}, error bars ±{n_se:g} {error}")
     ax.legend(title="state", fontsize="small")
     return fig
 

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from ._errors import GrapesInputError
+from .units import describe_column
 
 __all__ = ["Section", "Captioned", "ReportFiles", "write_report", "render_report", "tracking_report",
            "tables_report", "write_tracking", "file_name", "statistics_lines", "most_changed_state"]
@@ -576,6 +577,8 @@ def tracking_report(tracking, out_dir, overwrite: bool = False, *, n_maps: int =
 
     # fig. 8: position quantiles
     items = []
+    col_name = describe_column(col, len(tracking.params.get("spacing") or (0,) * 3),
+                               tracking.params.get("spacing"), tracking.params.get("spacing_unit"))[0]
     try:
         byq = tracking.by_quantile(column=col, q=q)
     except GrapesInputError as err:
@@ -585,8 +588,9 @@ def tracking_report(tracking, out_dir, overwrite: bool = False, *, n_maps: int =
         items += [f"Kept particles split into {q} groups of {col} (1 = lowest); mean change against {reference} "
                   f"per group and state.", byq,
                   figs.item("fig8_by_quantile", "Figure 8", P.plot_quantile_deltas, byq, n_se=1.0, column=col,
-                            caption=f"Fig. 8: mean change per {col} group, error bars ±1 SE_tot.")]
-    sec_q = Section(f"Change by {col} quantile", tuple(items))
+                            spacing=tracking.params.get("spacing"), unit=tracking.params.get("spacing_unit"),
+                            caption=f"Fig. 8: mean change per {col_name} group, error bars ±1 SE_tot.")]
+    sec_q = Section(f"Change by {col_name.split(' (')[0]} quantile ({col})", tuple(items))
 
     # fig. 9: conditions
     fracs, items = [], []

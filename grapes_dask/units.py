@@ -306,3 +306,44 @@ def column_units(ndim: int, unit=None) -> dict:
     for i in range(ndim):
         out[f"inertia_tensor_eigvals-{i}"] = f"{u}^2"
     return out
+
+
+_POSITION_NAMES = {3: ("z", "y", "x"), 2: ("y", "x")}
+
+
+def describe_column(column: str, ndim: int = 3, spacing=None, unit=None) -> tuple[str, float]:
+    """A reader's name for a table column, with its unit, and the factor to that unit.
+
+    Parameters
+    ----------
+    column : str
+        E.g. ``"centroid-2"``, ``"volume"``.
+    ndim : int
+        2 or 3 (the axis names of centroids).
+    spacing : sequence of float, optional
+        Voxel size per axis (z, y, x); with a known `unit`, centroids are shown as positions
+        in that unit.
+    unit : str, optional
+        The voxel size's unit.
+
+    Returns
+    -------
+    label : str
+        ``"x position (µm)"``, ``"x position (voxels)"``, ``"volume (µm^3)"``, or the column name.
+    factor : float
+        Multiply the column's values by it to show them in the label's unit (the voxel size for
+        a centroid shown in µm, else 1).
+    """
+    sym = unit_symbol(unit)
+    if sym == "voxel":  # phantoms record "voxel" as their unit: no physical length
+        sym = None
+    if column.startswith("centroid-") and column[9:].isdigit():
+        a = int(column[9:])
+        name = _POSITION_NAMES.get(ndim, ())[a] if a < ndim else column
+        if sym and spacing is not None and a < len(spacing):
+            return f"{name} position ({sym})", float(spacing[a])
+        return f"{name} position (voxels)", 1.0
+    u = column_units(ndim, unit).get(column)
+    if u is None or u in ("dimensionless",):
+        return column.replace("_", " "), 1.0
+    return f"{column.replace('_', ' ')} ({u})", 1.0
