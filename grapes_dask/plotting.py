@@ -51,9 +51,9 @@ _LABELS = {
     "roi_mean": "mean ROI grey level (grey levels)",
     "roi_std": "ROI grey-level standard deviation (grey levels)",
     "intensity_mean": "mean grey level (grey levels)",
-    "volume": "volume (voxel size unit^3)",
+    "volume": "volume (spacing units^3)",
     "voxel_count": "volume (voxels)",
-    "equivalent_diameter_volume": "equivalent diameter (voxel size unit)",
+    "equivalent_diameter_volume": "equivalent diameter (spacing units)",
     "sphericity": "sphericity (1)",
     "delta": "grey-level change (grey levels)",
 }

@@ -658,7 +658,8 @@ def tracking_report(tracking, out_dir, overwrite: bool = False, *, n_maps: int =
     from .change_plots import change_sections
     from .particle_figures import particle_figure_sections
 
-    sections[-1:-1] = change_sections(tracking, figs)
+    if hasattr(tracking, "classify"):  # a Tracking (not a stand-in with the paper's methods only)
+        sections[-1:-1] = change_sections(tracking, figs)
     g_ref, l_ref = getattr(tracking, "_volumes", {}).get(reference, (None, None))
     if l_ref is not None and reference in getattr(tracking, "tables", {}):
         sections[-1:-1] = particle_figure_sections(g_ref, l_ref, tracking.tables[reference], figs=figs,

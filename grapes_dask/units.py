@@ -78,9 +78,10 @@ def relative_spacing(spacing) -> tuple[float, ...]:
 
 
 def unit_symbol(unit) -> str | None:
-    """A short symbol for a length unit (``"micrometer"`` -> ``"µm"``), None when unknown or missing."""
-    if unit is None:
-        return None
+    """A short symbol for a length unit (``"micrometer"`` -> ``"µm"``); None when missing or a
+    voxel (``"voxel"``, ``"pixel"``: no physical length)."""
+    if unit is None or str(unit).strip().lower() in _VOXEL_WORDS:
+        return None  # "voxel" (phantoms, unitless volumes): no physical length
     f = _unit_factor(unit)
     symbols = {1.0: "µm", 1e-3: "nm", 1e3: "mm", 1e4: "cm", 1e6: "m", 1e-4: "Å", 25400.0: "in"}
     if f is None:
@@ -335,8 +336,6 @@ def describe_column(column: str, ndim: int = 3, spacing=None, unit=None) -> tupl
         a centroid shown in µm, else 1).
     """
     sym = unit_symbol(unit)
-    if sym == "voxel":  # phantoms record "voxel" as their unit: no physical length
-        sym = None
     if column.startswith("centroid-") and column[9:].isdigit():
         a = int(column[9:])
         name = _POSITION_NAMES.get(ndim, ())[a] if a < ndim else column

@@ -504,11 +504,15 @@ def crop_of(row, pad, shape):
 
 
 def edge_layers_reference(lab, label, spacing, width, sl):
-    """scipy EDT of the particle's whole-volume mask, zero-padded by one voxel (black border)."""
+    """scipy EDT of the particle's whole-volume mask, zero-padded by one voxel (black border): the
+    distance in the voxel size's unit, the layers from the distance in voxels of the finest axis
+    (`width` such voxels per layer)."""
     mask = np.pad(lab == label, 1)
-    d = ndi.distance_transform_edt(mask, sampling=spacing)[(slice(1, -1),) * lab.ndim][sl]
+    inner = (slice(1, -1),) * lab.ndim
+    d = ndi.distance_transform_edt(mask, sampling=spacing)[inner][sl]
+    d_fine = ndi.distance_transform_edt(mask, sampling=[s / min(spacing) for s in spacing])[inner][sl]
     inside = (lab == label)[sl]
-    layers = np.where(inside, np.maximum(1, np.rint(d / width)), 0).astype(np.int64)
+    layers = np.where(inside, np.maximum(1, np.rint(d_fine / width)), 0).astype(np.int64)
     return np.where(inside, d, 0.0), layers
 
 

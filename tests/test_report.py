@@ -242,7 +242,7 @@ class FakeTracking:
 
 
 TRACKING_HEADINGS = ["Summary per state", "z-tests against the reference and between consecutive states", "Cleaning",
-                     "Change by centroid-2 quantile", "Conditions", "Radial profiles of the kept particles",
+                     "Change by x position quantile (centroid-2)", "Conditions", "Radial profiles of the kept particles",
                      "Change maps of the largest kept particles", "Parameters"]
 KEPT_PROFILES = {"fig6_kept_profiles", "fig6_kept_profiles_paper", "fig6_kept_profiles_normalised"}
 

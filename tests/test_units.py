@@ -11,6 +11,8 @@ what a physical voxel size changes.
 
 from __future__ import annotations
 
+import contextlib
+
 import h5py
 import numpy as np
 import pandas as pd
@@ -218,3 +220,68 @@ def test_cli_prints_the_voxel_size_as_given(tmp_path, arrays):
     r = CliRunner().invoke(cli, ["analyze", g, lb, "--out", str(tmp_path / "v.parquet"), "--spacing", "0.325",
                                  "--layer-width", "2 furlongs", "--quiet"])
     assert r.exit_code == 2 and "unknown unit 'furlongs'" in r.output and "Traceback" not in r.output
+
+
+# --- a real case: an operando series whose files carry 0.325 um ------------------------------------
+
+
+@contextlib.contextmanager
+def _threads(scheduler=None, **kw):
+    """Stands in for the local cluster: the analyses run on dask's threads (the cluster is
+    tested in test_cli.py and test_cluster.py)."""
+    yield None
+
+
+def test_operando_on_physical_files_equals_unit_spacing(tmp_path, monkeypatch):
+    """Three states written as an ImageJ TIFF pair, an HDF5 file and a folder of TIFF slices, all at
+    0.325 um: `grapes-dask operando` with its defaults keeps the particles and gives the statistics
+    of the same arrays at unit spacing (the Zarr phantom), and says the voxel size it used."""
+    import grapes_dask.cluster
+    from grapes_dask import synthetic
+
+    monkeypatch.setattr(grapes_dask.cluster, "cluster_client", _threads)
+    ph = synthetic.make_phantom(tmp_path / "ph", shape=(64, 64, 64), n_states=3, seed=3, mean_radius=9.0,
+                                chunks=32, air_thickness=8)
+    grey = [np.asarray(zarr.open_array(p, mode="r")) for p in ph.grey]
+    labs = [np.asarray(zarr.open_array(p, mode="r")).astype(np.uint16) for p in ph.labels]
+    ij = dict(imagej=True, resolution=(1 / S, 1 / S), metadata={"unit": "um", "spacing": S, "axes": "ZYX"})
+    tifffile.imwrite(tmp_path / "s0_grey.tif", grey[0], **ij)
+    tifffile.imwrite(tmp_path / "s0_labels.tif", labs[0], **ij)
+    with h5py.File(tmp_path / "s1.h5", "w") as f:
+        for name, arr in (("grey", grey[1]), ("labels", labs[1])):
+            f.create_dataset(name, data=arr).attrs.update({"spacing": [S, S, S], "units": "um"})
+    for name, arr in (("grey", grey[2]), ("labels", labs[2])):
+        d = tmp_path / f"s2_{name}"
+        d.mkdir()
+        for z, plane in enumerate(arr):
+            tifffile.imwrite(d / f"slice_{z:03d}.tif", plane, imagej=True, resolution=(1 / S, 1 / S),
+                             metadata={"unit": "um", "spacing": S})
+    h5 = tmp_path / "s1.h5"
+    physical = [f"a={tmp_path / 's0_grey.tif'},{tmp_path / 's0_labels.tif'}", f"b={h5}::/grey,{h5}::/labels",
+                f"c={tmp_path / 's2_grey'},{tmp_path / 's2_labels'}"]
+    unit = [f"{n}={g},{lb}" for n, g, lb in zip("abc", ph.grey, ph.labels)]
+    outs = {}
+    for key, specs in (("physical", physical), ("unit", unit)):
+        args = ["operando", "--out", str(tmp_path / key)]
+        for spec in specs:
+            args += ["--state", spec]
+        r = CliRunner().invoke(cli, args)
+        assert r.exit_code == 0, r.output + str(r.exception)
+        outs[key] = r
+    assert "voxel size 0.325 µm; layers 1 voxel (0.325 µm) thick" in outs["physical"].stderr
+    a = pd.read_parquet(tmp_path / "physical" / "particles.parquet")
+    b = pd.read_parquet(tmp_path / "unit" / "particles.parquet")
+    kept_a = set(a.loc[~a["excluded"], "label"])
+    assert len(kept_a) >= 5 and kept_a == set(b.loc[~b["excluded"], "label"])
+    np.testing.assert_array_equal(a["reason"].to_numpy(), b["reason"].to_numpy())
+    np.testing.assert_array_equal(a["roi_mean"].to_numpy(), b["roi_mean"].to_numpy())
+    np.testing.assert_allclose(a["volume"].to_numpy(), b["volume"].to_numpy() * S ** 3, rtol=1e-12)
+    sa = pd.read_csv(tmp_path / "physical" / "summary.csv")
+    sb = pd.read_csv(tmp_path / "unit" / "summary.csv")
+    pd.testing.assert_frame_equal(sa, sb)
+    za = pd.read_csv(tmp_path / "physical" / "z_tests.csv")
+    zb = pd.read_csv(tmp_path / "unit" / "z_tests.csv")
+    pd.testing.assert_frame_equal(za, zb)
+    # the statistics printed are the same lines
+    stats = [ln for ln in outs["physical"].stdout.splitlines() if "mean ROI grey" in ln]
+    assert stats and stats == [ln for ln in outs["unit"].stdout.splitlines() if "mean ROI grey" in ln]
