@@ -875,10 +875,14 @@ def _background_warnings():
 def _echo_background(tr) -> None:
     """Which noise source each state used, and the beam check, on standard error (standard
     output keeps the two closing lines; the warnings come from :func:`_background_warnings`)."""
+    # the values are in the statistics on standard output; here where they were measured, once per place
+    places: dict = {}
     for name, rec in tr.params.get("noise", {}).items():
         box = rec.get("region")
-        where = "" if box is None else " in " + ",".join(f"{a}:{b}" for a, b in box)
-        click.echo(f"noise sigma_bg of {name}: {rec['sigma']:.4g} grey levels ({rec['source']}{where})", err=True)
+        where = "" if box is None else " " + ",".join(f"{a}:{b}" for a, b in box)
+        places.setdefault(f"{rec['source']}{where}", []).append(str(name))
+    for where, names in places.items():
+        click.echo(f"noise sigma_bg measured in {where}: {', '.join(names)}", err=True)
     bg = tr.params.get("background") or {}
     if bg.get("box") is None:
         click.echo(f"beam stability not checked: {bg.get('note') or 'no empty region'}", err=True)

@@ -396,7 +396,7 @@ def test_operando_background_csv_and_correction(tmp_path, monkeypatch):
             "--exclude-outer-layers", "2", "--quiet"]
     r = CliRunner().invoke(cli, args + ["--out", str(tmp_path / "raw")])
     assert r.exit_code == 0, (r.output, r.exception)
-    assert "noise sigma_bg of a: " in r.stderr and "(empty_space in 48:56,0:48,0:48)" in r.stderr
+    assert "noise sigma_bg measured in empty_space 48:56,0:48,0:48: a, b" in r.stderr
     assert "drift flagged in b" in r.stderr and "(--correct-drift) to subtract it" in r.stderr
     assert r.stderr.count("warning: the grey-level peak of the empty region") == 1
     bg = pd.read_csv(tmp_path / "raw" / "background.csv")
