@@ -67,6 +67,17 @@ def _label(column: str) -> str:
     return _LABELS.get(column, column)
 
 
+def _label_with_unit(column: str, tables) -> str:
+    """The axis label of a column, in the unit the tables' metadata records for it (``volume
+    (µm^3)``) when they all agree on a physical one, else :func:`_label`'s."""
+    units = {((getattr(t, "attrs", {}) or {}).get("grapes_dask", {}) or {}).get("column_units", {}).get(column)
+             for t in tables}
+    unit = units.pop() if len(units) == 1 else None
+    if unit is None or "spacing unit" in unit or unit in ("voxels", "voxel index", "grey level", "dimensionless"):
+        return _label(column)
+    return f"{_label(column).split(' (')[0]} ({unit})"
+
+
 def _figure(ax=None, figsize=(6.0, 4.0)):
     """(figure, axes): the axes' figure, or a new figure with one axes."""
     if ax is not None:
@@ -862,7 +873,7 @@ def plot_distributions(tables, columns=("equivalent_diameter_volume", "roi_mean"
                 counts, _ = np.histogram(v, bins=edges, density=density and v.size > 0)
                 ax.stairs(counts, edges, label=f"{name} (n = {v.size})", lw=1.4)
             ax.legend(fontsize="x-small")
-        ax.set_xlabel(_label(column))
+        ax.set_xlabel(_label_with_unit(column, tables.values()))
         ax.set_ylabel("density (1 / unit of x)" if density else "particles per bin")
     fig.suptitle(title or "distributions", fontsize="medium")
     return fig

@@ -304,3 +304,25 @@ def test_segment_does_not_depend_on_the_voxel_size_scale(tmp_path):
     b = segment(grey, spacing=1.0, smoothing=2.0, chunks=24).labels
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert len(np.unique(np.asarray(a))) > 5
+
+
+def test_figures_say_the_unit(arrays):
+    """Distributions and fig. 8 label lengths in the unit of the voxel size when it is known."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from grapes_dask import plotting
+
+    grey, lab = arrays
+    t = analyze(grey, lab, spacing="0.325um", chunks=20)
+    fig = plotting.plot_distributions(t, columns=("volume", "equivalent_diameter_volume", "roi_mean"))
+    assert [a.get_xlabel() for a in fig.axes] == ["volume (µm^3)", "equivalent diameter (µm)",
+                                                 "mean ROI grey level (grey levels)"]
+    byq = pd.DataFrame({"group": [1, 2], "state": ["b", "b"], "delta_mean": [-1.0, -2.0],
+                        "delta_se_tot": [0.5, 0.5], "lo": [2.0, 10.0], "hi": [10.0, 40.0]})
+    fig = plotting.plot_quantile_deltas(byq, column="centroid-2", spacing=(S, S, 0.5), unit="micrometer")
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "quantile group of x position (µm), 1 = lowest"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["Q1\n1-5", "Q2\n5-20"]  # voxel index x 0.5 um
+    fig = plotting.plot_quantile_deltas(byq, column="centroid-2")
+    assert fig.axes[0].get_xlabel() == "quantile group of x position (voxels), 1 = lowest"
