@@ -35,7 +35,7 @@ import pandas as pd
 
 from ._errors import GrapesInputError
 
-FORMAT = 1
+FORMAT = 2  # 2: layers measured in voxels of the finest axis (partials of format 1 are discarded)
 MANIFEST = "manifest.json"
 log = logging.getLogger("grapes_dask")
 
