@@ -22,8 +22,7 @@ import click
 import numpy as np
 
 from ._errors import GrapesInputError, GrapesInputWarning
-from .formats import _UNIT_TO_UM
-from .units import format_spacing, parse_spacing
+from .units import _UNIT_TO_UM, format_spacing, parse_spacing
 
 # GrapesInputWarning: input analysed by the API with a warning (no particle at all) stops the command
 _USER_ERRORS = (GrapesInputError, GrapesInputWarning, FileNotFoundError, FileExistsError, PermissionError,

@@ -50,7 +50,7 @@ import numpy as np
 import scipy.ndimage as ndi
 
 from ._errors import GrapesInputError
-from .io import _check_can_write, _check_zarr_name, check_spacing, provenance, resolve_volume, write_zarr
+from .io import _check_can_write, _check_zarr_name, provenance, resolve_volume, settle_spacing, write_zarr
 
 __all__ = ["denoise", "estimate_noise_sigma", "METHODS", "H_FACTOR"]
 
@@ -394,8 +394,8 @@ def denoise(
         if v is not None and k not in own:
             raise GrapesInputError(f"{{{k}}} does not apply to method={method!r}: leave it out, or choose the "
                                    f"method it belongs to", **{k: v})
-    if spacing is not None:
-        spacing, unit = check_spacing(spacing, ndim), vol.unit
+    if spacing is not None:  # a unit given with it wins, a bare number keeps the file's
+        spacing, _, unit = settle_spacing({"grey": vol}, spacing)
     else:
         spacing, unit = vol.spacing, vol.unit
     if out is not None:

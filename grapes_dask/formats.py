@@ -26,7 +26,8 @@ resolver per format: :func:`_resolve_zarr_path` and :func:`_resolve_zarr_group` 
 multiscales, :func:`_ome_scale`), :func:`_resolve_tiff` (voxel size by :func:`_tiff_spacing`),
 :func:`_resolve_tiff_sequence` (every slice header read, stray files named),
 :func:`_resolve_hdf5` (NeXus ``default``/``signal``, :func:`_hdf5_spacing`) and
-:func:`_resolve_npy`. :func:`_unit_factor` converts length units to micrometres.
+:func:`_resolve_npy`. Length units are converted to micrometres by
+:func:`grapes_dask.units.unit_factor`.
 
 Errors are :class:`~grapes_dask.GrapesInputError`. This module does not import
 :mod:`grapes_dask.io`: an already resolved :class:`~grapes_dask.io.Volume` is handled there.
@@ -47,6 +48,7 @@ import dask.array as da
 import numpy as np
 
 from ._errors import Alt, GrapesDataError, GrapesInputError
+from .units import tidy_number, unit_factor
 
 #: dtypes accepted for grey and label volumes.
 SUPPORTED_DTYPES = tuple(
@@ -844,26 +846,9 @@ def _resolve_tiff(p: Path, name: str, level) -> _Resolved:
                      path=str(p), key=("tiff", os.path.realpath(p), lvl))
 
 
-_UNIT_TO_UM = {
-    "um": 1.0, "µm": 1.0, "μm": 1.0, "\\u00b5m": 1.0, "micron": 1.0, "microns": 1.0, "micrometer": 1.0,
-    "micrometre": 1.0, "nm": 1e-3, "nanometer": 1e-3, "nanometre": 1e-3, "mm": 1e3, "millimeter": 1e3,
-    "millimetre": 1e3, "cm": 1e4, "centimeter": 1e4, "centimetre": 1e4, "m": 1e6, "meter": 1e6, "metre": 1e6,
-    "in": 25400.0, "inch": 25400.0, "å": 1e-4, "angstrom": 1e-4,
-}
-
 #: Print resolutions (dots per inch) that image software writes into TIFF resolution tags. A
 #: centimetre tag equal to one of these (e.g. 28.3465 px/cm, 72 dpi) is a print resolution too.
 _PRINT_DPI = (72, 96, 150, 200, 300, 600, 1200)
-
-
-def _unit_factor(unit) -> float | None:
-    """Micrometres per `unit`, or None for an unknown or missing unit."""
-    return None if unit is None else _UNIT_TO_UM.get(str(unit).strip().lower())
-
-
-def _tidy(x: float, digits: int = 12) -> float:
-    """`x` to `digits` significant digits: unit conversions print 0.325, not 0.32499999999999996."""
-    return float(f"{x:.{digits}g}") if x else x
 
 
 def _is_print_resolution(px_per_cm: float) -> bool:
@@ -897,10 +882,10 @@ def _tiff_spacing(tf, ndim: int):
     if tf.is_ome and tf.ome_metadata:
         m = {k: float(v) for k, v in re.findall(r'PhysicalSize([XYZ])="([0-9.eE+-]+)"', tf.ome_metadata)}
         u = dict(re.findall(r'PhysicalSize([XYZ])Unit="([^"]+)"', tf.ome_metadata))
-        f = {ax: _unit_factor(u.get(ax, "µm")) for ax in "XYZ"}
+        f = {ax: unit_factor(u.get(ax, "µm")) for ax in "XYZ"}
         if "X" in m and "Y" in m and f["X"] and f["Y"]:
-            yx = (_tidy(m["Y"] * f["Y"]), _tidy(m["X"] * f["X"]))
-            z = _tidy(m["Z"] * f["Z"]) if "Z" in m and f["Z"] else None
+            yx = (tidy_number(m["Y"] * f["Y"]), tidy_number(m["X"] * f["X"]))
+            z = tidy_number(m["Z"] * f["Z"]) if "Z" in m and f["Z"] else None
             sp, how = with_z(yx, z, "OME-TIFF PhysicalSize")
             return sp, "micrometer", how
     page = tf.pages.first
@@ -914,13 +899,13 @@ def _tiff_spacing(tf, ndim: int):
         return None, None, None
     # the voxel edge is den / num of the rational tag: 13 / 40 gives 0.325, where 1 / (40 / 13)
     # gives 0.32499999999999996; 7 significant digits are more than any calibration holds
-    xsize, ysize = (_tidy(v[1] / v[0], 7) for v in (xr.value, yr.value))
+    xsize, ysize = (tidy_number(v[1] / v[0], 7) for v in (xr.value, yr.value))
     ij = tf.imagej_metadata or {}
     unit = str(ij.get("unit", "")).strip()
     if ij and unit:
         if unit.lower() in ("inch", "in", "pixel", "pixels"):
             return None, None, None
-        factor = _unit_factor(unit)
+        factor = unit_factor(unit)
         if factor is None:  # a unit we do not know: the values in that unit
             if xres == 1 and yres == 1:
                 return None, None, None
@@ -928,14 +913,14 @@ def _tiff_spacing(tf, ndim: int):
         else:
             unit_out = "micrometer"
         z = ij.get("spacing")
-        sp, how = with_z((_tidy(factor * ysize), _tidy(factor * xsize)), _tidy(float(z) * factor) if z else None,
+        sp, how = with_z((tidy_number(factor * ysize), tidy_number(factor * xsize)), tidy_number(float(z) * factor) if z else None,
                          "ImageJ metadata")
         return sp, unit_out, how
     runit = tags.get("ResolutionUnit")
     runit = int(runit.value) if runit is not None else 2  # the TIFF default is inch
     if runit != 3 or (xres == 1 and yres == 1) or (_is_print_resolution(xres) and _is_print_resolution(yres)):
         return None, None, None
-    sp, how = with_z((_tidy(1e4 * ysize), _tidy(1e4 * xsize)), None, "TIFF resolution tags (cm)")
+    sp, how = with_z((tidy_number(1e4 * ysize), tidy_number(1e4 * xsize)), None, "TIFF resolution tags (cm)")
     return sp, "micrometer", how
 
 

@@ -65,12 +65,11 @@ from .formats import (
     _Resolved,
     _SqueezedZarr,
     _TiffSequenceSource,
-    _unit_factor,
     _ZarrReader,
     direct_reader,
 )
 from .formats import _resolve as _resolve_source
-from .units import parse_spacing
+from .units import parse_spacing, unit_factor
 
 __all__ = [
     "Volume",
@@ -426,7 +425,7 @@ def check_spacing(spacing, ndim: int) -> tuple[float, ...]:
 
 
 def _same_size(a: Volume, b: Volume) -> bool:
-    fa, fb = _unit_factor(a.unit), _unit_factor(b.unit)
+    fa, fb = unit_factor(a.unit), unit_factor(b.unit)
     x = np.asarray(a.spacing, float) * (fa if fa and fb else 1.0)
     y = np.asarray(b.spacing, float) * (fb if fa and fb else 1.0)
     return x.shape == y.shape and bool(np.all(np.abs(x - y) <= 1e-6 * np.maximum(np.abs(x), np.abs(y))))

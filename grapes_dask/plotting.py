@@ -430,7 +430,7 @@ def plot_quantile_deltas(by_quantile, n_se: float = 1.0, error: str = "delta_se_
         dx = (k - (len(states) - 1) / 2) * width
         ax.errorbar(_float(rows["group"]) + dx, _float(rows["delta_mean"]), yerr=n_se * _float(rows[error]),
                     marker="o", ms=4, capsize=3, label=str(state))
-    name, factor = describe_column(column, len(spacing) if spacing is not None else 3, spacing, unit)
+    name, factor = describe_column(column, spacing=spacing, unit=unit)
     ticks = [f"Q{g:g}" for g in groups]
     if "lo" in frame.columns and "hi" in frame.columns:
         first = frame.drop_duplicates("group").set_index("group")

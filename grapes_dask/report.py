@@ -577,8 +577,8 @@ def tracking_report(tracking, out_dir, overwrite: bool = False, *, n_maps: int =
 
     # fig. 8: position quantiles
     items = []
-    col_name = describe_column(col, len(tracking.params.get("spacing") or (0,) * 3),
-                               tracking.params.get("spacing"), tracking.params.get("spacing_unit"))[0]
+    col_name = describe_column(col, spacing=tracking.params.get("spacing"),
+                               unit=tracking.params.get("spacing_unit"))[0]
     try:
         byq = tracking.by_quantile(column=col, q=q)
     except GrapesInputError as err:

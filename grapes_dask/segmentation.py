@@ -637,7 +637,7 @@ def segment(
         Before the heavy stages: no foreground or no background at the threshold, seeds of
         another shape or not integer, bad parameters.
     """
-    from .io import _split_unit, check_spacing, provenance, resolve_volume, write_zarr
+    from .io import provenance, resolve_volume, settle_spacing, write_zarr
     from .units import relative_spacing, to_voxels
     from .table import _compute
 
@@ -652,11 +652,7 @@ def segment(
                     ("min_size", min_size)):
         if not isinstance(v, (int, np.integer)) or v < 0:
             raise GrapesInputError(f"{{{name}}} must be a whole number >= 0", **{name: v})
-    if spacing is not None:
-        phys, sp_unit = check_spacing(spacing, arr.ndim), (_split_unit(spacing)[1] or vol.unit)
-    else:
-        phys, sp_unit = tuple(vol.spacing or (1.0,) * arr.ndim), vol.unit
-    phys = tuple(float(s) for s in phys)
+    phys, _, sp_unit = settle_spacing({"grey": vol}, spacing)
     lengths = {name: to_voxels(v, name=name, spacing=phys, unit=sp_unit, default=d, allow_zero=name != "min_distance")
                for name, v, d in (("smoothing", smoothing, 1.0), ("h", h, 0.5), ("min_distance", min_distance, 3.0))}
     smoothing, h, min_distance = (lengths[k].voxels for k in ("smoothing", "h", "min_distance"))

@@ -1197,10 +1197,9 @@ class Tracking:
         else:
             ref_s = ref_crop
         spacing = tuple(float(s) for s in self.params["spacing"])
-        # the layers of the tables: `layer_width` voxels of the finest axis (grapes_dask.units)
-        recorded = (getattr(self.tables.get(self.reference), "attrs", {}) or {}).get("grapes_dask", {})
-        width = to_voxels(recorded.get("layer_width", self.params["analysis"].get("layer_width")), name="layer_width",
-                          spacing=spacing, unit=self.params.get("spacing_unit"), default=1.0).voxels
+        # the layers of the tables (the reference table's parameters): `layer_width` voxels of the finest axis
+        width = to_voxels(self.params["analysis"].get("layer_width"), name="layer_width", spacing=spacing,
+                          unit=self.params.get("spacing_unit"), default=1.0).voxels
         # the box holds the particle's whole bounding box, so every voxel beyond it (in the volume or out of it)
         # is outside the particle: one voxel of "outside" on every side makes the EDT of the crop that of the
         # whole volume (a voxel's nearest outside voxel beyond the box is on that one-voxel shell); without it

@@ -31,13 +31,26 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._errors import GrapesInputError
-from .formats import _UNIT_TO_UM, _unit_factor
 
 __all__ = ["Length", "relative_spacing", "to_voxels", "format_spacing", "unit_symbol", "column_units",
-           "tidy_number", "parse_spacing"]
+           "tidy_number", "parse_spacing", "unit_factor"]
+
+#: Micrometres per length unit, by the names and symbols files use (lower case).
+_UNIT_TO_UM = {
+    "um": 1.0, "µm": 1.0, "μm": 1.0, "\\u00b5m": 1.0, "micron": 1.0, "microns": 1.0, "micrometer": 1.0,
+    "micrometre": 1.0, "nm": 1e-3, "nanometer": 1e-3, "nanometre": 1e-3, "mm": 1e3, "millimeter": 1e3,
+    "millimetre": 1e3, "cm": 1e4, "centimeter": 1e4, "centimetre": 1e4, "m": 1e6, "meter": 1e6, "metre": 1e6,
+    "in": 25400.0, "inch": 25400.0, "å": 1e-4, "angstrom": 1e-4,
+}
+
 
 _VOXEL_WORDS = ("vox", "voxel", "voxels", "px", "pixel", "pixels")
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+
+
+def unit_factor(unit) -> float | None:
+    """Micrometres per `unit` (``"nm"`` -> 1e-3), or None for an unknown or missing unit."""
+    return None if unit is None else _UNIT_TO_UM.get(str(unit).strip().lower())
 
 
 def tidy_number(x: float, digits: int = 12) -> float:
@@ -82,7 +95,7 @@ def unit_symbol(unit) -> str | None:
     voxel (``"voxel"``, ``"pixel"``: no physical length)."""
     if unit is None or str(unit).strip().lower() in _VOXEL_WORDS:
         return None  # "voxel" (phantoms, unitless volumes): no physical length
-    f = _unit_factor(unit)
+    f = unit_factor(unit)
     symbols = {1.0: "µm", 1e-3: "nm", 1e3: "mm", 1e4: "cm", 1e6: "m", 1e-4: "Å", 25400.0: "in"}
     if f is None:
         u = str(unit).strip()
@@ -184,7 +197,7 @@ def to_voxels(value, *, name: str, spacing, unit=None, default: float | None = N
         volume whose voxel size has no known unit.
     """
     fine = float(min(float(s) for s in spacing))
-    factor_sp = _unit_factor(unit)
+    factor_sp = unit_factor(unit)
     how = ("give a number of voxels (e.g. 2) or a length with its unit (e.g. '0.5um', '500nm')")
     if value is None:
         if default is None:
@@ -312,15 +325,15 @@ def column_units(ndim: int, unit=None) -> dict:
 _POSITION_NAMES = {3: ("z", "y", "x"), 2: ("y", "x")}
 
 
-def describe_column(column: str, ndim: int = 3, spacing=None, unit=None) -> tuple[str, float]:
+def describe_column(column: str, ndim: int | None = None, spacing=None, unit=None) -> tuple[str, float]:
     """A reader's name for a table column, with its unit, and the factor to that unit.
 
     Parameters
     ----------
     column : str
         E.g. ``"centroid-2"``, ``"volume"``.
-    ndim : int
-        2 or 3 (the axis names of centroids).
+    ndim : int, optional
+        2 or 3 (the axis names of centroids); default the length of `spacing`, else 3.
     spacing : sequence of float, optional
         Voxel size per axis (z, y, x); with a known `unit`, centroids are shown as positions
         in that unit.
@@ -336,6 +349,8 @@ def describe_column(column: str, ndim: int = 3, spacing=None, unit=None) -> tupl
         a centroid shown in µm, else 1).
     """
     sym = unit_symbol(unit)
+    if ndim is None:
+        ndim = len(spacing) if spacing is not None else 3
     if column.startswith("centroid-") and column[9:].isdigit():
         a = int(column[9:])
         name = _POSITION_NAMES.get(ndim, ())[a] if a < ndim else column
